@@ -1,0 +1,3 @@
+"""vLLM Chat Gateway: the FastAPI service clients talk to."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,121 @@
+"""create_app(settings) and the lifespan that owns every shared resource."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from redis.asyncio import Redis
+
+from gateway import __version__
+from gateway.db import create_engine, create_session_factory
+from gateway.engine import startup_engine
+from gateway.errors import install_error_handlers
+from gateway.health.router import router as health_router
+from gateway.logging import configure_logging, get_logger
+from gateway.meta.router import router as meta_router
+from gateway.middleware import RequestContextMiddleware
+from gateway.settings import EngineMode, Settings
+from gateway.state import AppState
+from orchestrator.gpus import gpu_reader
+from orchestrator.manager import VLLMModelManager
+from orchestrator.runtimes import ExternalRuntime, ProcessRuntime
+
+log = get_logger(__name__)
+
+
+def _upstream_client(settings: Settings) -> httpx.AsyncClient:
+    timeout = httpx.Timeout(
+        connect=settings.UPSTREAM_CONNECT_TIMEOUT_S,
+        read=settings.UPSTREAM_READ_TIMEOUT_S,
+        write=30.0,
+        pool=settings.UPSTREAM_CONNECT_TIMEOUT_S,
+    )
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=128)
+    # trust_env=False: a proxy variable in the environment must not redirect engine traffic.
+    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Open the database, Redis, the upstream client and the model manager; close them after."""
+    settings: Settings = app.state.settings
+    if settings.jwt_secret_generated:
+        log.warning(
+            "jwt_secret_generated",
+            detail="development mode: a random JWT_SECRET was generated; "
+            "tokens stop working at restart. Set JWT_SECRET to keep them.",
+        )
+    db_engine = create_engine(settings.DATABASE_URL, pool_size=settings.DATABASE_POOL_SIZE)
+    redis = (
+        Redis.from_url(settings.REDIS_URL, socket_timeout=2.0, socket_connect_timeout=2.0)
+        if settings.REDIS_URL
+        else None
+    )
+    http = _upstream_client(settings)
+    manager = VLLMModelManager(
+        http=http, runtimes={"process": ProcessRuntime(), "external": ExternalRuntime()}
+    )
+    gpus = await asyncio.to_thread(gpu_reader(settings.GPU_SNAPSHOT).read)
+    spec, why = startup_engine(settings, gpus)
+    log.info("gpu_inventory", count=gpus.count, source=gpus.source, reason=gpus.reason)
+    log.info("engine_plan", profile=spec.profile_id if spec else None, reason=why)
+    state = AppState(
+        settings=settings,
+        db_engine=db_engine,
+        session_factory=create_session_factory(db_engine),
+        redis=redis,
+        http=http,
+        manager=manager,
+        gpus=gpus,
+        engine_required=settings.ENGINE is not EngineMode.NONE,
+    )
+    app.state.resources = state
+    if spec is not None:
+        # The engine starts in the background: a slow model load must not block liveness.
+        task: asyncio.Task[object] = asyncio.create_task(manager.start(spec), name="engine-start")
+        state.background.add(task)
+        task.add_done_callback(state.background.discard)
+    log.info("gateway_started", url=settings.public_url, version=__version__)
+    try:
+        yield
+    finally:
+        for task in list(state.background):
+            task.cancel()
+        await asyncio.gather(*state.background, return_exceptions=True)
+        await manager.aclose()
+        await http.aclose()
+        if redis is not None:
+            await redis.aclose()
+        await db_engine.dispose()
+        log.info("gateway_stopped")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the gateway for these settings; nothing is read from the environment here."""
+    configure_logging(settings)
+    app = FastAPI(
+        title=settings.APP_NAME,
+        version=__version__,
+        summary="OpenAI-compatible gateway and model manager for self-hosted vLLM.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    if settings.CORS_ORIGINS:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.CORS_ORIGINS,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID"],
+        )
+    # Added last so it wraps everything, CORS and error responses included.
+    app.add_middleware(RequestContextMiddleware)
+    app.include_router(meta_router)
+    app.include_router(health_router)
+    return app

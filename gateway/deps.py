@@ -1,0 +1,63 @@
+"""Annotated dependency aliases: routes declare what they need, the lifespan provides it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import httpx
+from fastapi import Depends, Request
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from gateway.settings import Settings
+from gateway.state import AppState
+from orchestrator.manager import VLLMModelManager
+
+
+def get_state(request: Request) -> AppState:
+    """The resources the lifespan created."""
+    state: AppState = request.app.state.resources
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_settings(state: StateDep) -> Settings:
+    """The settings the app was created with."""
+    return state.settings
+
+
+async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
+    """One database session per request."""
+    async with state.session_factory() as session:
+        yield session
+
+
+def get_db_engine(state: StateDep) -> AsyncEngine:
+    """The database engine."""
+    return state.db_engine
+
+
+def get_redis(state: StateDep) -> Redis | None:
+    """The Redis client, or None when REDIS_URL is not configured."""
+    return state.redis
+
+
+def get_http(state: StateDep) -> httpx.AsyncClient:
+    """The one HTTP client for upstream engines."""
+    return state.http
+
+
+def get_manager(state: StateDep) -> VLLMModelManager:
+    """The model manager."""
+    return state.manager
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+DbEngineDep = Annotated[AsyncEngine, Depends(get_db_engine)]
+RedisDep = Annotated["Redis | None", Depends(get_redis)]
+HttpDep = Annotated[httpx.AsyncClient, Depends(get_http)]
+ManagerDep = Annotated[VLLMModelManager, Depends(get_manager)]

@@ -1,0 +1,145 @@
+"""The one OpenAI-shaped error envelope and the handlers that produce it."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.responses import JSONResponse
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+class GatewayError(Exception):
+    """An error the gateway itself raises; rendered as the OpenAI error envelope."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        error_type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.code = code
+        self.param = param
+        self.error_type = error_type or error_type_for(status_code)
+        self.headers = headers
+
+
+def error_type_for(status_code: int) -> str:
+    """Map an HTTP status to the OpenAI error `type` string."""
+    if status_code >= 500:
+        return _TYPE_BY_STATUS.get(status_code, "server_error")
+    return _TYPE_BY_STATUS.get(status_code, "invalid_request_error")
+
+
+def error_body(
+    message: str, *, error_type: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """Build `{"error": {"message", "type", "param", "code"}}`."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def error_response(
+    status_code: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    error_type: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """Render one error as a JSON response."""
+    body = error_body(
+        message, error_type=error_type or error_type_for(status_code), code=code, param=param
+    )
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
+    # FastAPI prefixes the location with where it came from ("body", "query", ...).
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in {"body", "query", "path", "header", "cookie"}:
+        parts = parts[1:]
+    return ".".join(parts) or None
+
+
+async def _gateway_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, GatewayError)
+    return error_response(
+        exc.status_code,
+        exc.message,
+        code=exc.code,
+        param=exc.param,
+        error_type=exc.error_type,
+        headers=exc.headers,
+    )
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    if isinstance(exc.detail, str) and exc.detail != HTTPStatus(status).phrase:
+        message = exc.detail
+    elif status == 404:
+        message = "No such route; see /docs for the API."
+    elif status == 405:
+        message = "Method not allowed on this route."
+    else:
+        message = HTTPStatus(status).phrase
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status)
+    return error_response(status, message, code=code, headers=dict(exc.headers or {}) or None)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    param = _param_from_loc(tuple(first.get("loc", ())))
+    reason = str(first.get("msg", "invalid value"))
+    message = f"Invalid value for '{param}': {reason}" if param else f"Invalid request: {reason}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return error_response(400, message, code="invalid_request", param=param)
+
+
+INTERNAL_ERROR_BODY = orjson.dumps(
+    error_body(
+        "The gateway hit an internal error; the X-Request-ID header identifies it in the logs.",
+        error_type="server_error",
+        code="internal_error",
+    )
+)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register every handler once, so all errors share the envelope."""
+    app.add_exception_handler(GatewayError, _gateway_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    # Unhandled exceptions are rendered by RequestContextMiddleware, which can still add the
+    # request id header; Starlette's own last-resort handler sits outside every middleware.

@@ -1,0 +1,66 @@
+"""Readiness checks: each dependency probed concurrently with a short timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+
+from gateway.db import ping
+from gateway.health.schemas import DependencyCheck, Readiness
+from gateway.state import AppState
+from orchestrator.manager import EngineState
+
+CHECK_TIMEOUT_S = 2.0
+
+
+async def _timed(awaitable: Awaitable[object]) -> float:
+    started = time.perf_counter()
+    await asyncio.wait_for(awaitable, CHECK_TIMEOUT_S)
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
+async def check_database(state: AppState) -> DependencyCheck:
+    """SELECT 1 against the database."""
+    try:
+        latency = await _timed(ping(state.db_engine))
+    except Exception as exc:
+        return DependencyCheck(status="down", required=True, detail=type(exc).__name__)
+    return DependencyCheck(status="up", required=True, latency_ms=latency)
+
+
+async def check_redis(state: AppState) -> DependencyCheck:
+    """PING Redis when it is configured."""
+    if state.redis is None:
+        return DependencyCheck(status="disabled", required=False, detail="REDIS_URL not set")
+    try:
+        latency = await _timed(state.redis.ping())
+    except Exception as exc:
+        return DependencyCheck(status="down", required=True, detail=type(exc).__name__)
+    return DependencyCheck(status="up", required=True, latency_ms=latency)
+
+
+async def check_engine(state: AppState) -> DependencyCheck:
+    """The active engine's own health endpoint."""
+    required = state.engine_required
+    manager = state.manager
+    if manager.spec is None:
+        return DependencyCheck(status="disabled", required=False, detail="no engine configured")
+    health = await manager.probe(CHECK_TIMEOUT_S)
+    model = manager.spec.served_model_name
+    if health.ok:
+        return DependencyCheck(
+            status="up", required=required, latency_ms=health.latency_ms, detail=model
+        )
+    status = "starting" if health.state is EngineState.STARTING else "down"
+    return DependencyCheck(status=status, required=required, detail=f"{model}: {health.detail}")
+
+
+async def readiness(state: AppState) -> Readiness:
+    """Run every check; not ready when any required one is not up."""
+    database, redis, engine = await asyncio.gather(
+        check_database(state), check_redis(state), check_engine(state)
+    )
+    checks = {"database": database, "redis": redis, "engine": engine}
+    ready = all(c.status == "up" for c in checks.values() if c.required)
+    return Readiness(status="ready" if ready else "not_ready", checks=checks)

@@ -1,0 +1,76 @@
+"""One logger setup: structlog for our events, stdlib (uvicorn, alembic) routed through it."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+from structlog.typing import EventDict, Processor
+
+from gateway.settings import LogFormat, Settings
+
+# Keys whose values never reach a log line, whatever the caller passes.
+_SECRET_KEYS = frozenset(
+    {"password", "authorization", "api_key", "token", "access_token", "refresh_token", "secret"}
+)
+
+
+def _redact_secrets(_: Any, __: str, event_dict: EventDict) -> EventDict:
+    for key in event_dict.keys() & _SECRET_KEYS:
+        event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def configure_logging(settings: Settings) -> None:
+    """Configure structlog and the stdlib root logger once per process."""
+    fmt = settings.LOG_FORMAT
+    if fmt is LogFormat.AUTO:
+        fmt = LogFormat.CONSOLE if settings.is_development else LogFormat.JSON
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact_secrets,
+    ]
+    renderer: Processor = (
+        structlog.processors.JSONRenderer()
+        if fmt is LogFormat.JSON
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.LOG_LEVEL)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        uv_logger = logging.getLogger(name)
+        uv_logger.handlers.clear()
+        uv_logger.propagate = True
+    # Every request is logged once by our own middleware; uvicorn's access line would repeat it.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """Return a structlog logger bound to a module name."""
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
+    return logger

@@ -1,0 +1,1 @@
+"""Service information at the root URL."""

@@ -1,0 +1,38 @@
+"""GET / : what this service is and where to go next."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from gateway import __version__
+from gateway.deps import StateDep
+
+router = APIRouter(tags=["meta"])
+
+
+class ServiceInfo(BaseModel):
+    """The root document."""
+
+    service: str
+    version: str
+    environment: str
+    docs: str
+    health: str
+    engine: str | None
+    engine_state: str
+
+
+@router.get("/", response_model=ServiceInfo)
+async def root(state: StateDep) -> ServiceInfo:
+    """Service name, version, and links to the docs and health endpoints."""
+    status = state.manager.status()
+    return ServiceInfo(
+        service=state.settings.APP_NAME,
+        version=__version__,
+        environment=state.settings.ENVIRONMENT.value,
+        docs="/docs",
+        health="/health",
+        engine=status.served_model_name,
+        engine_state=status.state.value,
+    )

@@ -1,0 +1,91 @@
+"""Pure ASGI middleware: request id, one structured log line per request, last-resort 500."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import INTERNAL_ERROR_BODY
+from gateway.logging import get_logger
+
+log = get_logger("gateway.access")
+
+REQUEST_ID_HEADER = b"x-request-id"
+# A client-supplied id is echoed into logs and headers, so only a safe shape is accepted.
+_VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _request_id_from(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == REQUEST_ID_HEADER and _VALID_REQUEST_ID.match(value):
+            return bytes(value).decode("ascii")
+    return uuid.uuid4().hex
+
+
+class RequestContextMiddleware:
+    """Bind a request id to every log line, return it, log each request once."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI call."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id_from(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        status = 0
+        header_value = request_id.encode("ascii")
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (REQUEST_ID_HEADER, header_value),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled_error", path=scope["path"], method=scope["method"])
+            if status == 0:
+                status = 500
+                await send_with_id(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [(b"content-type", b"application/json")],
+                    }
+                )
+                await send({"type": "http.response.body", "body": INTERNAL_ERROR_BODY})
+        finally:
+            state = scope.get("state", {})
+            log.info(
+                "request",
+                method=scope["method"],
+                path=_route_path(scope),
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                user_id=state.get("user_id"),
+                key_id=state.get("key_id"),
+                model=state.get("model"),
+            )
+            structlog.contextvars.clear_contextvars()
+
+
+def _route_path(scope: Scope) -> str:
+    # The matched route template keeps ids out of the log's path field when one matched.
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else str(scope["path"])

@@ -1,0 +1,37 @@
+"""Run Alembic migrations from code (the CLI and the test suite use this)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def alembic_config(url: str) -> Config:
+    """An Alembic config pointing at this project's scripts and the given database."""
+    cfg = Config(str(PROJECT_ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(PROJECT_ROOT / "alembic"))
+    cfg.attributes["url"] = url
+    # The gateway's own logging setup stays in charge when migrating from code.
+    cfg.attributes["configure_logger"] = False
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Apply migrations up to `revision` (blocking; call outside a running event loop)."""
+    _ensure_sqlite_dir(url)
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str = "base") -> None:
+    """Undo migrations down to `revision`."""
+    command.downgrade(alembic_config(url), revision)
+
+
+def _ensure_sqlite_dir(url: str) -> None:
+    prefix = "sqlite+aiosqlite:///"
+    if url.startswith(prefix) and ":memory:" not in url:
+        Path(url[len(prefix) :]).expanduser().parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,179 @@
+"""Gateway settings: one pydantic-settings class, read once at startup and passed in."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MIN_JWT_SECRET_BYTES = 32
+
+# Fragments of well-known example secrets (including the seeds' own examples): a secret that
+# contains one of them was copied from documentation and must not guard a real deployment.
+_PLACEHOLDER_FRAGMENTS = (
+    "change",
+    "your-",
+    "your_",
+    "placeholder",
+    "example",
+    "secret-key",
+    "secret_key",
+    "dev-jwt-secret",
+    "development-only",
+    "xxxx",
+)
+
+
+class Environment(StrEnum):
+    """Where the gateway runs; development relaxes secret checks and prints readable logs."""
+
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+class EngineMode(StrEnum):
+    """How the gateway finds its inference engine at startup."""
+
+    AUTO = "auto"  # VLLM_BASE_URL if set, else the simulator when no GPU is found
+    SIMULATOR = "simulator"
+    EXTERNAL = "external"
+    NONE = "none"
+
+
+class LogFormat(StrEnum):
+    """Log renderer: JSON lines for machines, console for people."""
+
+    AUTO = "auto"
+    JSON = "json"
+    CONSOLE = "console"
+
+
+def _is_placeholder(secret: str) -> bool:
+    lowered = secret.lower()
+    return any(fragment in lowered for fragment in _PLACEHOLDER_FRAGMENTS) or len(set(secret)) < 8
+
+
+def normalize_database_url(url: str) -> str:
+    """Map sync driver URLs (as written in the seeds) to their async drivers."""
+    for sync_prefix, async_prefix in (
+        ("sqlite://", "sqlite+aiosqlite://"),
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("postgres://", "postgresql+asyncpg://"),
+        ("postgresql+psycopg2://", "postgresql+asyncpg://"),
+    ):
+        if url.startswith(sync_prefix):
+            return async_prefix + url[len(sync_prefix) :]
+    return url
+
+
+class Settings(BaseSettings):
+    """Every setting of the gateway; environment variables use the names shown here."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=True
+    )
+
+    APP_NAME: str = "vLLM Chat Gateway"
+    ENVIRONMENT: Environment = Environment.PRODUCTION
+    HOST: str = "127.0.0.1"
+    PORT: int = Field(default=8080, ge=0, le=65535)
+
+    DATABASE_URL: str = "sqlite+aiosqlite:///./var/gateway.db"
+    DATABASE_POOL_SIZE: int = Field(default=10, ge=1)
+    AUTO_MIGRATE: bool = True
+    REDIS_URL: str | None = None
+
+    JWT_SECRET: SecretStr | None = None
+    JWT_ALGORITHM: str = "HS256"
+    JWT_EXPIRE_HOURS: int = Field(default=24, ge=1)
+
+    CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    LOG_LEVEL: str = "INFO"
+    LOG_FORMAT: LogFormat = LogFormat.AUTO
+
+    ENGINE: EngineMode = EngineMode.AUTO
+    VLLM_BASE_URL: str | None = None
+    VLLM_API_KEY: SecretStr | None = None
+    DEFAULT_MODEL: str = "simulator"
+    SIMULATOR_PORT: int = Field(default=0, ge=0, le=65535)
+    SIMULATOR_TOKENS_PER_SECOND: float = Field(default=60.0, ge=0)
+    ENGINE_STARTUP_TIMEOUT_S: float = Field(default=600.0, gt=0)
+    UPSTREAM_CONNECT_TIMEOUT_S: float = Field(default=5.0, gt=0)
+    UPSTREAM_READ_TIMEOUT_S: float = Field(default=300.0, gt=0)
+    MODEL_PROFILES: Path = Path("model_profiles.yml")
+    GPU_SNAPSHOT: Path | None = None
+
+    OPENAI_API_KEY: SecretStr | None = None
+    OPENAI_BASE_URL: str = "https://api.openai.com/v1"
+
+    # Set when development mode had to make a secret up; logged once at startup.
+    jwt_secret_generated: bool = Field(default=False, exclude=True)
+
+    @field_validator("CORS_ORIGINS", mode="before")
+    @classmethod
+    def _parse_origins(cls, value: Any) -> Any:
+        """Accept a JSON list (as in the seeds) or a comma-separated string."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        return normalize_database_url(value)
+
+    @field_validator("LOG_LEVEL")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return level
+
+    @model_validator(mode="after")
+    def _check_secrets(self) -> Settings:
+        """Refuse a missing, short or placeholder JWT secret outside development."""
+        secret = self.JWT_SECRET.get_secret_value() if self.JWT_SECRET else ""
+        problem = None
+        if not secret:
+            problem = "JWT_SECRET is not set"
+        elif len(secret.encode()) < MIN_JWT_SECRET_BYTES:
+            problem = f"JWT_SECRET is shorter than {MIN_JWT_SECRET_BYTES} bytes"
+        elif _is_placeholder(secret):
+            problem = "JWT_SECRET looks like a placeholder copied from an example"
+        if problem is None:
+            return self
+        if self.ENVIRONMENT is Environment.DEVELOPMENT:
+            if not secret:
+                self.JWT_SECRET = SecretStr(secrets.token_urlsafe(48))
+                self.jwt_secret_generated = True
+            return self
+        raise ValueError(
+            f"{problem}; set a random secret of at least {MIN_JWT_SECRET_BYTES} bytes "
+            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`) "
+            "or run with ENVIRONMENT=development"
+        )
+
+    @property
+    def is_development(self) -> bool:
+        """True when running in development mode."""
+        return self.ENVIRONMENT is Environment.DEVELOPMENT
+
+    @property
+    def is_sqlite(self) -> bool:
+        """True for the embedded SQLite database."""
+        return self.DATABASE_URL.startswith("sqlite")
+
+    @property
+    def public_url(self) -> str:
+        """The URL a person opens in a browser."""
+        host = "127.0.0.1" if self.HOST in {"0.0.0.0", "::"} else self.HOST
+        return f"http://{host}:{self.PORT}/"

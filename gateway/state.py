@@ -1,0 +1,31 @@
+"""The shared resources one app owns for its lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import httpx
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from gateway.settings import Settings
+from orchestrator.gpus import GpuInventory
+from orchestrator.manager import VLLMModelManager
+
+
+@dataclass
+class AppState:
+    """Created by the lifespan, closed by it; routes reach it through `deps`."""
+
+    settings: Settings
+    db_engine: AsyncEngine
+    session_factory: async_sessionmaker[AsyncSession]
+    redis: Redis | None
+    http: httpx.AsyncClient
+    manager: VLLMModelManager
+    gpus: GpuInventory
+    engine_required: bool
+    started_at: float = field(default_factory=time.time)
+    background: set[asyncio.Task[object]] = field(default_factory=set)

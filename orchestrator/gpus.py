@@ -1,0 +1,156 @@
+"""GPU inventory: NVML on a real host, a recorded JSON snapshot elsewhere, never a crash."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """A process holding memory on a GPU."""
+
+    pid: int
+    used_memory_bytes: int
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """One GPU as NVML reports it."""
+
+    index: int
+    uuid: str
+    name: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    memory_free_bytes: int
+    utilization_percent: int | None = None
+    temperature_c: int | None = None
+    power_draw_w: float | None = None
+    power_limit_w: float | None = None
+    processes: tuple[GpuProcess, ...] = ()
+
+
+@dataclass(frozen=True)
+class GpuInventory:
+    """All GPUs of a host, where the reading came from, and why it is empty if it is."""
+
+    gpus: tuple[GpuInfo, ...]
+    source: str
+    reason: str | None = None
+    driver_version: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        """Number of GPUs."""
+        return len(self.gpus)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (also the snapshot file format)."""
+        return asdict(self)
+
+
+class GpuReader(Protocol):
+    """Anything that can take a GPU reading."""
+
+    def read(self) -> GpuInventory:
+        """Return the current inventory."""
+        ...
+
+
+class NvmlReader:
+    """Reads GPUs through NVML (`nvidia-ml-py`)."""
+
+    def read(self) -> GpuInventory:
+        """Take a reading; no driver or no library gives zero GPUs with the reason."""
+        try:
+            import pynvml
+        except ImportError as exc:  # pragma: no cover - the dependency is declared
+            return GpuInventory(gpus=(), source="nvml", reason=f"nvidia-ml-py missing: {exc}")
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as exc:
+            return GpuInventory(gpus=(), source="nvml", reason=f"NVML unavailable: {exc}")
+        try:
+            driver = _text(pynvml.nvmlSystemGetDriverVersion())
+            gpus = tuple(_read_gpu(pynvml, i) for i in range(pynvml.nvmlDeviceGetCount()))
+        except pynvml.NVMLError as exc:
+            return GpuInventory(gpus=(), source="nvml", reason=f"NVML read failed: {exc}")
+        finally:
+            pynvml.nvmlShutdown()
+        return GpuInventory(gpus=gpus, source="nvml", driver_version=driver)
+
+
+class SnapshotReader:
+    """Reads a recorded inventory from a JSON file (tests, demos, planning elsewhere)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> GpuInventory:
+        """Load the snapshot file."""
+        return inventory_from_dict(
+            json.loads(self.path.read_text()), source=f"snapshot:{self.path}"
+        )
+
+
+def inventory_from_dict(data: dict[str, Any], *, source: str) -> GpuInventory:
+    """Build an inventory from its JSON form."""
+    gpus = tuple(
+        GpuInfo(
+            **{k: v for k, v in gpu.items() if k != "processes"},
+            processes=tuple(GpuProcess(**p) for p in gpu.get("processes", ())),
+        )
+        for gpu in data.get("gpus", ())
+    )
+    return GpuInventory(
+        gpus=gpus,
+        source=source,
+        reason=data.get("reason"),
+        driver_version=data.get("driver_version"),
+    )
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _optional(call: Any, *args: Any) -> Any:
+    # Consumer boards do not report every field (e.g. power limit); a missing one is None.
+    try:
+        return call(*args)
+    except Exception:
+        return None
+
+
+def _read_gpu(nvml: Any, index: int) -> GpuInfo:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    util = _optional(nvml.nvmlDeviceGetUtilizationRates, handle)
+    power = _optional(nvml.nvmlDeviceGetPowerUsage, handle)
+    limit = _optional(nvml.nvmlDeviceGetEnforcedPowerLimit, handle)
+    procs = _optional(nvml.nvmlDeviceGetComputeRunningProcesses, handle) or []
+    return GpuInfo(
+        index=index,
+        uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+        name=_text(nvml.nvmlDeviceGetName(handle)),
+        memory_total_bytes=int(memory.total),
+        memory_used_bytes=int(memory.used),
+        memory_free_bytes=int(memory.free),
+        utilization_percent=int(util.gpu) if util is not None else None,
+        temperature_c=_optional(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU),
+        power_draw_w=power / 1000 if power is not None else None,
+        power_limit_w=limit / 1000 if limit is not None else None,
+        processes=tuple(
+            GpuProcess(pid=int(p.pid), used_memory_bytes=int(p.usedGpuMemory or 0)) for p in procs
+        ),
+    )
+
+
+def gpu_reader(snapshot: Path | None) -> GpuReader:
+    """The snapshot reader when a snapshot is configured, else NVML."""
+    return SnapshotReader(snapshot) if snapshot is not None else NvmlReader()

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Install the system services the integration tests run for real (Debian/Ubuntu, apt):
+#   PostgreSQL (initdb/pg_ctl), redis-server, dockerd (docker.io) and a static busybox
+#   (busybox-static, used to build the tiny Docker test image).
+#
+# Idempotent: installs only what is missing. As root it runs apt-get (update once, then
+# install --no-install-recommends); otherwise it lists what is missing and exits 1.
+# Nothing is started here: the test session starts its own throwaway instances.
+set -euo pipefail
+
+log() { printf '[bootstrap-system] %s\n' "$*" >&2; }
+
+missing=()
+
+if compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+    log "postgresql: ok ($(ls -d /usr/lib/postgresql/*/bin/initdb | head -n1))"
+else
+    missing+=(postgresql)
+fi
+
+if command -v redis-server >/dev/null 2>&1; then
+    log "redis-server: ok ($(command -v redis-server))"
+else
+    missing+=(redis-server)
+fi
+
+if command -v dockerd >/dev/null 2>&1 || [[ -x /usr/sbin/dockerd ]]; then
+    log "dockerd: ok"
+else
+    missing+=(docker.io)
+fi
+
+# The test image needs a *static* busybox (it runs inside an otherwise empty image).
+busybox_ok=0
+for b in /bin/busybox /usr/bin/busybox; do
+    if [[ -x "$b" ]] && ! LC_ALL=C ldd "$b" >/dev/null 2>&1; then busybox_ok=1; fi
+done
+if ((busybox_ok)); then
+    log "busybox (static): ok"
+else
+    missing+=(busybox-static)
+fi
+
+if ((${#missing[@]} == 0)); then
+    log "all system packages present"
+    exit 0
+fi
+
+if [[ "$(id -u)" -ne 0 ]]; then
+    log "missing packages: ${missing[*]}"
+    log "install them as root: apt-get install -y --no-install-recommends ${missing[*]}"
+    exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+log "installing: ${missing[*]}"
+apt-get update
+apt-get install -y --no-install-recommends "${missing[@]}"
+log "done"
