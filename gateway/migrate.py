@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from alembic import command
@@ -21,14 +23,21 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Apply migrations up to `revision` (blocking; call outside a running event loop)."""
+    """Apply migrations up to `revision` (blocking)."""
     _ensure_sqlite_dir(url)
-    command.upgrade(alembic_config(url), revision)
+    _in_thread(command.upgrade, alembic_config(url), revision)
 
 
 def downgrade(url: str, revision: str = "base") -> None:
-    """Undo migrations down to `revision`."""
-    command.downgrade(alembic_config(url), revision)
+    """Undo migrations down to `revision` (blocking)."""
+    _in_thread(command.downgrade, alembic_config(url), revision)
+
+
+def _in_thread(func: Callable[[Config, str], None], cfg: Config, revision: str) -> None:
+    # env.py drives an async engine with asyncio.run(); a private thread keeps that event loop
+    # apart from any loop of the caller (asyncio.run would otherwise reset the caller's loop).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alembic") as pool:
+        pool.submit(func, cfg, revision).result()
 
 
 def _ensure_sqlite_dir(url: str) -> None:

@@ -1,0 +1,73 @@
+"""Command line: `vllm-gateway serve | migrate | check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from gateway import migrate
+from gateway.app import create_app
+from gateway.settings import Settings
+
+
+def load_settings() -> Settings:
+    """Read settings from the environment (and .env) once; exit with a clear message if bad."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        # Only the messages: pydantic's own rendering would echo the offending (secret) input.
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        ]
+        sys.stderr.write("invalid configuration, refusing to start:\n" + "\n".join(lines) + "\n")
+        raise SystemExit(2) from None
+
+
+def serve(settings: Settings) -> None:
+    """Migrate (when AUTO_MIGRATE) and serve until interrupted."""
+    if settings.AUTO_MIGRATE:
+        migrate.upgrade(settings.DATABASE_URL)
+    app = create_app(settings)
+    banner = (
+        f"\n  {settings.APP_NAME} is starting on {settings.public_url}\n"
+        f"  Open {settings.public_url}docs for the API, {settings.public_url}health for liveness.\n"
+    )
+    sys.stderr.write(banner)
+    sys.stderr.flush()
+    uvicorn.run(
+        app,
+        host=settings.HOST,
+        port=settings.PORT,
+        log_config=None,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        proxy_headers=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `vllm-gateway` command."""
+    parser = argparse.ArgumentParser(prog="vllm-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the gateway (HOST, PORT and the rest from the environment)")
+    mig = sub.add_parser("migrate", help="apply or undo database migrations")
+    mig.add_argument("direction", choices=["upgrade", "downgrade"], nargs="?", default="upgrade")
+    mig.add_argument("revision", nargs="?", help="target revision (default: head / base)")
+    sub.add_parser("check-config", help="validate the configuration and exit")
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    if args.command == "serve":
+        serve(settings)
+    elif args.command == "migrate":
+        if args.direction == "upgrade":
+            migrate.upgrade(settings.DATABASE_URL, args.revision or "head")
+        else:
+            migrate.downgrade(settings.DATABASE_URL, args.revision or "base")
+    else:
+        sys.stdout.write(f"configuration is valid ({settings.ENVIRONMENT.value})\n")

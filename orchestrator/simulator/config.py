@@ -1,0 +1,77 @@
+"""Configuration of the vLLM engine simulator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: ``owned_by`` reported for every simulated model, so nobody mistakes it for a real engine.
+SIMULATOR_OWNER = "vllm-chat-gateway-simulator"
+
+#: Version reported by ``GET /version`` (a PEP 440 local version, clearly not a vLLM release).
+SIMULATOR_VERSION = "0.0.0+simulator"
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorConfig:
+    """Everything that shapes one simulated engine.
+
+    ``model`` is the "model path" (vLLM's ``--model``); ``served_model_names`` are the
+    names clients may use (vLLM's ``--served-model-name``), defaulting to ``model``.
+    Fault settings (``*_after_chunks``) apply to every streamed response; ``None``
+    disables them. ``die_after_chunks`` terminates the whole process.
+    """
+
+    model: str = "simulated-model"
+    served_model_names: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 8000
+    startup_delay: float = 0.0
+    tokens_per_second: float = 0.0
+    first_token_delay: float = 0.0
+    fail_at_start: bool = False
+    die_after_chunks: int | None = None
+    error_after_chunks: int | None = None
+    stall_after_chunks: int | None = None
+    max_model_len: int = 4096
+    embedding_dim: int = 64
+    api_key: str | None = None
+    response_tokens: int = 0
+    kv_cache_tokens: int = 0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        """Reject impossible settings early, with a message naming the setting."""
+        if not self.model:
+            raise ValueError("model must not be empty")
+        if any(not name for name in self.served_model_names):
+            raise ValueError("served model names must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        for name in ("startup_delay", "tokens_per_second", "first_token_delay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("die_after_chunks", "error_after_chunks", "stall_after_chunks"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.max_model_len < 1:
+            raise ValueError("max_model_len must be >= 1")
+        if self.embedding_dim < 1:
+            raise ValueError("embedding_dim must be >= 1")
+        if self.response_tokens < 0 or self.kv_cache_tokens < 0:
+            raise ValueError("response_tokens and kv_cache_tokens must be >= 0")
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Names the simulated engine answers to; the first one is the default."""
+        return self.served_model_names or (self.model,)
+
+    @property
+    def primary_name(self) -> str:
+        """The name used in metrics labels and for requests that name no model."""
+        return self.model_names[0]
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Size of the pretend KV cache, in tokens, for the cache-usage gauges."""
+        return self.kv_cache_tokens or self.max_model_len * 16

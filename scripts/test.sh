@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs what is missing (apt packages, .venv, the
+# vLLM CPU build and a tiny local model, cached outside the repo), then lint, types and tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$(date +%s)
+
+bash scripts/bootstrap-system.sh
+bash scripts/bootstrap-venv.sh
+bash scripts/bootstrap-vllm.sh
+
+echo "== ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "== mypy --strict"
+.venv/bin/mypy
+echo "== pytest"
+# Every real-service fixture must start here: a missing service fails instead of skipping.
+export VCG_REQUIRE_ALL=1
+set +e
+.venv/bin/python -m pytest -p no:cacheprovider -ra "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: that is a failure here" >&2
+  rc=1
+fi
+echo "test command finished in $(( $(date +%s) - started ))s with exit code $rc"
+exit "$rc"

@@ -1,0 +1,55 @@
+"""Helpers for gateway tests: an app with its lifespan running and an HTTP client on it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+
+from gateway.app import create_app
+from gateway.migrate import upgrade
+from gateway.settings import Settings
+
+TEST_SECRET = "k3Jv9-qLr2Zt8WmX4pYs7Nc1Bd6Hf0Ag5Ue2Io9Kl"
+
+AppFactory = Callable[..., AbstractAsyncContextManager[tuple[FastAPI, httpx.AsyncClient]]]
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Production-mode settings with a strong secret and no engine unless overridden."""
+    values: dict[str, Any] = {
+        "ENVIRONMENT": "production",
+        "JWT_SECRET": TEST_SECRET,
+        "ENGINE": "none",
+        "LOG_FORMAT": "json",
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@asynccontextmanager
+async def running_app(
+    settings: Settings, customize: Callable[[FastAPI], None] | None = None
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """Create the app, run its lifespan, and yield it with a client bound to it."""
+    app = create_app(settings)
+    if customize is not None:
+        customize(app)
+    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=30) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as client:
+            yield app, client
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A migrated, empty SQLite database file."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+    upgrade(url)
+    return url
