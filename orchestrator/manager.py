@@ -109,6 +109,11 @@ class VLLMModelManager:
         return self._spec
 
     @property
+    def handle(self) -> RuntimeHandle | None:
+        """The runtime's handle of the running engine."""
+        return self._handle
+
+    @property
     def base_url(self) -> str | None:
         """The engine's root URL while it has one."""
         return self._handle.base_url if self._handle else None

@@ -22,7 +22,7 @@ class SimulatorRequestError(Exception):
         return error_body(self.message, self.status, self.err_type)
 
 
-class SimulatedConnectionDrop(Exception):  # noqa: N818 - it is a deliberate event, not a bug
+class SimulatedConnectionDrop(Exception):
     """Raised inside the ASGI app to make the server close the connection mid-response."""
 
 

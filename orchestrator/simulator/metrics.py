@@ -5,25 +5,87 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import exposition
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    exposition,
+    generate_latest,
+)
 
 #: ``Content-Type`` of the ``/metrics`` text.
 METRICS_CONTENT_TYPE: str = exposition.CONTENT_TYPE_LATEST
 
 # vLLM's own bucket boundaries, so dashboards built for vLLM read the simulator alike.
 _TTFT_BUCKETS = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
-)  # fmt: skip
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
 _TPOT_BUCKETS = (
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
-    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-)  # fmt: skip
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 _E2E_BUCKETS = (
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
-    50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
-)  # fmt: skip
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -80,12 +142,16 @@ class SimulatorMetrics:
         reg = self.registry
         label = ("model_name",)
         Gauge(
-            "vllm:num_requests_running", "Requests in model execution batches (simulated).",
-            label, registry=reg,
+            "vllm:num_requests_running",
+            "Requests in model execution batches (simulated).",
+            label,
+            registry=reg,
         ).labels(model_name).set_function(running)
         Gauge(
-            "vllm:num_requests_waiting", "Requests waiting to be processed (simulated).",
-            label, registry=reg,
+            "vllm:num_requests_waiting",
+            "Requests waiting to be processed (simulated).",
+            label,
+            registry=reg,
         ).labels(model_name).set(0)
         for name in ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"):
             Gauge(
@@ -95,33 +161,50 @@ class SimulatorMetrics:
             "vllm:prompt_tokens", "Prefill tokens processed (simulated).", label, registry=reg
         ).labels(model_name)
         self.generation_tokens = Counter(
-            "vllm:generation_tokens", "Generation tokens processed (simulated).",
-            label, registry=reg,
+            "vllm:generation_tokens",
+            "Generation tokens processed (simulated).",
+            label,
+            registry=reg,
         ).labels(model_name)
         success = Counter(
-            "vllm:request_success", "Successfully processed requests (simulated).",
-            ("model_name", "finished_reason"), registry=reg,
+            "vllm:request_success",
+            "Successfully processed requests (simulated).",
+            ("model_name", "finished_reason"),
+            registry=reg,
         )
         self.success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
         self.aborted = Counter(
-            "vllm:request_aborted", "Requests aborted because the client went away (simulated).",
-            label, registry=reg,
+            "vllm:request_aborted",
+            "Requests aborted because the client went away (simulated).",
+            label,
+            registry=reg,
         ).labels(model_name)
         self.failed = Counter(
-            "vllm:request_failed", "Requests failed by injected faults (simulated).",
-            label, registry=reg,
+            "vllm:request_failed",
+            "Requests failed by injected faults (simulated).",
+            label,
+            registry=reg,
         ).labels(model_name)
         self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds", "Time to first token in seconds (simulated).",
-            label, registry=reg, buckets=_TTFT_BUCKETS,
+            "vllm:time_to_first_token_seconds",
+            "Time to first token in seconds (simulated).",
+            label,
+            registry=reg,
+            buckets=_TTFT_BUCKETS,
         ).labels(model_name)
         self.tpot = Histogram(
-            "vllm:time_per_output_token_seconds", "Time per output token in seconds (simulated).",
-            label, registry=reg, buckets=_TPOT_BUCKETS,
+            "vllm:time_per_output_token_seconds",
+            "Time per output token in seconds (simulated).",
+            label,
+            registry=reg,
+            buckets=_TPOT_BUCKETS,
         ).labels(model_name)
         self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds", "End-to-end request latency in seconds (simulated).",
-            label, registry=reg, buckets=_E2E_BUCKETS,
+            "vllm:e2e_request_latency_seconds",
+            "End-to-end request latency in seconds (simulated).",
+            label,
+            registry=reg,
+            buckets=_E2E_BUCKETS,
         ).labels(model_name)
 
     def observe_finished(

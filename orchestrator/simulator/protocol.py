@@ -182,7 +182,9 @@ def _choices(
     for prompt_index, prompt_seed in enumerate(seeds):
         for i in range(n):
             seed = (prompt_seed ^ (request_seed * 0x9E3779B1) ^ (i * 0x85EBCA77)) & 0xFFFFFFFF
-            wanted = max_tokens + 1 if ignore_eos else text.natural_length(seed, config.response_tokens)
+            wanted = (
+                max_tokens + 1 if ignore_eos else text.natural_length(seed, config.response_tokens)
+            )
             wanted = max(wanted, min_tokens)
             length = min(wanted, max_tokens)
             finish = "length" if wanted >= max_tokens else "stop"

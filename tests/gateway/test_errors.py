@@ -32,7 +32,8 @@ def _assert_envelope(body: dict[str, object]) -> dict[str, object]:
     error = body["error"]
     assert isinstance(error, dict)
     assert set(error) == ENVELOPE_KEYS
-    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["message"], str)
+    assert error["message"]
     return error
 
 
@@ -79,7 +80,8 @@ async def test_internal_error_is_500_envelope_without_internals(sqlite_url: str)
     assert response.status_code == 500
     error = _assert_envelope(response.json())
     assert error["type"] == "server_error"
-    assert "kaboom" not in response.text and "hunter2" not in response.text
+    assert "kaboom" not in response.text
+    assert "hunter2" not in response.text
     assert response.headers["x-request-id"] == "req-boom-1"
 
 

@@ -50,8 +50,10 @@ async def test_request_id_is_bound_to_lines_logged_inside_the_request(
         await client.get("/_test/log", headers={"X-Request-ID": "bound-7"})
     err = capsys.readouterr().err
     inside = [e for e in _json_lines(err) if e.get("event") == "inside_handler"]
-    assert inside and inside[0]["request_id"] == "bound-7"
-    assert "hunter2" not in err and "sk-secret-value" not in err
+    assert inside
+    assert inside[0]["request_id"] == "bound-7"
+    assert "hunter2" not in err
+    assert "sk-secret-value" not in err
     assert inside[0]["password"] == "[redacted]"
 
 

@@ -24,7 +24,10 @@ def _settings(**values: object) -> Settings:
         (None, "not set"),
         ("short-but-random-Zx81", "shorter than 32 bytes"),
         ("your-super-secret-jwt-key-that-is-long-enough", "placeholder"),
-        ("dev-jwt-secret-key-for-vllm-gateway-development-only-change-in-production", "placeholder"),
+        (
+            "dev-jwt-secret-key-for-vllm-gateway-development-only-change-in-production",
+            "placeholder",
+        ),
         ("a" * 64, "placeholder"),
     ],
 )
@@ -45,7 +48,8 @@ def test_development_generates_a_secret_and_flags_it() -> None:
     first = _settings(ENVIRONMENT="development")
     second = _settings(ENVIRONMENT="development")
     assert first.jwt_secret_generated
-    assert first.JWT_SECRET is not None and second.JWT_SECRET is not None
+    assert first.JWT_SECRET is not None
+    assert second.JWT_SECRET is not None
     assert len(first.JWT_SECRET.get_secret_value()) >= 32
     assert first.JWT_SECRET.get_secret_value() != second.JWT_SECRET.get_secret_value()
 

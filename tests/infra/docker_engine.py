@@ -113,7 +113,9 @@ def ensure_docker(timeout: float = 30) -> docker.DockerClient:
             raise RuntimeError(f"dockerd exited with {proc.returncode}; log {log_path}:\n{tail}")
         if time.monotonic() > deadline:
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-            raise TimeoutError(f"dockerd did not answer within {timeout} s; log {log_path}:\n{tail}")
+            raise TimeoutError(
+                f"dockerd did not answer within {timeout} s; log {log_path}:\n{tail}"
+            )
         time.sleep(0.2)
 
 
@@ -220,7 +222,11 @@ def build_base_image(client: docker.DockerClient, tag: str = BASE_IMAGE) -> str:
         data,
         repository=repository,
         tag=version,
-        changes=['CMD ["/bin/sh"]', "ENV PATH=/bin:/usr/local/bin:/usr/bin", "LABEL vcg.test.image=1"],
+        changes=[
+            'CMD ["/bin/sh"]',
+            "ENV PATH=/bin:/usr/local/bin:/usr/bin",
+            "LABEL vcg.test.image=1",
+        ],
     )
     client.images.get(tag)  # raises if the import did not produce the tag
     return tag

@@ -31,9 +31,7 @@ def published_port(container: Container, container_port: int = CONTAINER_PORT) -
     raise RuntimeError(f"port {container_port}/tcp is not published: {bindings}")
 
 
-def wait_http_ok(
-    url: str, *, container: Container | None = None, timeout: float = 30.0
-) -> None:
+def wait_http_ok(url: str, *, container: Container | None = None, timeout: float = 30.0) -> None:
     """Poll ``url`` until it answers 200; fail early (with the logs) if the container exits."""
     deadline = time.monotonic() + timeout
     last: object = None

@@ -1,0 +1,165 @@
+"""Session fixtures that start REAL services for the tests: PostgreSQL, Redis, Docker, vLLM (CPU).
+
+Nothing is mocked. Each service runs on 127.0.0.1, on a free port, from a temp dir, and is
+started once per session on first use (tests that do not ask for it never pay for it).
+
+Fixtures (names are a contract):
+
+* ``repo_root``        (session) the repository root ``Path``.
+* ``postgres_server``  (session) a started ``tests.infra.postgres.PostgresServer``.
+* ``postgres_url``     (function) ``postgresql+asyncpg://`` URL of a new, empty database
+                       (dropped after the test).
+* ``redis_server``     (session) a started ``tests.infra.redis.RedisServer``.
+* ``redis_url``        (function) its ``redis://127.0.0.1:PORT/0`` URL, after ``FLUSHALL``.
+* ``docker_client``    (session) a ``docker.DockerClient`` (dockerd is started if needed); at the
+                       end of the session every container labelled ``vcg.test=1`` by this
+                       session (or by a dead one) is removed.
+* ``test_image``       (session) tag of the busybox base image that runs the host's Python.
+* ``vllm_engine``      (session) a started ``tests.infra.vllm_engine.VLLMEngine`` serving the tiny
+                       random-weight Llama as ``tiny-llama``.
+
+A missing binary or venv skips the tests that need it with the reason, except when ``CI`` is set
+or ``VCG_REQUIRE_ALL=1``: then it fails them (``scripts/test.sh`` sets VCG_REQUIRE_ALL=1).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, TypeVar
+
+import pytest
+
+from tests.infra import ServiceUnavailable
+
+if TYPE_CHECKING:
+    import docker
+
+    from tests.infra.postgres import PostgresServer
+    from tests.infra.redis import RedisServer
+    from tests.infra.vllm_engine import VLLMEngine
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def _require_all() -> bool:
+    ci = os.environ.get("CI", "").strip().lower()
+    return (ci not in ("", "0", "false", "no")) or os.environ.get("VCG_REQUIRE_ALL") == "1"
+
+
+def _unavailable(reason: str) -> NoReturn:
+    if _require_all():
+        pytest.fail(f"{reason} (required: CI or VCG_REQUIRE_ALL=1 is set)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _available(make: Callable[[], T]) -> T:
+    """Run ``make``; a ServiceUnavailable becomes a skip (or a failure under CI)."""
+    try:
+        return make()
+    except ServiceUnavailable as exc:
+        _unavailable(str(exc))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    from tests.infra.postgres import PostgresServer
+
+    server = _available(PostgresServer)
+    _available(server.start)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database for this test only."""
+    if not postgres_server.is_running():  # a fault test left it paused
+        postgres_server.resume()
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    url = postgres_server.create_database(name)
+    yield url
+    if postgres_server.is_running():
+        postgres_server.drop_database(name)
+
+
+# -- Redis -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    from tests.infra.redis import RedisServer
+
+    server = _available(RedisServer)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session Redis, emptied (FLUSHALL) for this test."""
+    import redis
+
+    if not redis_server.is_running():  # a fault test left it stopped
+        redis_server.start()
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_server.url
+
+
+# -- Docker ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    from tests.infra.docker_engine import ensure_docker, remove_test_containers
+
+    client = _available(ensure_docker)
+    try:
+        yield client
+    finally:
+        remove_test_containers(client)
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def test_image(docker_client: docker.DockerClient) -> str:
+    from tests.infra.docker_engine import build_base_image
+
+    return _available(lambda: build_base_image(docker_client))
+
+
+# -- vLLM ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def vllm_engine() -> Iterator[VLLMEngine]:
+    from tests.infra.vllm_engine import VLLM_PYTHON, VLLMEngine, check_vllm_python, ensure_tiny_model
+
+    _available(lambda: check_vllm_python(VLLM_PYTHON))
+    model_dir = ensure_tiny_model(VLLM_PYTHON)
+    engine = VLLMEngine(model_dir)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
