@@ -39,9 +39,19 @@ sys.exit(1 if missing else 0)' >/dev/null 2>&1
 if venv_ok; then
     log "vLLM venv is complete: $venv ($want)"
 else
+    if ! command -v "$python" >/dev/null 2>&1; then
+        log "ERROR: $python not found (set VCG_PYTHON to a Python >= 3.10 interpreter)"
+        exit 1
+    fi
     if [[ -e "$venv" ]]; then
-        log "vLLM venv at $venv is missing, incomplete or stale: recreating it"
-        rm -rf "$venv"
+        # Only ever delete something that is a (partial) venv, never an arbitrary directory.
+        if [[ -f "$venv/pyvenv.cfg" ]] || [[ -z "$(ls -A "$venv" 2>/dev/null)" ]]; then
+            log "vLLM venv at $venv is incomplete or stale: recreating it"
+            rm -rf "$venv"
+        else
+            log "ERROR: $venv exists but is not a virtualenv; move it away or set VCG_VLLM_VENV"
+            exit 1
+        fi
     fi
     mkdir -p "$(dirname "$venv")"
     start=$SECONDS

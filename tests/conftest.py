@@ -61,7 +61,8 @@ def _available(make: Callable[[], T]) -> T:
     try:
         return make()
     except ServiceUnavailable as exc:
-        _unavailable(str(exc))
+        reason = str(exc)
+    _unavailable(reason)  # outside the except block: no chained traceback in the report
 
 
 @pytest.fixture(scope="session")
@@ -153,7 +154,12 @@ def test_image(docker_client: docker.DockerClient) -> str:
 
 @pytest.fixture(scope="session")
 def vllm_engine() -> Iterator[VLLMEngine]:
-    from tests.infra.vllm_engine import VLLM_PYTHON, VLLMEngine, check_vllm_python, ensure_tiny_model
+    from tests.infra.vllm_engine import (
+        VLLM_PYTHON,
+        VLLMEngine,
+        check_vllm_python,
+        ensure_tiny_model,
+    )
 
     _available(lambda: check_vllm_python(VLLM_PYTHON))
     model_dir = ensure_tiny_model(VLLM_PYTHON)

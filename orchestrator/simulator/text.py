@@ -15,15 +15,14 @@ from collections.abc import Sequence
 
 import orjson
 
-_WORDS: tuple[str, ...] = tuple(
-    """
+_VOCABULARY_TEXT = """
     the simulated engine writes plain words so every token is one word, and nothing here
     comes from a real model. Streams arrive chunk by chunk while the gateway forwards
     them to clients. Latency throughput quotas users conversations stay under test; no
     GPU was harmed in making this text. Deterministic output follows the prompt seed
     exactly each time it runs, which keeps tests stable today.
-    """.split()
-)
+"""
+_WORDS: tuple[str, ...] = tuple(_VOCABULARY_TEXT.split())
 
 VOCAB_SIZE = len(_WORDS)
 _VOCAB_MASK = VOCAB_SIZE - 1

@@ -29,7 +29,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import docker
 from docker.errors import DockerException, ImageNotFound
@@ -75,6 +75,10 @@ def ensure_docker(timeout: float = 30) -> docker.DockerClient:
     client = _client_if_up()
     if client is not None:
         return client
+    if os.environ.get("DOCKER_HOST"):
+        raise ServiceUnavailable(
+            f"no Docker engine answers at DOCKER_HOST={os.environ['DOCKER_HOST']}"
+        )
     dockerd = shutil.which("dockerd") or shutil.which("dockerd", path="/usr/sbin:/usr/bin")
     if dockerd is None:
         raise ServiceUnavailable(
@@ -139,7 +143,7 @@ def _is_static_elf(path: Path) -> bool:
         if head[:4] != b"\x7fELF":
             return False
         is64, little = head[4] == 2, head[5] == 1
-        order = "little" if little else "big"
+        order: Literal["little", "big"] = "little" if little else "big"
         if is64:
             phoff = int.from_bytes(head[32:40], order)
             phentsize = int.from_bytes(head[54:56], order)

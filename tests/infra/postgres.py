@@ -31,13 +31,14 @@ def find_pg_bin() -> Path:
     """Directory with initdb/pg_ctl/psql: ``$VCG_PG_BIN``, else /usr/lib/postgresql/15/bin, else
     the newest /usr/lib/postgresql/*/bin. Raises ServiceUnavailable if there is none."""
     env = os.environ.get("VCG_PG_BIN")
-    candidates = [env] if env else []
-    candidates.append("/usr/lib/postgresql/15/bin")
-    versions = glob.glob("/usr/lib/postgresql/*/bin")
-    versions.sort(key=lambda p: int(re.sub(r"\D", "", Path(p).parent.name) or 0), reverse=True)
-    candidates.extend(versions)
+    if env:
+        candidates = [env]  # explicit: no fallback
+    else:
+        versions = glob.glob("/usr/lib/postgresql/*/bin")
+        versions.sort(key=lambda p: int(re.sub(r"\D", "", Path(p).parent.name) or 0), reverse=True)
+        candidates = ["/usr/lib/postgresql/15/bin", *versions]
     for cand in candidates:
-        if cand and (Path(cand) / "initdb").is_file() and (Path(cand) / "pg_ctl").is_file():
+        if (Path(cand) / "initdb").is_file() and (Path(cand) / "pg_ctl").is_file():
             return Path(cand)
     raise ServiceUnavailable(
         "PostgreSQL server binaries not found (no /usr/lib/postgresql/*/bin/initdb); "
