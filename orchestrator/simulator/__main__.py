@@ -59,6 +59,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     )
 
     def opt_int(flag: str) -> int | None:
+        """An optional integer default read from the environment."""
         return _env_default(env, flag, int, None)
 
     p.add_argument("--host", default=_env_default(env, "--host", str, "127.0.0.1"))

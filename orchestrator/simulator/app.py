@@ -639,7 +639,7 @@ class SimulatorApp:
                         }
                     )
                     sent += 1
-                    if sent == fault_at + 1:
+                    if sent == fault_at:
                         await self._fire_stream_fault(fault, sent, watcher, send, run)
                         return
                     if step == len(ids) - 1:
