@@ -1,11 +1,12 @@
-"""VLLMModelManager: the one state machine of an engine's life (see DESIGN.md)."""
+"""VLLMModelManager: the one state machine of an engine's life, and switch jobs (DESIGN.md)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -18,23 +19,30 @@ log = structlog.get_logger(__name__)
 
 
 class EngineState(StrEnum):
-    """Where an engine is in its life."""
+    """Where the engine is in its life."""
 
-    STOPPED = "stopped"
+    IDLE = "idle"
     STARTING = "starting"
+    LOADING = "loading"
     READY = "ready"
+    DRAINING = "draining"
     STOPPING = "stopping"
     FAILED = "failed"
 
 
 # The only transitions the manager makes; anything else is a bug and raises.
 ALLOWED_TRANSITIONS: Mapping[EngineState, frozenset[EngineState]] = {
-    EngineState.STOPPED: frozenset({EngineState.STARTING}),
-    EngineState.STARTING: frozenset({EngineState.READY, EngineState.FAILED, EngineState.STOPPING}),
-    EngineState.READY: frozenset({EngineState.STOPPING, EngineState.FAILED}),
-    EngineState.STOPPING: frozenset({EngineState.STOPPED, EngineState.FAILED}),
+    EngineState.IDLE: frozenset({EngineState.STARTING, EngineState.LOADING}),
+    EngineState.STARTING: frozenset({EngineState.LOADING, EngineState.FAILED}),
+    EngineState.LOADING: frozenset({EngineState.READY, EngineState.FAILED}),
+    EngineState.READY: frozenset({EngineState.DRAINING, EngineState.FAILED}),
+    EngineState.DRAINING: frozenset({EngineState.STOPPING}),
+    EngineState.STOPPING: frozenset({EngineState.IDLE, EngineState.FAILED}),
     EngineState.FAILED: frozenset({EngineState.STARTING, EngineState.STOPPING}),
 }
+
+# States in which an engine process/container may exist and must be stopped before another.
+_HAS_ENGINE = frozenset({EngineState.READY, EngineState.FAILED})
 
 
 class InvalidTransition(Exception):
@@ -42,16 +50,36 @@ class InvalidTransition(Exception):
 
 
 class EngineBusy(Exception):
-    """Another start/stop is in progress."""
+    """Another start, stop or switch is in progress."""
+
+    def __init__(self, message: str, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class EngineUnavailable(Exception):
+    """No engine is ready to serve a request."""
+
+
+class JobStatus(StrEnum):
+    """The outcome of a switch job."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)
 class EngineEvent:
-    """A progress event: a state change or a step inside one."""
+    """A progress event: a state change or a step inside a switch."""
 
     profile_id: str
     state: EngineState
     message: str
+    job_id: str | None = None
+    progress: float | None = None
     at: float = field(default_factory=time.time)
 
 
@@ -61,9 +89,11 @@ class EngineStatus:
 
     profile_id: str | None
     served_model_name: str | None
+    served_names: tuple[str, ...]
     state: EngineState
     base_url: str | None
     since: float
+    in_flight: int
     error: str | None = None
 
 
@@ -77,26 +107,75 @@ class EngineHealth:
     latency_ms: float | None = None
 
 
+@dataclass
+class SwitchJob:
+    """A background switch from the current engine to another profile."""
+
+    id: str
+    profile_id: str
+    previous_profile_id: str | None
+    status: JobStatus = JobStatus.PENDING
+    created_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    error: str | None = None
+    logs: list[str] = field(default_factory=list)
+    events: list[EngineEvent] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        """True once the job has an outcome."""
+        return self.status not in (JobStatus.PENDING, JobStatus.RUNNING)
+
+
+# Builds the spec of a profile on a given host port; raises when the profile cannot run here.
+SpecFactory = Callable[[str], EngineSpec]
+
+# Progress reported while an engine loads (STARTING and LOADING cover 0..1 of a switch).
+_PROGRESS = {
+    EngineState.DRAINING: 0.1,
+    EngineState.STOPPING: 0.2,
+    EngineState.IDLE: 0.3,
+    EngineState.STARTING: 0.4,
+    EngineState.LOADING: 0.5,
+    EngineState.READY: 1.0,
+}
+
+_MAX_JOBS_KEPT = 50
+
+
 class VLLMModelManager:
-    """Owns the engine: starts, stops, probes; every state change goes through `_enter`."""
+    """Owns the engine: starts, drains, stops, switches, adopts; one state machine."""
 
     def __init__(
         self,
         *,
         http: httpx.AsyncClient,
         runtimes: Mapping[str, Runtime],
+        spec_factory: SpecFactory,
+        drain_timeout_s: float = 30.0,
         poll_interval_s: float = 0.25,
     ) -> None:
         self._http = http
         self._runtimes = dict(runtimes)
+        self._spec_factory = spec_factory
+        self._drain_timeout_s = drain_timeout_s
         self._poll_interval_s = poll_interval_s
         self._lock = asyncio.Lock()
-        self._state = EngineState.STOPPED
+        self._state = EngineState.IDLE
         self._since = time.time()
         self._spec: EngineSpec | None = None
         self._handle: RuntimeHandle | None = None
+        self._served_names: tuple[str, ...] = ()
         self._error: str | None = None
         self._subscribers: set[asyncio.Queue[EngineEvent]] = set()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._jobs: dict[str, SwitchJob] = {}
+        self._job: SwitchJob | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- views -------------------------------------------------------------------------------
 
     @property
     def state(self) -> EngineState:
@@ -118,22 +197,34 @@ class VLLMModelManager:
         """The engine's root URL while it has one."""
         return self._handle.base_url if self._handle else None
 
+    @property
+    def current_job(self) -> SwitchJob | None:
+        """The switch job in progress, if any."""
+        return self._job if self._job and not self._job.done else None
+
     def status(self) -> EngineStatus:
         """A snapshot of what is running."""
         return EngineStatus(
             profile_id=self._spec.profile_id if self._spec else None,
             served_model_name=self._spec.served_model_name if self._spec else None,
+            served_names=self._served_names,
             state=self._state,
             base_url=self.base_url,
             since=self._since,
+            in_flight=self._in_flight,
             error=self._error,
         )
 
+    def job(self, job_id: str) -> SwitchJob | None:
+        """A switch job by id (recent jobs are kept)."""
+        return self._jobs.get(job_id)
+
     def logs_tail(self, lines: int = 50) -> list[str]:
         """The engine's last log lines (empty for engines the gateway does not run)."""
-        if self._handle is None or self._spec is None:
+        if self._handle is None:
             return []
-        return self._runtimes[self._spec.runtime].logs_tail(self._handle, lines)
+        runtime = self._runtimes.get(self._handle.runtime)
+        return runtime.logs_tail(self._handle, lines) if runtime else []
 
     async def subscribe(self) -> AsyncIterator[EngineEvent]:
         """Yield progress events until the consumer stops iterating."""
@@ -145,33 +236,21 @@ class VLLMModelManager:
         finally:
             self._subscribers.discard(queue)
 
-    async def start(self, spec: EngineSpec) -> EngineStatus:
-        """Start `spec` and wait until it is healthy; FAILED (with the reason) otherwise."""
-        if self._lock.locked():
-            raise EngineBusy("an engine start or stop is already in progress")
-        async with self._lock:
-            if self._state in (EngineState.READY, EngineState.FAILED):
-                await self._stop_locked()
-            runtime = self._runtime_for(spec)
-            self._spec, self._error = spec, None
-            self._enter(EngineState.STARTING, f"starting {spec.served_model_name} ({spec.runtime})")
-            try:
-                self._handle = await runtime.start(spec)
-                await self._wait_healthy(runtime, spec)
-            except asyncio.CancelledError:
-                await self._abort_start(runtime, "start cancelled")
-                raise
-            except (RuntimeError_, TimeoutError, httpx.HTTPError) as exc:
-                await self._abort_start(runtime, str(exc) or type(exc).__name__)
-                return self.status()
-            self._enter(EngineState.READY, f"{spec.served_model_name} is ready")
-            return self.status()
+    # -- serving -----------------------------------------------------------------------------
 
-    async def stop(self) -> EngineStatus:
-        """Stop the engine if one runs."""
-        async with self._lock:
-            await self._stop_locked()
-            return self.status()
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[EngineStatus]:
+        """Hold an in-flight slot on the ready engine; a switch drains these before stopping."""
+        if self._state is not EngineState.READY or self._handle is None:
+            raise EngineUnavailable(f"engine is {self._state.value}")
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield self.status()
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
 
     async def probe(self, timeout_s: float = 2.0) -> EngineHealth:
         """One health request to the engine (used by /health/ready)."""
@@ -191,10 +270,143 @@ class VLLMModelManager:
             return EngineHealth(ok=False, state=self._state, detail=detail, latency_ms=latency)
         return EngineHealth(ok=True, state=self._state, detail="healthy", latency_ms=latency)
 
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, spec: EngineSpec) -> EngineStatus:
+        """Start `spec` (stopping what runs) and wait until it serves; FAILED with the reason."""
+        runtime = self._runtime_for(spec)
+        if self._lock.locked():
+            raise EngineBusy("an engine start, stop or switch is already in progress")
+        async with self._lock:
+            await self._stop_locked()
+            await self._start_locked(runtime, spec)
+            return self.status()
+
+    async def stop(self) -> EngineStatus:
+        """Drain and stop the engine if one runs."""
+        async with self._lock:
+            await self._stop_locked()
+            return self.status()
+
+    async def adopt(self, profile_ids: Callable[[str], EngineSpec | None]) -> EngineStatus | None:
+        """Adopt an engine of ours that already runs (labels / pid files) instead of reloading.
+
+        `profile_ids` maps an adopted engine's profile id to the spec it should match (None when
+        that profile is unknown now: such engines are stopped). Returns None if nothing adopted.
+        """
+        async with self._lock:
+            adopted: EngineStatus | None = None
+            for runtime in self._runtimes.values():
+                for handle in await runtime.adopt():
+                    spec = profile_ids(handle.profile_id)
+                    if adopted is not None or spec is None:
+                        log.info("engine_adopt_stop_extra", profile=handle.profile_id)
+                        with contextlib.suppress(RuntimeError_, OSError):
+                            await runtime.stop(handle)
+                        continue
+                    self._spec, self._handle, self._error = spec, handle, None
+                    self._enter(EngineState.LOADING, f"adopting running {spec.served_model_name}")
+                    try:
+                        await self._wait_serving(runtime, spec)
+                    except (RuntimeError_, TimeoutError, httpx.HTTPError) as exc:
+                        await self._abort_start(runtime, f"adopted engine unhealthy: {exc}")
+                        await self._stop_locked()
+                        continue
+                    self._enter(EngineState.READY, f"adopted {spec.served_model_name}")
+                    adopted = self.status()
+            return adopted
+
+    def request_switch(self, profile_id: str) -> SwitchJob:
+        """Start a background switch to `profile_id`; refuse while another one runs.
+
+        The caller checks that the profile exists and fits before calling this.
+        """
+        running = self.current_job
+        if running is not None or self._lock.locked():
+            job_id = running.id if running else None
+            target = running.profile_id if running else "another operation"
+            raise EngineBusy(f"a switch to {target} is already running", job_id=job_id)
+        job = SwitchJob(
+            id=uuid.uuid4().hex[:16],
+            profile_id=profile_id,
+            previous_profile_id=self._spec.profile_id if self._spec else None,
+        )
+        self._remember(job)
+        self._job = job
+        task = asyncio.create_task(self._run_switch(job), name=f"switch-{job.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    async def wait_job(self, job_id: str, timeout_s: float | None = None) -> SwitchJob:
+        """Wait until a switch job has an outcome."""
+        job = self._jobs[job_id]
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not job.done:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"switch job {job_id} still {job.status.value}")
+            await asyncio.sleep(0.05)
+        return job
+
     async def aclose(self) -> None:
-        """Stop the engine on shutdown."""
+        """Cancel switch jobs and stop the engine on shutdown."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(InvalidTransition):
             await self.stop()
+
+    # -- switch ------------------------------------------------------------------------------
+
+    async def _run_switch(self, job: SwitchJob) -> None:
+        job.status = JobStatus.RUNNING
+        previous = self._spec if self._state is EngineState.READY else None
+        async with self._lock:
+            try:
+                spec = self._spec_factory(job.profile_id)
+                runtime = self._runtime_for(spec)
+            except (RuntimeError_, ValueError, KeyError) as exc:
+                self._finish(job, JobStatus.FAILED, f"cannot build engine: {exc}")
+                return
+            await self._stop_locked()
+            await self._start_locked(runtime, spec)
+            if self._is_ready():
+                self._finish(job, JobStatus.SUCCEEDED, None)
+                return
+            job.logs = self.logs_tail(50) or job.logs
+            reason = self._error or "engine failed to start"
+            if previous is None:
+                self._finish(job, JobStatus.FAILED, reason)
+                return
+            self._emit(f"rolling back to {previous.profile_id}: {reason}")
+            await self._stop_locked()
+            try:
+                rollback = self._spec_factory(previous.profile_id)
+            except (RuntimeError_, ValueError, KeyError):
+                rollback = previous
+            await self._start_locked(self._runtime_for(rollback), rollback)
+            if self._is_ready():
+                self._finish(job, JobStatus.ROLLED_BACK, reason)
+            else:
+                self._finish(job, JobStatus.FAILED, f"{reason}; rollback failed: {self._error}")
+
+    def _is_ready(self) -> bool:
+        # A method, not an inline check: the state changes across the awaits above.
+        return self._state is EngineState.READY
+
+    def _finish(self, job: SwitchJob, status: JobStatus, error: str | None) -> None:
+        job.status, job.error, job.finished_at = status, error, time.time()
+        self._emit(f"switch {status.value}" + (f": {error}" if error else ""), final=True)
+
+    def _remember(self, job: SwitchJob) -> None:
+        self._jobs[job.id] = job
+        while len(self._jobs) > _MAX_JOBS_KEPT:
+            oldest = next(iter(self._jobs))
+            if self._jobs[oldest] is self._job:
+                break
+            del self._jobs[oldest]
+
+    # -- steps (the lock is held) ------------------------------------------------------------
 
     def _runtime_for(self, spec: EngineSpec) -> Runtime:
         try:
@@ -203,20 +415,55 @@ class VLLMModelManager:
             known = ", ".join(sorted(self._runtimes))
             raise RuntimeError_(f"unknown runtime {spec.runtime!r} (known: {known})") from None
 
-    async def _wait_healthy(self, runtime: Runtime, spec: EngineSpec) -> None:
+    async def _start_locked(self, runtime: Runtime, spec: EngineSpec) -> None:
+        self._spec, self._error, self._served_names = spec, None, ()
+        self._enter(EngineState.STARTING, f"starting {spec.served_model_name} ({spec.runtime})")
+        try:
+            self._handle = await runtime.start(spec)
+            self._enter(EngineState.LOADING, f"loading {spec.served_model_name}")
+            await self._wait_serving(runtime, spec)
+        except asyncio.CancelledError:
+            await self._abort_start(runtime, "start cancelled")
+            raise
+        except (RuntimeError_, TimeoutError, httpx.HTTPError, OSError) as exc:
+            await self._abort_start(runtime, str(exc) or type(exc).__name__)
+            return
+        self._enter(EngineState.READY, f"{spec.served_model_name} is ready")
+
+    async def _wait_serving(self, runtime: Runtime, spec: EngineSpec) -> None:
+        """Wait for /health 200 and /v1/models listing the served name."""
         assert self._handle is not None
         deadline = time.monotonic() + spec.startup_timeout_s
-        url = self._handle.base_url + spec.health_path
         while True:
             if not await runtime.is_running(self._handle):
                 raise RuntimeError_(f"engine exited during startup: {self._last_log_line()}")
-            with contextlib.suppress(httpx.HTTPError):
-                response = await self._http.get(url, timeout=2.0)
-                if response.status_code == 200:
-                    return
+            names = await self._served_names_if_healthy(spec)
+            if names is not None:
+                self._served_names = names
+                return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"engine not healthy after {spec.startup_timeout_s:.0f}s")
+                raise TimeoutError(f"engine not serving after {spec.startup_timeout_s:g}s")
             await asyncio.sleep(self._poll_interval_s)
+
+    async def _served_names_if_healthy(self, spec: EngineSpec) -> tuple[str, ...] | None:
+        assert self._handle is not None
+        headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else None
+        try:
+            health = await self._http.get(self._handle.base_url + spec.health_path, timeout=2.0)
+            if health.status_code != 200:
+                return None
+            models = await self._http.get(
+                self._handle.base_url + "/v1/models", headers=headers, timeout=5.0
+            )
+            if models.status_code != 200:
+                return None
+            names = tuple(str(m["id"]) for m in models.json().get("data", []))
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+        # External engines are whatever they serve; ours must serve the profile's name.
+        if spec.runtime == "external" or spec.served_model_name in names:
+            return names
+        return None
 
     def _last_log_line(self) -> str:
         tail = self.logs_tail(5)
@@ -226,17 +473,23 @@ class VLLMModelManager:
         self._error = reason
         if self._handle is not None:
             log.warning("engine_start_failed", reason=reason, logs=self.logs_tail(20))
+            if self._job is not None and not self._job.done:
+                self._job.logs = self.logs_tail(50)
             with contextlib.suppress(RuntimeError_, OSError):
                 await runtime.stop(self._handle)
             self._handle = None
         self._enter(EngineState.FAILED, reason)
 
     async def _stop_locked(self) -> None:
-        if self._state is EngineState.STOPPED:
+        if self._state is EngineState.IDLE:
             return
+        if self._state is EngineState.READY:
+            self._enter(EngineState.DRAINING, f"draining {self._in_flight} in-flight request(s)")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), self._drain_timeout_s)
         self._enter(EngineState.STOPPING, "stopping engine")
-        if self._handle is not None and self._spec is not None:
-            runtime = self._runtimes[self._spec.runtime]
+        if self._handle is not None:
+            runtime = self._runtimes[self._handle.runtime]
             try:
                 await runtime.stop(self._handle)
             except (RuntimeError_, OSError) as exc:
@@ -244,15 +497,30 @@ class VLLMModelManager:
                 self._enter(EngineState.FAILED, self._error)
                 return
             self._handle = None
-        self._enter(EngineState.STOPPED, "engine stopped")
+        self._served_names = ()
+        self._enter(EngineState.IDLE, "engine stopped")
 
     def _enter(self, state: EngineState, message: str) -> None:
         if state not in ALLOWED_TRANSITIONS[self._state]:
             raise InvalidTransition(f"{self._state.value} -> {state.value} is not allowed")
         self._state, self._since = state, time.time()
-        profile = self._spec.profile_id if self._spec else "-"
-        log.info("engine_state", profile=profile, state=state.value, message=message)
-        event = EngineEvent(profile_id=profile, state=state, message=message)
+        log.info("engine_state", profile=self._profile_label(), state=state.value, message=message)
+        self._emit(message)
+
+    def _profile_label(self) -> str:
+        return self._spec.profile_id if self._spec else "-"
+
+    def _emit(self, message: str, *, final: bool = False) -> None:
+        job = self._job if self._job is not None and (final or not self._job.done) else None
+        event = EngineEvent(
+            profile_id=self._profile_label(),
+            state=self._state,
+            message=message,
+            job_id=job.id if job else None,
+            progress=1.0 if final else _PROGRESS.get(self._state),
+        )
+        if job is not None:
+            job.events.append(event)
         for queue in self._subscribers:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(event)

@@ -1,30 +1,57 @@
-"""The Runtime protocol every engine backend implements."""
+"""The Runtime protocol every engine backend implements, and the spec it runs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
+# Labels that mark a container (or a process state file) as an engine of ours.
+LABEL_MANAGED = "io.vllm-chat-gateway.managed"
+LABEL_PROFILE = "io.vllm-chat-gateway.profile"
+LABEL_INSTANCE = "io.vllm-chat-gateway.instance"
+LABEL_SERVED_NAME = "io.vllm-chat-gateway.served-model-name"
 
-class RuntimeError_(Exception):
+
+class RuntimeError_(Exception):  # noqa: N801 - the builtin name is taken
     """A runtime could not do what it was asked; the message says why."""
 
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """Everything a runtime needs to run one engine (built from a validated profile)."""
+    """Everything a runtime needs to run one engine, built only from a validated profile.
+
+    Nothing here comes from a request body: request input selects a profile id, and the
+    profile (validated at load time) supplies image, arguments, volumes and environment.
+    """
 
     profile_id: str
     served_model_name: str
-    runtime: str
+    runtime: str  # "docker" | "process" | "external"
     aliases: tuple[str, ...] = ()
+    # process: the full argv; docker: the arguments given to the image's entrypoint.
     command: tuple[str, ...] = ()
+    image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # Host port on 127.0.0.1 the engine answers on (process: it listens there itself).
     port: int | None = None
+    container_port: int = 8000
+    # external: the engine's URL (an OpenAI base URL ending in /v1 is accepted).
     base_url: str | None = None
+    # docker: the GPU indices to hand to the container; empty means no GPU request at all.
+    gpu_ids: tuple[int, ...] = ()
+    # docker: host path or named volume -> container path (read-write unless listed in ro).
+    volumes: dict[str, str] = field(default_factory=dict)
+    read_only_volumes: frozenset[str] = frozenset()
+    shm_size: str = "8g"
+    ipc_host: bool = True
     health_path: str = "/health"
     startup_timeout_s: float = 600.0
     api_key: str | None = None
+    # Extra labels (the runtime adds the managed/profile/instance labels itself).
+    labels: dict[str, str] = field(default_factory=dict)
+    # process: where the engine's output is written (a ring buffer is kept as well).
+    log_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -34,10 +61,11 @@ class RuntimeHandle:
     runtime: str
     id: str
     base_url: str
+    profile_id: str = ""
 
 
 class Runtime(Protocol):
-    """Start, stop and watch engines of one kind."""
+    """Start, stop, watch and adopt engines of one kind."""
 
     name: str
 
@@ -46,7 +74,7 @@ class Runtime(Protocol):
         ...
 
     async def stop(self, handle: RuntimeHandle, *, timeout_s: float = 20.0) -> None:
-        """Stop the engine; force it after the timeout."""
+        """Stop the engine gracefully; force it after the timeout; remove what it leaves."""
         ...
 
     async def is_running(self, handle: RuntimeHandle) -> bool:
@@ -55,4 +83,8 @@ class Runtime(Protocol):
 
     def logs_tail(self, handle: RuntimeHandle, lines: int = 50) -> list[str]:
         """The last lines the engine printed."""
+        ...
+
+    async def adopt(self) -> list[RuntimeHandle]:
+        """Engines of ours (this instance) that are already running, e.g. after a restart."""
         ...

@@ -45,12 +45,17 @@ def _simulator_spec(port: int, *extra: str, timeout_s: float = 30.0) -> EngineSp
     )
 
 
+def _no_profiles(profile_id: str) -> EngineSpec:
+    raise KeyError(profile_id)
+
+
 @pytest.fixture
 async def manager() -> AsyncIterator[VLLMModelManager]:
     async with httpx.AsyncClient() as http:
         mgr = VLLMModelManager(
             http=http,
             runtimes={"process": ProcessRuntime(), "external": ExternalRuntime()},
+            spec_factory=_no_profiles,
             poll_interval_s=0.05,
         )
         try:
@@ -88,15 +93,17 @@ async def test_start_probe_stop_a_real_process(manager: VLLMModelManager) -> Non
     assert manager.handle is not None
     pid = int(manager.handle.id)
     stopped = await manager.stop()
-    assert stopped.state is EngineState.STOPPED
+    assert stopped.state is EngineState.IDLE
     assert not _pid_alive(pid)
     await asyncio.sleep(0.05)
     watcher.cancel()
     assert [e.state for e in events] == [
         EngineState.STARTING,
+        EngineState.LOADING,
         EngineState.READY,
+        EngineState.DRAINING,
         EngineState.STOPPING,
-        EngineState.STOPPED,
+        EngineState.IDLE,
     ]
 
 
@@ -120,7 +127,7 @@ async def test_startup_timeout_fails_and_kills_the_process(manager: VLLMModelMan
     status = await manager.start(spec)
     assert status.state is EngineState.FAILED
     assert status.error
-    assert "not healthy after" in status.error
+    assert "not serving after" in status.error
     assert manager.base_url is None
 
 
@@ -137,7 +144,7 @@ async def test_unknown_runtime_fails_cleanly(manager: VLLMModelManager) -> None:
     with pytest.raises(RuntimeError_, match="unknown runtime 'kubernetes'"):
         await manager.start(spec)
     # A spec that cannot run is refused before anything changes.
-    assert manager.state is EngineState.STOPPED
+    assert manager.state is EngineState.IDLE
 
 
 async def test_external_runtime_adopts_a_running_engine(manager: VLLMModelManager) -> None:
@@ -169,7 +176,9 @@ async def test_external_runtime_adopts_a_running_engine(manager: VLLMModelManage
 def test_transition_table_has_no_dead_ends() -> None:
     for state in EngineState:
         assert ALLOWED_TRANSITIONS[state], f"{state} has no way out"
-    assert EngineState.READY not in ALLOWED_TRANSITIONS[EngineState.STOPPED]
+    assert EngineState.READY not in ALLOWED_TRANSITIONS[EngineState.IDLE]
+    # A ready engine is always drained before it is stopped.
+    assert ALLOWED_TRANSITIONS[EngineState.READY] == {EngineState.DRAINING, EngineState.FAILED}
 
 
 async def test_invalid_transition_raises(manager: VLLMModelManager) -> None:

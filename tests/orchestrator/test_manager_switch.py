@@ -1,0 +1,181 @@
+"""Switch jobs through the manager with real engine processes: drain, rollback, one at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from orchestrator.manager import EngineBusy, EngineState, JobStatus, VLLMModelManager
+from orchestrator.runtimes import EngineSpec, ExternalRuntime, ProcessRuntime
+from tests.infra.ports import free_port
+
+# Profile id -> extra simulator flags; "broken" fails while loading like an engine that OOMs.
+PROFILES = {
+    "alpha": (),
+    "beta": (),
+    "slow": ("--startup-delay", "1.5"),
+    "broken": ("--startup-delay", "0.3", "--fail-at-start"),
+}
+
+
+def _spec(profile_id: str) -> EngineSpec:
+    if profile_id not in PROFILES:
+        raise KeyError(profile_id)
+    port = free_port()
+    command = (
+        sys.executable,
+        "-m",
+        "orchestrator.simulator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        f"{profile_id}-model",
+        *PROFILES[profile_id],
+    )
+    return EngineSpec(
+        profile_id=profile_id,
+        served_model_name=f"{profile_id}-model",
+        runtime="process",
+        command=command,
+        port=port,
+        startup_timeout_s=30,
+    )
+
+
+@pytest.fixture
+async def manager() -> AsyncIterator[VLLMModelManager]:
+    async with httpx.AsyncClient() as http:
+        mgr = VLLMModelManager(
+            http=http,
+            runtimes={"process": ProcessRuntime(), "external": ExternalRuntime()},
+            spec_factory=_spec,
+            drain_timeout_s=5.0,
+            poll_interval_s=0.05,
+        )
+        try:
+            yield mgr
+        finally:
+            await mgr.aclose()
+
+
+async def _chat(manager: VLLMModelManager) -> str:
+    status = manager.status()
+    async with httpx.AsyncClient(base_url=str(status.base_url)) as client:
+        response = await client.post(
+            "/v1/chat/completions",
+            json={
+                "model": status.served_model_name,
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 3,
+            },
+        )
+    response.raise_for_status()
+    return str(response.json()["model"])
+
+
+async def test_switch_a_to_b_replaces_the_engine(manager: VLLMModelManager) -> None:
+    first = await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
+    assert first.status is JobStatus.SUCCEEDED
+    assert await _chat(manager) == "alpha-model"
+    alpha_url = manager.base_url
+    job = manager.request_switch("beta")
+    assert job.previous_profile_id == "alpha"
+    done = await manager.wait_job(job.id, timeout_s=30)
+    assert done.status is JobStatus.SUCCEEDED, done.error
+    assert manager.status().profile_id == "beta"
+    assert manager.status().served_names == ("beta-model",)
+    assert await _chat(manager) == "beta-model"
+    with pytest.raises(httpx.ConnectError):
+        async with httpx.AsyncClient() as client:
+            await client.get(f"{alpha_url}/health")
+    states = [e.state for e in done.events]
+    assert states[:3] == [EngineState.DRAINING, EngineState.STOPPING, EngineState.IDLE]
+    assert EngineState.LOADING in states
+    assert done.events[-1].progress == 1.0
+
+
+async def test_failed_switch_rolls_back_to_the_previous_profile(
+    manager: VLLMModelManager,
+) -> None:
+    await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
+    job = await manager.wait_job(manager.request_switch("broken").id, timeout_s=30)
+    assert job.status is JobStatus.ROLLED_BACK
+    assert job.error
+    assert "exited during startup" in job.error
+    assert any("out of memory" in line.lower() for line in job.logs), job.logs
+    # Recorded state equals what is running: alpha again, and it answers.
+    assert manager.state is EngineState.READY
+    assert manager.status().profile_id == "alpha"
+    assert await _chat(manager) == "alpha-model"
+
+
+async def test_failed_first_start_ends_failed_without_rollback(
+    manager: VLLMModelManager,
+) -> None:
+    job = await manager.wait_job(manager.request_switch("broken").id, timeout_s=30)
+    assert job.status is JobStatus.FAILED
+    assert manager.state is EngineState.FAILED
+    recovered = await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
+    assert recovered.status is JobStatus.SUCCEEDED
+
+
+async def test_ten_concurrent_switches_run_exactly_one(manager: VLLMModelManager) -> None:
+    accepted, refused = [], []
+    for _ in range(10):
+        try:
+            accepted.append(manager.request_switch("slow"))
+        except EngineBusy as exc:
+            refused.append(exc)
+    assert len(accepted) == 1
+    assert len(refused) == 9
+    assert all(exc.job_id == accepted[0].id for exc in refused)
+    done = await manager.wait_job(accepted[0].id, timeout_s=30)
+    assert done.status is JobStatus.SUCCEEDED
+    # Once it is done, the next switch is accepted.
+    again = manager.request_switch("alpha")
+    assert (await manager.wait_job(again.id, timeout_s=30)).status is JobStatus.SUCCEEDED
+
+
+async def test_switch_drains_in_flight_requests_first(manager: VLLMModelManager) -> None:
+    await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
+    released = asyncio.Event()
+    order: list[str] = []
+
+    async def in_flight() -> None:
+        async with manager.serving():
+            await released.wait()
+            order.append("request finished")
+
+    holder = asyncio.create_task(in_flight())
+    await asyncio.sleep(0.05)
+    job = manager.request_switch("beta")
+    await asyncio.sleep(0.3)
+    assert manager.state is EngineState.DRAINING
+    assert manager.status().in_flight == 1
+    order.append("released")
+    released.set()
+    await holder
+    done = await manager.wait_job(job.id, timeout_s=30)
+    assert done.status is JobStatus.SUCCEEDED
+    assert order == ["released", "request finished"]
+
+
+async def test_serving_is_refused_while_not_ready(manager: VLLMModelManager) -> None:
+    from orchestrator.manager import EngineUnavailable
+
+    with pytest.raises(EngineUnavailable):
+        async with manager.serving():
+            pytest.fail("entered serving() with no engine")
+
+
+async def test_unknown_profile_job_fails_with_reason(manager: VLLMModelManager) -> None:
+    job = await manager.wait_job(manager.request_switch("nope").id, timeout_s=5)
+    assert job.status is JobStatus.FAILED
+    assert job.error
+    assert "cannot build engine" in job.error
