@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,7 +14,7 @@ from redis.asyncio import Redis
 
 from gateway import __version__
 from gateway.db import create_engine, create_session_factory
-from gateway.engine import startup_engine
+from gateway.engine import ModelControl
 from gateway.errors import install_error_handlers
 from gateway.health.router import router as health_router
 from gateway.logging import configure_logging, get_logger
@@ -44,6 +45,11 @@ def _upstream_client(settings: Settings) -> httpx.AsyncClient:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Open the database, Redis, the upstream client and the model manager; close them after."""
     settings: Settings = app.state.settings
+    if settings.admin_key_generated and settings.ADMIN_API_KEY is not None:
+        # Development only: the generated key is shown once so the model API can be tried.
+        sys.stderr.write(
+            f"\n  Development admin key (model API): {settings.ADMIN_API_KEY.get_secret_value()}\n"
+        )
     if settings.jwt_secret_generated:
         log.warning(
             "jwt_secret_generated",
@@ -57,29 +63,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         else None
     )
     http = _upstream_client(settings)
-    manager = VLLMModelManager(
-        http=http, runtimes={"process": ProcessRuntime(), "external": ExternalRuntime()}
-    )
-    gpus = await asyncio.to_thread(gpu_reader(settings.GPU_SNAPSHOT).read)
-    spec, why = startup_engine(settings, gpus)
+    models = await asyncio.to_thread(ModelControl, settings, http)
+    gpus = models.inventory()
     log.info("gpu_inventory", count=gpus.count, source=gpus.source, reason=gpus.reason)
-    log.info("engine_plan", profile=spec.profile_id if spec else None, reason=why)
     state = AppState(
         settings=settings,
         db_engine=db_engine,
         session_factory=create_session_factory(db_engine),
         redis=redis,
         http=http,
-        manager=manager,
-        gpus=gpus,
+        models=models,
         engine_required=settings.ENGINE is not EngineMode.NONE,
     )
     app.state.resources = state
-    if spec is not None:
-        # The engine starts in the background: a slow model load must not block liveness.
-        task: asyncio.Task[object] = asyncio.create_task(manager.start(spec), name="engine-start")
-        state.background.add(task)
-        task.add_done_callback(state.background.discard)
+    # The engine loads in a background switch job: a slow model load must not block liveness.
+    why = await models.startup()
+    log.info("engine_plan", reason=why)
     log.info("gateway_started", url=settings.public_url, version=__version__)
     try:
         yield
@@ -87,7 +86,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for task in list(state.background):
             task.cancel()
         await asyncio.gather(*state.background, return_exceptions=True)
-        await manager.aclose()
+        await models.aclose()
         await http.aclose()
         if redis is not None:
             await redis.aclose()

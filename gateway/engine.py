@@ -1,15 +1,54 @@
-"""Which engine the gateway runs at startup, decided from settings and the GPU inventory."""
+"""ModelControl: profiles + GPU inventory + planner + the manager, as the gateway uses them."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
-import sys
+import time
+from pathlib import Path
 
+import httpx
+from orchestrator.gpus import GpuInventory, GpuReader, gpu_reader
+from orchestrator.manager import EngineStatus, SwitchJob, VLLMModelManager
+from orchestrator.planner import FitVerdict, plan_profile, recommend
+from orchestrator.profiles import (
+    Engine,
+    Profile,
+    ProfileRegistry,
+    ProfileSet,
+    RuntimeKind,
+    UnknownProfileError,
+)
+from orchestrator.runtimes import EngineSpec, ExternalRuntime, ProcessRuntime, Runtime
+from orchestrator.runtimes.docker import DockerRuntime
+from orchestrator.specs import build_engine_spec
+
+from gateway.logging import get_logger
 from gateway.settings import EngineMode, Settings
-from orchestrator.gpus import GpuInventory
-from orchestrator.runtimes import EngineSpec
+
+log = get_logger(__name__)
 
 SIMULATOR_PROFILE = "simulator"
+EXTERNAL_PROFILE = "external"
+# GPU readings are cheap but not free; planning many profiles reuses one reading this long.
+_INVENTORY_TTL_S = 2.0
+
+
+class ProfileNotFound(LookupError):
+    """The profile id names no profile; carries the valid ids."""
+
+    def __init__(self, profile_id: str, valid: list[str]) -> None:
+        super().__init__(f"no profile {profile_id!r}")
+        self.profile_id = profile_id
+        self.valid = valid
+
+
+class ProfileDoesNotFit(Exception):
+    """The planner refused the profile on this hardware; carries its verdict."""
+
+    def __init__(self, verdict: FitVerdict) -> None:
+        super().__init__(f"profile {verdict.profile_id!r} does not fit: {'; '.join(verdict.reasons)}")
+        self.verdict = verdict
 
 
 def free_loopback_port() -> int:
@@ -20,57 +59,168 @@ def free_loopback_port() -> int:
         return port
 
 
-def simulator_spec(settings: Settings, port: int | None = None) -> EngineSpec:
-    """The engine simulator as a child process on a loopback port."""
-    port = port or settings.SIMULATOR_PORT or free_loopback_port()
-    command = (
-        sys.executable,
-        "-m",
-        "orchestrator.simulator",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--model",
-        settings.DEFAULT_MODEL,
-        "--tokens-per-second",
-        str(settings.SIMULATOR_TOKENS_PER_SECOND),
-    )
-    return EngineSpec(
-        profile_id=SIMULATOR_PROFILE,
-        served_model_name=settings.DEFAULT_MODEL,
-        runtime="process",
-        command=command,
-        port=port,
-        startup_timeout_s=60.0,
-    )
+def default_vllm_python() -> str:
+    """The vLLM venv the test command builds, if present; else python3 on PATH."""
+    cached = Path.home() / ".cache" / "vllm-chat-gateway" / "vllm-venv" / "bin" / "python"
+    return str(cached) if cached.exists() else "python3"
 
 
-def external_spec(settings: Settings) -> EngineSpec:
-    """An engine someone else runs at VLLM_BASE_URL."""
-    assert settings.VLLM_BASE_URL is not None
-    return EngineSpec(
-        profile_id="external",
-        served_model_name=settings.DEFAULT_MODEL,
-        runtime="external",
+def external_profile(settings: Settings) -> Profile:
+    """The engine at VLLM_BASE_URL as a profile (its served names are read from /v1/models)."""
+    return Profile(
+        id=EXTERNAL_PROFILE,
+        display_name="External engine (VLLM_BASE_URL)",
+        engine=Engine.EXTERNAL,
+        runtime=RuntimeKind.EXTERNAL,
         base_url=settings.VLLM_BASE_URL,
-        startup_timeout_s=settings.ENGINE_STARTUP_TIMEOUT_S,
-        api_key=settings.VLLM_API_KEY.get_secret_value() if settings.VLLM_API_KEY else None,
+        served_model_name=EXTERNAL_PROFILE,
+        startup_timeout_s=settings.ENGINE_STARTUP_TIMEOUT_S or 60.0,
     )
 
 
-def startup_engine(settings: Settings, gpus: GpuInventory) -> tuple[EngineSpec | None, str]:
-    """Pick the engine to start and say why; None means start nothing."""
-    mode = settings.ENGINE
-    if mode is EngineMode.NONE:
-        return None, "ENGINE=none: no engine is started"
-    if mode is EngineMode.EXTERNAL or (mode is EngineMode.AUTO and settings.VLLM_BASE_URL):
-        if not settings.VLLM_BASE_URL:
-            return None, "ENGINE=external but VLLM_BASE_URL is not set"
-        return external_spec(settings), "routing to the external engine at VLLM_BASE_URL"
-    if mode is EngineMode.SIMULATOR:
-        return simulator_spec(settings), "ENGINE=simulator"
-    if gpus.count == 0:
-        reason = gpus.reason or "no GPU found"
-        return simulator_spec(settings), f"{reason}; running the engine simulator"
-    return None, f"{gpus.count} GPU(s) found; start a model profile through the model API"
+class ModelControl:
+    """What the gateway knows about models: profiles, GPUs, fit, and the engine manager."""
+
+    def __init__(self, settings: Settings, http: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self.registry = ProfileRegistry(settings.MODEL_PROFILES)
+        self._gpus: GpuReader = gpu_reader(settings.GPU_SNAPSHOT)
+        self._inventory = self._gpus.read()
+        self._inventory_at = time.monotonic()
+        self._external = external_profile(settings) if settings.VLLM_BASE_URL else None
+        state_dir = settings.STATE_DIR
+        self.runtimes: dict[str, Runtime] = {
+            "process": ProcessRuntime(
+                instance=settings.INSTANCE_NAME, state_dir=state_dir / "engines"
+            ),
+            "external": ExternalRuntime(),
+            "docker": DockerRuntime(
+                instance=settings.INSTANCE_NAME, gpus_available=self._inventory.count > 0
+            ),
+        }
+        self.manager = VLLMModelManager(
+            http=http,
+            runtimes=self.runtimes,
+            spec_factory=self.spec_for,
+            drain_timeout_s=settings.DRAIN_TIMEOUT_S,
+        )
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def profiles(self) -> ProfileSet:
+        """The profiles in use."""
+        return self.registry.current
+
+    def inventory(self, *, fresh: bool = False) -> GpuInventory:
+        """The GPU inventory, re-read when older than a couple of seconds."""
+        if fresh or time.monotonic() - self._inventory_at > _INVENTORY_TTL_S:
+            self._inventory = self._gpus.read()
+            self._inventory_at = time.monotonic()
+        return self._inventory
+
+    def profile(self, profile_id: str) -> Profile:
+        """A profile by id (including the external engine when configured)."""
+        if self._external is not None and profile_id == EXTERNAL_PROFILE:
+            return self._external
+        try:
+            return self.profiles.get(profile_id)
+        except UnknownProfileError:
+            raise ProfileNotFound(profile_id, self.profile_ids()) from None
+
+    def profile_ids(self) -> list[str]:
+        """Every valid profile id."""
+        ids = list(self.profiles.profiles)
+        return [*ids, EXTERNAL_PROFILE] if self._external is not None else ids
+
+    def verdict(self, profile_id: str) -> FitVerdict:
+        """The planner's verdict for a profile on this machine's GPUs."""
+        return plan_profile(self.profile(profile_id), self.inventory())
+
+    def verdicts(self) -> dict[str, FitVerdict]:
+        """Verdicts for every profile."""
+        inventory = self.inventory()
+        return {pid: plan_profile(self.profile(pid), inventory) for pid in self.profile_ids()}
+
+    def recommendations(self) -> list[FitVerdict]:
+        """Profiles that fit this hardware, best first."""
+        return recommend(self.profiles, self.inventory())
+
+    def status(self) -> EngineStatus:
+        """The manager's view of the engine."""
+        return self.manager.status()
+
+    # -- acting ------------------------------------------------------------------------------
+
+    def spec_for(self, profile_id: str) -> EngineSpec:
+        """The manager's spec factory: validated profile + fresh plan -> EngineSpec."""
+        profile = self.profile(profile_id)
+        verdict = plan_profile(profile, self.inventory(fresh=True))
+        if not verdict.fits:
+            raise ProfileDoesNotFit(verdict)
+        settings = self.settings
+        spec = build_engine_spec(
+            profile,
+            verdict,
+            port=free_loopback_port(),
+            vllm_python=settings.VLLM_PYTHON or default_vllm_python(),
+            hf_cache=settings.HF_CACHE,
+            hf_token=settings.HF_TOKEN.get_secret_value() if settings.HF_TOKEN else None,
+            log_dir=settings.STATE_DIR / "logs",
+            instance=settings.INSTANCE_NAME,
+        )
+        if profile.id == EXTERNAL_PROFILE and settings.VLLM_API_KEY is not None:
+            spec = dataclasses.replace(spec, api_key=settings.VLLM_API_KEY.get_secret_value())
+        if settings.ENGINE_STARTUP_TIMEOUT_S is not None:
+            spec = dataclasses.replace(spec, startup_timeout_s=settings.ENGINE_STARTUP_TIMEOUT_S)
+        return spec
+
+    def switch(self, profile_id: str) -> SwitchJob:
+        """Check the profile exists and fits, then start a background switch job."""
+        verdict = plan_profile(self.profile(profile_id), self.inventory(fresh=True))
+        if not verdict.fits:
+            raise ProfileDoesNotFit(verdict)
+        return self.manager.request_switch(profile_id)
+
+    def reload_profiles(self) -> ProfileSet:
+        """Re-read the profiles file; a bad file raises and the old profiles stay."""
+        return self.registry.reload()
+
+    def startup_profile(self) -> tuple[str | None, str]:
+        """The profile to run at boot, and why."""
+        settings = self.settings
+        mode = settings.ENGINE
+        if mode is EngineMode.NONE:
+            return None, "ENGINE=none: no engine is started"
+        if mode is EngineMode.EXTERNAL or (mode is EngineMode.AUTO and settings.VLLM_BASE_URL):
+            if self._external is None:
+                return None, "ENGINE=external but VLLM_BASE_URL is not set"
+            return EXTERNAL_PROFILE, "routing to the engine at VLLM_BASE_URL"
+        if mode is EngineMode.SIMULATOR:
+            return SIMULATOR_PROFILE, "ENGINE=simulator"
+        wanted = settings.DEFAULT_PROFILE or self.profiles.default_id
+        verdict = self.verdict(wanted)
+        if verdict.fits:
+            return wanted, f"default profile {wanted}"
+        why = "; ".join(verdict.reasons)
+        return SIMULATOR_PROFILE, f"{wanted} cannot run here ({why}); running the engine simulator"
+
+    async def startup(self) -> str:
+        """Adopt an engine of ours that still runs, else start the boot profile in background."""
+        def known(profile_id: str) -> EngineSpec | None:
+            try:
+                return self.spec_for(profile_id)
+            except (ProfileNotFound, ProfileDoesNotFit, ValueError):
+                return None
+
+        adopted = await self.manager.adopt(known)
+        if adopted is not None:
+            return f"adopted the running engine of profile {adopted.profile_id}"
+        profile_id, why = self.startup_profile()
+        if profile_id is not None:
+            self.manager.request_switch(profile_id)
+        return why
+
+    async def aclose(self) -> None:
+        """Stop the engine and cancel jobs."""
+        await self.manager.aclose()

@@ -99,20 +99,27 @@ class Settings(BaseSettings):
     ENGINE: EngineMode = EngineMode.AUTO
     VLLM_BASE_URL: str | None = None
     VLLM_API_KEY: SecretStr | None = None
-    DEFAULT_MODEL: str = "simulator"
-    SIMULATOR_PORT: int = Field(default=0, ge=0, le=65535)
-    SIMULATOR_TOKENS_PER_SECOND: float = Field(default=60.0, ge=0)
-    ENGINE_STARTUP_TIMEOUT_S: float = Field(default=600.0, gt=0)
+    MODEL_PROFILES: Path = Path("model_profiles.yml")
+    DEFAULT_PROFILE: str | None = None
+    GPU_SNAPSHOT: Path | None = None
+    INSTANCE_NAME: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
+    STATE_DIR: Path = Path("var")
+    VLLM_PYTHON: str | None = None
+    HF_CACHE: str = "vcg-hf-cache"
+    HF_TOKEN: SecretStr | None = None
+    DRAIN_TIMEOUT_S: float = Field(default=30.0, ge=0)
+    ENGINE_STARTUP_TIMEOUT_S: float | None = Field(default=None, gt=0)
     UPSTREAM_CONNECT_TIMEOUT_S: float = Field(default=5.0, gt=0)
     UPSTREAM_READ_TIMEOUT_S: float = Field(default=300.0, gt=0)
-    MODEL_PROFILES: Path = Path("model_profiles.yml")
-    GPU_SNAPSHOT: Path | None = None
+    # Guards the model management API until user accounts exist (seed: ADMIN_API_KEY).
+    ADMIN_API_KEY: SecretStr | None = None
 
     OPENAI_API_KEY: SecretStr | None = None
     OPENAI_BASE_URL: str = "https://api.openai.com/v1"
 
     # Set when development mode had to make a secret up; logged once at startup.
     jwt_secret_generated: bool = Field(default=False, exclude=True)
+    admin_key_generated: bool = Field(default=False, exclude=True)
 
     @field_validator("CORS_ORIGINS", mode="before")
     @classmethod
@@ -137,6 +144,18 @@ class Settings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError(f"unknown log level {value!r}")
         return level
+
+    @model_validator(mode="after")
+    def _admin_key(self) -> Settings:
+        """In development, make an admin key up when none is set (printed once at startup)."""
+        if self.ADMIN_API_KEY is not None:
+            if len(self.ADMIN_API_KEY.get_secret_value()) < 16:
+                raise ValueError("ADMIN_API_KEY is shorter than 16 characters")
+            return self
+        if self.ENVIRONMENT is Environment.DEVELOPMENT:
+            self.ADMIN_API_KEY = SecretStr("sk-admin-" + secrets.token_urlsafe(24))
+            self.admin_key_generated = True
+        return self
 
     @model_validator(mode="after")
     def _check_secrets(self) -> Settings:

@@ -10,6 +10,7 @@ import httpx
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from gateway.engine import ModelControl
 from gateway.settings import Settings
 from orchestrator.gpus import GpuInventory
 from orchestrator.manager import VLLMModelManager
@@ -24,8 +25,12 @@ class AppState:
     session_factory: async_sessionmaker[AsyncSession]
     redis: Redis | None
     http: httpx.AsyncClient
-    manager: VLLMModelManager
-    gpus: GpuInventory
+    models: ModelControl
     engine_required: bool
     started_at: float = field(default_factory=time.time)
     background: set[asyncio.Task[object]] = field(default_factory=set)
+
+    @property
+    def manager(self) -> VLLMModelManager:
+        """The engine manager."""
+        return self.models.manager

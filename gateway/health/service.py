@@ -9,8 +9,6 @@ from collections.abc import Awaitable
 from gateway.db import ping
 from gateway.health.schemas import DependencyCheck, Readiness
 from gateway.state import AppState
-from orchestrator.manager import EngineState
-
 CHECK_TIMEOUT_S = 2.0
 
 
@@ -44,16 +42,21 @@ async def check_engine(state: AppState) -> DependencyCheck:
     """The active engine's own health endpoint."""
     required = state.engine_required
     manager = state.manager
-    if manager.spec is None:
-        return DependencyCheck(status="disabled", required=False, detail="no engine configured")
+    job = manager.current_job
+    if manager.spec is None and job is None:
+        if not required:
+            return DependencyCheck(status="disabled", required=False, detail="no engine configured")
+        return DependencyCheck(status="down", required=True, detail="no engine is running")
     health = await manager.probe(CHECK_TIMEOUT_S)
-    model = manager.spec.served_model_name
+    model = manager.spec.served_model_name if manager.spec else job.profile_id if job else "-"
     if health.ok:
         return DependencyCheck(
             status="up", required=required, latency_ms=health.latency_ms, detail=model
         )
-    status = "starting" if health.state is EngineState.STARTING else "down"
-    return DependencyCheck(status=status, required=required, detail=f"{model}: {health.detail}")
+    if job is not None:
+        detail = f"switching to {job.profile_id}: {health.state.value}"
+        return DependencyCheck(status="starting", required=required, detail=detail)
+    return DependencyCheck(status="down", required=required, detail=f"{model}: {health.detail}")
 
 
 async def readiness(state: AppState) -> Readiness:

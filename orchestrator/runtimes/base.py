@@ -13,7 +13,7 @@ LABEL_INSTANCE = "io.vllm-chat-gateway.instance"
 LABEL_SERVED_NAME = "io.vllm-chat-gateway.served-model-name"
 
 
-class RuntimeError_(Exception):  # noqa: N801 - the builtin name is taken
+class RuntimeError_(Exception):  # the builtin name is taken
     """A runtime could not do what it was asked; the message says why."""
 
 

@@ -21,7 +21,7 @@ class ExternalRuntime:
         if not spec.base_url:
             raise RuntimeError_(f"profile {spec.profile_id!r}: external runtime needs a base_url")
         root = engine_root_url(spec.base_url)
-        return RuntimeHandle(runtime=self.name, id=root, base_url=root)
+        return RuntimeHandle(runtime=self.name, id=root, base_url=root, profile_id=spec.profile_id)
 
     async def stop(self, handle: RuntimeHandle, *, timeout_s: float = 20.0) -> None:
         """Nothing to stop: the engine is not ours."""
@@ -35,4 +35,8 @@ class ExternalRuntime:
     def logs_tail(self, handle: RuntimeHandle, lines: int = 50) -> list[str]:
         """An external engine's logs are not visible to the gateway."""
         del handle, lines
+        return []
+
+    async def adopt(self) -> list[RuntimeHandle]:
+        """Nothing to adopt: an external engine is configured, not discovered."""
         return []

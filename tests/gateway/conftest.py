@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ AppFactory = Callable[..., AbstractAsyncContextManager[tuple[FastAPI, httpx.Asyn
 def make_settings(**overrides: Any) -> Settings:
     """Production-mode settings with a strong secret and no engine unless overridden."""
     values: dict[str, Any] = {
+        "STATE_DIR": tempfile.mkdtemp(prefix="vcg-state-"),
         "ENVIRONMENT": "production",
         "JWT_SECRET": TEST_SECRET,
         "ENGINE": "none",

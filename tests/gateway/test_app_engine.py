@@ -19,7 +19,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 async def test_simulator_engine_starts_with_the_app_and_stops_with_it(sqlite_url: str) -> None:
-    settings = make_settings(DATABASE_URL=sqlite_url, ENGINE="simulator", DEFAULT_MODEL="sim-1")
+    settings = make_settings(DATABASE_URL=sqlite_url, ENGINE="simulator")
     async with running_app(settings) as (app, client):
         manager = app.state.resources.manager
         first = await client.get("/health/ready")
@@ -33,11 +33,11 @@ async def test_simulator_engine_starts_with_the_app_and_stops_with_it(sqlite_url
         assert ready.status_code == 200, ready.text
         engine = ready.json()["checks"]["engine"]
         assert engine["status"] == "up"
-        assert engine["detail"] == "sim-1"
+        assert engine["detail"] == "simulator"
         assert manager.handle is not None
         pid = int(manager.handle.id)
         root = (await client.get("/")).json()
-        assert root["engine"] == "sim-1"
+        assert root["engine"] == "simulator"
         assert root["engine_state"] == "ready"
     assert first.status_code in {200, 503}
     if first.status_code == 503:
@@ -74,7 +74,7 @@ async def test_external_engine_that_is_down_is_reported(sqlite_url: str) -> None
     assert response.status_code == 503
     engine = response.json()["checks"]["engine"]
     assert engine["status"] == "down"
-    assert "not healthy" in engine["detail"]
+    assert "not serving after" in engine["detail"]
 
 
 @pytest.mark.parametrize("mode", ["none"])

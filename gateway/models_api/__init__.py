@@ -1,0 +1,1 @@
+"""Model management API: status, profiles, switch jobs, events, GPUs."""

@@ -1,0 +1,236 @@
+"""Profile + fit verdict -> EngineSpec, in small pure steps.
+
+Only validated profiles and the planner's verdict go in: nothing from a request body reaches
+an engine's argv, environment or mounts. Docker engines listen on 0.0.0.0:8000 inside the
+container (the runtime publishes that port on 127.0.0.1:port); process engines listen on
+127.0.0.1:port themselves.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from orchestrator.planner import FitVerdict
+from orchestrator.profiles import (
+    HF_CACHE_CONTAINER_PATH,
+    Engine,
+    Profile,
+    Quantization,
+    RuntimeKind,
+)
+from orchestrator.runtimes.base import LABEL_SERVED_NAME, EngineSpec
+
+CONTAINER_PORT = 8000
+CONTAINER_HOST = "0.0.0.0"
+LOOPBACK_HOST = "127.0.0.1"
+# The vLLM console script does not work with the CPU build; the module does everywhere.
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+SIMULATOR_MODULE = "orchestrator.simulator"
+# The interpreter a simulator container runs (the image's own Python).
+CONTAINER_PYTHON = "python3"
+# GiB of KV cache the vLLM CPU build reserves, unless the profile's env says otherwise.
+DEFAULT_CPU_KVCACHE_GIB = "1"
+# A self-hosted gateway does not report usage to anyone.
+VLLM_PRIVACY_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+PORT_PLACEHOLDER = "{port}"
+
+
+class SpecError(ValueError):
+    """The profile cannot be run as planned; the message says why."""
+
+
+def expand_home(path: str) -> str:
+    """A leading ~ expanded to the home directory; anything else unchanged."""
+    return str(Path(path).expanduser()) if path.startswith("~") else path
+
+
+def listen_address(profile: Profile, port: int) -> tuple[str, int]:
+    """Host and port the engine binds: 0.0.0.0:8000 in a container, else 127.0.0.1:port."""
+    if profile.runtime is RuntimeKind.DOCKER:
+        return CONTAINER_HOST, CONTAINER_PORT
+    return LOOPBACK_HOST, port
+
+
+def vllm_args(profile: Profile, verdict: FitVerdict, port: int) -> tuple[str, ...]:
+    """vLLM's command-line arguments (without the interpreter or module)."""
+    if profile.model is None:
+        raise SpecError(f"profile {profile.id!r}: engine vllm needs a model")
+    host, listen_port = listen_address(profile, port)
+    args = [
+        "--model",
+        expand_home(profile.model),
+        "--served-model-name",
+        *profile.served_names,
+        "--host",
+        host,
+        "--port",
+        str(listen_port),
+        "--tensor-parallel-size",
+        str(verdict.tensor_parallel_size),
+    ]
+    if verdict.max_model_len is not None:
+        args += ["--max-model-len", str(verdict.max_model_len)]
+    if profile.vllm.device == "gpu":
+        args += ["--gpu-memory-utilization", f"{profile.vllm.gpu_memory_utilization:g}"]
+    args += ["--dtype", profile.vllm.dtype]
+    if profile.quantization is not Quantization.NONE:
+        args += ["--quantization", profile.quantization.value]
+    if profile.vllm.kv_cache_dtype != "auto":
+        args += ["--kv-cache-dtype", profile.vllm.kv_cache_dtype]
+    if profile.trust_remote_code:
+        args.append("--trust-remote-code")
+    return (*args, *profile.vllm.extra_args)
+
+
+def simulator_args(profile: Profile, port: int) -> tuple[str, ...]:
+    """The engine simulator's arguments: it serves the served name and the aliases."""
+    host, listen_port = listen_address(profile, port)
+    args = [
+        "--host",
+        host,
+        "--port",
+        str(listen_port),
+        "--model",
+        profile.served_model_name,
+        "--served-model-name",
+        *profile.served_names,
+    ]
+    if profile.max_model_len is not None:
+        args += ["--max-model-len", str(profile.max_model_len)]
+    return (*args, *profile.vllm.extra_args)
+
+
+def command_args(profile: Profile, port: int) -> tuple[str, ...]:
+    """A command engine's argv with '{port}' replaced by the port it must listen on."""
+    _, listen_port = listen_address(profile, port)
+    return tuple(arg.replace(PORT_PLACEHOLDER, str(listen_port)) for arg in profile.command)
+
+
+def engine_command(
+    profile: Profile, verdict: FitVerdict, *, port: int, vllm_python: str, gateway_python: str
+) -> tuple[str, ...]:
+    """Process: the full argv. Docker: what follows the image's entrypoint (vLLM's image
+    runs the API server; a simulator image is given its interpreter and module)."""
+    docker = profile.runtime is RuntimeKind.DOCKER
+    if profile.engine is Engine.VLLM:
+        args = vllm_args(profile, verdict, port)
+        return args if docker else (vllm_python, "-m", VLLM_SERVER_MODULE, *args)
+    if profile.engine is Engine.SIMULATOR:
+        python = CONTAINER_PYTHON if docker else gateway_python
+        return (python, "-m", SIMULATOR_MODULE, *simulator_args(profile, port))
+    if profile.engine is Engine.COMMAND:
+        return command_args(profile, port)
+    return ()
+
+
+def engine_env(
+    profile: Profile,
+    verdict: FitVerdict,
+    *,
+    hf_cache: str | None,
+    hf_token: str | None,
+) -> dict[str, str]:
+    """Environment: defaults, then the profile's env, then what the gateway decides."""
+    env: dict[str, str] = {}
+    if profile.engine is Engine.VLLM:
+        env.update(VLLM_PRIVACY_ENV)
+        if profile.vllm.device == "cpu":
+            env["VLLM_CPU_KVCACHE_SPACE"] = DEFAULT_CPU_KVCACHE_GIB
+    env.update(profile.env)
+    env.update(hf_env(profile, hf_cache=hf_cache, hf_token=hf_token))
+    if profile.runtime is RuntimeKind.PROCESS and verdict.gpu_ids:
+        # NVML numbers GPUs by PCI bus; CUDA's default order may differ.
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in verdict.gpu_ids)
+    return env
+
+
+def hf_env(profile: Profile, *, hf_cache: str | None, hf_token: str | None) -> dict[str, str]:
+    """HF_HOME for the cache, HF_HUB_OFFLINE for a local model, HF_TOKEN only when given."""
+    if profile.engine not in (Engine.VLLM, Engine.COMMAND):
+        return {}
+    env: dict[str, str] = {}
+    if hf_cache is not None:
+        if profile.runtime is RuntimeKind.DOCKER:
+            env["HF_HOME"] = HF_CACHE_CONTAINER_PATH
+        elif hf_cache.startswith(("/", "~")):
+            env["HF_HOME"] = expand_home(hf_cache)
+    if profile.is_local_model:
+        env["HF_HUB_OFFLINE"] = "1"
+    if hf_token:
+        env["HF_TOKEN"] = hf_token
+    return env
+
+
+def docker_volumes(profile: Profile, hf_cache: str | None) -> dict[str, str]:
+    """Docker mounts: the HF cache (path or named volume) and the profile's volumes."""
+    if profile.runtime is not RuntimeKind.DOCKER:
+        return {}
+    volumes: dict[str, str] = {}
+    if hf_cache is not None and profile.engine in (Engine.VLLM, Engine.COMMAND):
+        volumes[expand_home(hf_cache)] = HF_CACHE_CONTAINER_PATH
+    volumes.update(profile.volumes)
+    return volumes
+
+
+def engine_log_path(profile: Profile, log_dir: Path | None, instance: str) -> Path | None:
+    """Where a process engine's output goes: <log_dir>/<instance>-<profile>.log."""
+    if log_dir is None or profile.runtime is not RuntimeKind.PROCESS:
+        return None
+    return log_dir / f"{instance}-{profile.id}.log"
+
+
+def check_runnable(profile: Profile, verdict: FitVerdict, port: int) -> None:
+    """Raise SpecError unless the verdict is this profile's and says it fits."""
+    if verdict.profile_id != profile.id:
+        raise SpecError(f"the plan is for {verdict.profile_id!r}, not profile {profile.id!r}")
+    if not verdict.fits:
+        raise SpecError(f"profile {profile.id!r} does not fit: " + "; ".join(verdict.reasons))
+    if profile.runtime is not RuntimeKind.EXTERNAL and not 0 < port < 65536:
+        raise SpecError(f"profile {profile.id!r}: port {port} is not a TCP port")
+
+
+def build_engine_spec(
+    profile: Profile,
+    verdict: FitVerdict,
+    *,
+    port: int,
+    vllm_python: str,
+    hf_cache: str | None,
+    hf_token: str | None,
+    log_dir: Path | None,
+    instance: str,
+    gateway_python: str = sys.executable,
+) -> EngineSpec:
+    """The EngineSpec that runs `profile` as `verdict` planned it."""
+    check_runnable(profile, verdict, port)
+    labels = {LABEL_SERVED_NAME: profile.served_model_name}
+    if profile.runtime is RuntimeKind.EXTERNAL:
+        return EngineSpec(
+            profile_id=profile.id,
+            served_model_name=profile.served_model_name,
+            runtime=profile.runtime.value,
+            aliases=profile.aliases,
+            base_url=profile.base_url,
+            startup_timeout_s=profile.startup_timeout,
+            labels=labels,
+        )
+    return EngineSpec(
+        profile_id=profile.id,
+        served_model_name=profile.served_model_name,
+        runtime=profile.runtime.value,
+        aliases=profile.aliases,
+        command=engine_command(
+            profile, verdict, port=port, vllm_python=vllm_python, gateway_python=gateway_python
+        ),
+        image=profile.image,
+        env=engine_env(profile, verdict, hf_cache=hf_cache, hf_token=hf_token),
+        port=port,
+        container_port=CONTAINER_PORT,
+        gpu_ids=verdict.gpu_ids,
+        volumes=docker_volumes(profile, hf_cache),
+        startup_timeout_s=profile.startup_timeout,
+        labels=labels,
+        log_path=engine_log_path(profile, log_dir, instance),
+    )

@@ -1,0 +1,269 @@
+"""ProcessRuntime with log files and state files: real simulator processes, real adoption."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from orchestrator.runtimes import EngineSpec, RuntimeHandle
+from orchestrator.runtimes.process import ProcessRuntime
+from tests.infra.ports import free_port, wait_port_closed
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# The "previous gateway": starts the engine through ProcessRuntime, prints the handle, exits.
+_OLD_GATEWAY = """
+import asyncio, json, sys
+from pathlib import Path
+from orchestrator.runtimes import EngineSpec
+from orchestrator.runtimes.process import ProcessRuntime
+
+async def main() -> None:
+    args = json.loads(sys.argv[1])
+    runtime = ProcessRuntime(instance=args["instance"], state_dir=Path(args["state_dir"]))
+    spec = EngineSpec(profile_id="sim", served_model_name="sim-model", runtime="process",
+                      command=tuple(args["command"]), port=args["port"],
+                      env={"PYTHONPATH": args["root"]})
+    handle = await runtime.start(spec)
+    print(json.dumps({"id": handle.id, "base_url": handle.base_url}), flush=True)
+
+asyncio.run(main())
+"""
+
+
+def _simulator_command(port: int) -> tuple[str, ...]:
+    return (
+        sys.executable, "-m", "orchestrator.simulator",
+        "--host", "127.0.0.1", "--port", str(port), "--model", "sim-model",
+    )  # fmt: skip
+
+
+def _spec(port: int, log_path: Path | None = None) -> EngineSpec:
+    return EngineSpec(
+        profile_id="sim",
+        served_model_name="sim-model",
+        runtime="process",
+        command=_simulator_command(port),
+        env={"PYTHONPATH": str(REPO_ROOT)},
+        port=port,
+        log_path=log_path,
+    )
+
+
+def _instance() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    """Exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"
+
+
+def _start_ticks(pid: int) -> int:
+    """Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+async def _wait_models(base_url: str, within_s: float = 20.0) -> list[str]:
+    deadline = time.monotonic() + within_s
+    async with httpx.AsyncClient() as http:
+        while True:
+            try:
+                response = await http.get(base_url + "/v1/models", timeout=2.0)
+                if response.status_code == 200:
+                    return [m["id"] for m in response.json()["data"]]
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{base_url} not serving after {within_s} s")
+            await asyncio.sleep(0.05)
+
+
+def _write_state(state_dir: Path, name: str, **state: object) -> Path:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / f"{name}.json"
+    path.write_text(json.dumps(state))
+    return path
+
+
+@pytest.fixture
+def sleeper() -> Iterator[int]:
+    """An unrelated live process (`sleep 60`) in its own group; its pid."""
+    import subprocess
+
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_output_goes_to_the_log_file_and_a_state_file_is_kept(tmp_path: Path) -> None:
+    port = free_port()
+    log_path = tmp_path / "logs" / "engine" / "sim.log"  # its directory does not exist yet
+    state_dir = tmp_path / "state"
+    runtime = ProcessRuntime(instance=_instance(), state_dir=state_dir)
+    handle = await runtime.start(_spec(port, log_path))
+    try:
+        assert handle.profile_id == "sim"
+        assert handle.base_url == f"http://127.0.0.1:{port}"
+        assert await _wait_models(handle.base_url) == ["sim-model"]
+        assert await runtime.is_running(handle)
+
+        text = log_path.read_text()
+        assert "SIMULATOR starting its HTTP server" in text
+        tail = runtime.logs_tail(handle, 50)
+        assert any("SIMULATOR starting its HTTP server" in line for line in tail)
+        assert tail == text.splitlines()[-50:]
+        assert runtime.logs_tail(handle, 1) == tail[-1:]
+
+        state = json.loads((state_dir / "sim.json").read_text())
+        assert state["pid"] == int(handle.id)
+        assert state["port"] == port
+        assert state["profile_id"] == "sim"
+        assert state["base_url"] == handle.base_url
+        assert state["cmdline"] == list(_simulator_command(port))
+        assert state["instance"] == runtime.instance
+        assert state["log_path"] == str(log_path)
+        assert abs(state["started_at"] - time.time()) < 60
+    finally:
+        await runtime.stop(handle, timeout_s=10)
+    assert not _alive(int(handle.id))
+    assert not await runtime.is_running(handle)
+    assert not (state_dir / "sim.json").exists()
+    wait_port_closed(port, timeout=5)
+    # The file outlives the engine; its output is still there.
+    assert "SIMULATOR starting its HTTP server" in log_path.read_text()
+
+
+async def test_a_restarted_gateway_adopts_the_engine_and_stops_it(tmp_path: Path) -> None:
+    port = free_port()
+    state_dir = tmp_path / "state"
+    instance = _instance()
+    args = {
+        "instance": instance,
+        "state_dir": str(state_dir),
+        "port": port,
+        "command": list(_simulator_command(port)),
+        "root": str(REPO_ROOT),
+    }
+    old_gateway = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _OLD_GATEWAY, json.dumps(args),
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(old_gateway.communicate(), 30)
+    assert old_gateway.returncode == 0, err.decode()
+    started = json.loads(out)
+    pid = int(started["id"])
+    try:
+        # The old gateway has exited; its engine runs on, with no pipe to write into.
+        assert await _wait_models(started["base_url"]) == ["sim-model"]
+        assert _alive(pid)
+
+        other = await ProcessRuntime(instance=_instance(), state_dir=state_dir).adopt()
+        assert other == []
+        assert (state_dir / "sim.json").exists()  # another instance's file is left alone
+
+        runtime = ProcessRuntime(instance=instance, state_dir=state_dir)
+        adopted = await runtime.adopt()
+        assert adopted == [
+            RuntimeHandle(
+                runtime="process",
+                id=str(pid),
+                base_url=f"http://127.0.0.1:{port}",
+                profile_id="sim",
+            )
+        ]
+        handle = adopted[0]
+        assert await runtime.is_running(handle)
+        assert await _wait_models(handle.base_url) == ["sim-model"]
+        # Default log file in the state dir; logs_tail reads it for an adopted engine.
+        assert any("SIMULATOR starting" in line for line in runtime.logs_tail(handle, 20))
+        assert (state_dir / "sim.log").exists()
+
+        await runtime.stop(handle, timeout_s=10)
+        assert not _alive(pid)
+        assert not await runtime.is_running(handle)
+        assert not (state_dir / "sim.json").exists()
+        wait_port_closed(port, timeout=5)
+        assert await ProcessRuntime(instance=instance, state_dir=state_dir).adopt() == []
+    finally:
+        _kill_group(pid)
+
+
+async def test_a_state_file_of_a_dead_process_is_deleted(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    instance = _instance()
+    dead = await asyncio.create_subprocess_exec("true")
+    await dead.wait()
+    stale = _write_state(
+        state_dir, "gone", pid=dead.pid, port=1, profile_id="gone", base_url="http://127.0.0.1:1",
+        cmdline=["true"], started_at=time.time(), instance=instance,
+        log_path=str(tmp_path / "gone.log"),
+    )  # fmt: skip
+    unreadable = state_dir / "broken.json"
+    unreadable.write_text("{not json")
+
+    assert await ProcessRuntime(instance=instance, state_dir=state_dir).adopt() == []
+    assert not stale.exists()
+    assert not unreadable.exists()
+
+
+async def test_a_reused_pid_is_not_adopted(tmp_path: Path, sleeper: int) -> None:
+    """A live pid running another command line is a reused pid: not adopted, file deleted."""
+    state_dir = tmp_path / "state"
+    instance = _instance()
+    common = {
+        "pid": sleeper, "port": 1, "profile_id": "sim", "base_url": "http://127.0.0.1:1",
+        "started_at": time.time(), "instance": instance, "log_path": str(tmp_path / "x.log"),
+    }  # fmt: skip
+    reused = _write_state(state_dir, "sim", cmdline=list(_simulator_command(1)), **common)
+
+    runtime = ProcessRuntime(instance=instance, state_dir=state_dir)
+    assert await runtime.adopt() == []
+    assert not reused.exists()
+    assert _alive(sleeper)  # never signalled
+
+    # Same command line but another start time: also a different process.
+    start_ticks = _start_ticks(sleeper)
+    wrong_start = _write_state(
+        state_dir, "sim", cmdline=["sleep", "60"], start_ticks=start_ticks + 1, **common
+    )
+    assert await runtime.adopt() == []
+    assert not wrong_start.exists()
+    assert _alive(sleeper)
+
+    # The control: the recorded command line and start time of that very process do match.
+    matching = _write_state(
+        state_dir, "sim", cmdline=["sleep", "60"], start_ticks=start_ticks, **common
+    )
+    adopted = await runtime.adopt()
+    assert [h.id for h in adopted] == [str(sleeper)]
+    assert await runtime.is_running(adopted[0])
+    started = time.monotonic()
+    await runtime.stop(adopted[0], timeout_s=5)
+    assert time.monotonic() - started < 5  # sleep dies of SIGTERM at once
+    assert not _alive(sleeper)
+    assert not matching.exists()

@@ -1,0 +1,328 @@
+"""Profile + verdict -> EngineSpec: the exact argv, environment, mounts and GPUs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from orchestrator.gpus import GpuInventory, SnapshotReader
+from orchestrator.planner import FitVerdict, plan_profile
+from orchestrator.profiles import Profile, ProfileSet, load_profiles
+from orchestrator.runtimes import ProcessRuntime
+from orchestrator.runtimes.base import LABEL_SERVED_NAME, EngineSpec, RuntimeHandle
+from orchestrator.simulator.__main__ import config_from_args
+from orchestrator.specs import SpecError, build_engine_spec, vllm_args
+from tests.infra.ports import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SNAPSHOT = REPO_ROOT / "tests" / "fixtures" / "gpu" / "dual_rtx3090.json"
+VALID = REPO_ROOT / "tests" / "fixtures" / "profiles" / "valid.yml"
+VLLM_PYTHON = "/opt/vllm/bin/python"
+GATEWAY_PYTHON = "/opt/gateway/bin/python"
+NO_GPU = GpuInventory(gpus=(), source="nvml", reason="NVML unavailable")
+
+
+@pytest.fixture(scope="module")
+def dual_3090() -> GpuInventory:
+    return SnapshotReader(SNAPSHOT).read()
+
+
+@pytest.fixture(scope="module")
+def shipped() -> ProfileSet:
+    return load_profiles(REPO_ROOT / "model_profiles.yml")
+
+
+@pytest.fixture(scope="module")
+def fixtures() -> ProfileSet:
+    return load_profiles(VALID)
+
+
+def spec_for(
+    profile: Profile,
+    inventory: GpuInventory,
+    *,
+    port: int = 8123,
+    hf_cache: str | None = "vcg-hf-cache",
+    hf_token: str | None = None,
+    log_dir: Path | None = None,
+) -> EngineSpec:
+    return build_engine_spec(
+        profile,
+        plan_profile(profile, inventory),
+        port=port,
+        vllm_python=VLLM_PYTHON,
+        hf_cache=hf_cache,
+        hf_token=hf_token,
+        log_dir=log_dir,
+        instance="test",
+        gateway_python=GATEWAY_PYTHON,
+    )
+
+
+def test_awq_70b_in_docker_gets_the_planned_split_and_context(
+    shipped: ProfileSet, dual_3090: GpuInventory
+) -> None:
+    spec = spec_for(shipped.get("llama-3-70b-awq"), dual_3090)
+    assert spec.runtime == "docker"
+    assert spec.image == "vllm/vllm-openai:v0.9.2"
+    # The image's entrypoint is vLLM's API server: the spec gives its arguments only.
+    assert spec.command == (
+        "--model", "casperhansen/llama-3-70b-instruct-awq",
+        "--served-model-name", "llama-3-70b-awq", "casperhansen/llama-3-70b-instruct-awq",
+        "--host", "0.0.0.0", "--port", "8000",
+        "--tensor-parallel-size", "2",
+        "--max-model-len", "7168",
+        "--gpu-memory-utilization", "0.9",
+        "--dtype", "float16",
+        "--quantization", "awq",
+    )  # fmt: skip
+    assert spec.port == 8123
+    assert spec.container_port == 8000
+    assert spec.gpu_ids == (0, 1)
+    assert spec.volumes == {"vcg-hf-cache": "/root/.cache/huggingface"}
+    assert spec.env["HF_HOME"] == "/root/.cache/huggingface"
+    assert "HF_TOKEN" not in spec.env
+    assert "HF_HUB_OFFLINE" not in spec.env  # a Hub model, downloaded on first start
+    assert "CUDA_VISIBLE_DEVICES" not in spec.env  # docker hands over the GPUs itself
+    assert spec.aliases == ("casperhansen/llama-3-70b-instruct-awq",)
+    assert spec.startup_timeout_s == 900.0
+    assert spec.labels == {LABEL_SERVED_NAME: "llama-3-70b-awq"}
+    assert spec.log_path is None
+
+
+def test_unquantized_model_has_no_quantization_flag(
+    shipped: ProfileSet, dual_3090: GpuInventory
+) -> None:
+    spec = spec_for(shipped.get("qwen2-7b"), dual_3090)
+    assert "--quantization" not in spec.command
+    assert spec.command[spec.command.index("--served-model-name") + 1 :][:2] == (
+        "qwen2-7b",
+        "Qwen/Qwen2-7B-Instruct",
+    )
+    assert spec.command[-2:] == ("--dtype", "bfloat16")
+    assert spec.gpu_ids == (1,)
+
+
+def test_hf_token_is_passed_only_when_given(shipped: ProfileSet, dual_3090: GpuInventory) -> None:
+    profile = shipped.get("llama-3-8b")
+    assert "HF_TOKEN" not in spec_for(profile, dual_3090, hf_token=None).env
+    assert "HF_TOKEN" not in spec_for(profile, dual_3090, hf_token="").env
+    assert spec_for(profile, dual_3090, hf_token="hf_abc").env["HF_TOKEN"] == "hf_abc"
+
+
+def test_tiny_cpu_runs_the_vllm_module_on_loopback(shipped: ProfileSet, tmp_path: Path) -> None:
+    spec = spec_for(shipped.get("tiny-cpu"), NO_GPU, hf_cache=None, log_dir=tmp_path)
+    assert spec.runtime == "process"
+    assert spec.command == (
+        VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(Path.home() / ".cache" / "vllm-chat-gateway" / "tiny-llama"),
+        "--served-model-name", "tiny-llama",
+        "--host", "127.0.0.1", "--port", "8123",
+        "--tensor-parallel-size", "1",
+        "--max-model-len", "256",
+        "--dtype", "float32",
+        "--enforce-eager",
+    )  # fmt: skip
+    assert spec.gpu_ids == ()
+    assert spec.image is None
+    assert spec.volumes == {}
+    assert spec.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert spec.env["HF_HUB_OFFLINE"] == "1"  # a local directory: never ask the Hub
+    assert "HF_HOME" not in spec.env
+    assert "CUDA_VISIBLE_DEVICES" not in spec.env
+    assert spec.log_path == tmp_path / "test-tiny-cpu.log"
+    assert spec.startup_timeout_s == 300.0
+
+
+def test_profile_env_sets_the_cpu_kv_cache_and_hf_home_follows_the_cache_path(
+    fixtures: ProfileSet,
+) -> None:
+    spec = spec_for(fixtures.get("cpu-tiny"), NO_GPU, hf_cache="/srv/hf")
+    assert spec.env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert spec.env["HF_HOME"] == "/srv/hf"
+    assert spec.command[spec.command.index("--model") + 1] == str(Path.home() / "models/tiny")
+
+
+def test_gpu_process_is_limited_to_the_planned_gpus(
+    fixtures: ProfileSet, dual_3090: GpuInventory
+) -> None:
+    spec = spec_for(fixtures.get("small-gpu-process"), dual_3090)
+    assert spec.gpu_ids == (0, 1)
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert spec.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert spec.command[:3] == (VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server")
+    assert spec.command[-5:] == (
+        "--dtype",
+        "auto",
+        "--kv-cache-dtype",
+        "fp8",
+        "--enable-prefix-caching",
+    )
+    assert spec.volumes == {}  # a process has no mounts
+
+
+def test_docker_volumes_are_the_hf_cache_and_the_profile_volumes(
+    fixtures: ProfileSet, dual_3090: GpuInventory
+) -> None:
+    spec = spec_for(fixtures.get("small-gpu"), dual_3090, hf_cache="/data/hf")
+    assert spec.volumes == {
+        "/data/hf": "/root/.cache/huggingface",
+        "/srv/chat-templates": "/templates",
+    }
+    assert spec.env["VLLM_LOGGING_LEVEL"] == "INFO"
+    aliases = spec.command[spec.command.index("--served-model-name") + 1 :][:3]
+    assert aliases == ("small-gpu", "Qwen/Qwen2-7B-Instruct", "small")
+
+
+def test_simulator_process_serves_its_names(shipped: ProfileSet, fixtures: ProfileSet) -> None:
+    spec = spec_for(shipped.get("simulator"), NO_GPU, hf_token="hf_abc")
+    assert spec.command == (
+        GATEWAY_PYTHON, "-m", "orchestrator.simulator",
+        "--host", "127.0.0.1", "--port", "8123",
+        "--model", "simulator", "--served-model-name", "simulator",
+    )  # fmt: skip
+    assert spec.gpu_ids == ()
+    assert spec.env == {}  # no HF token or cache for something that loads no model
+    assert spec.startup_timeout_s == 60.0
+
+    aliased = spec_for(fixtures.get("sim"), NO_GPU, port=9001)
+    # The simulator's own parser accepts the argv and serves the name and the alias.
+    config = config_from_args(aliased.command[3:], env={})
+    assert config.port == 9001
+    assert config.host == "127.0.0.1"
+    assert config.model_names == ("sim", "sim-alias")
+    assert config.tokens_per_second == 50.0
+
+
+def test_simulator_in_docker_listens_on_all_interfaces_inside(fixtures: ProfileSet) -> None:
+    spec = spec_for(fixtures.get("sim-docker"), NO_GPU)
+    assert spec.command[:3] == ("python3", "-m", "orchestrator.simulator")
+    assert spec.command[3:7] == ("--host", "0.0.0.0", "--port", "8000")
+    assert spec.port == 8123
+    assert spec.image == "vcg-test/busybox:1"
+    assert spec.gpu_ids == ()
+    assert spec.volumes == {}
+
+
+def test_external_profile_is_a_url_only(fixtures: ProfileSet) -> None:
+    spec = spec_for(fixtures.get("remote"), NO_GPU)
+    assert spec.runtime == "external"
+    assert spec.base_url == "http://10.0.0.5:8000/v1"
+    assert spec.command == ()
+    assert spec.env == {}
+    assert spec.port is None
+    assert spec.gpu_ids == ()
+
+
+def test_command_engine_gets_its_port(fixtures: ProfileSet) -> None:
+    spec = spec_for(fixtures.get("script"), NO_GPU, port=7777)
+    assert spec.command == ("/opt/engine/serve", "--listen", "127.0.0.1:7777")
+    assert spec.startup_timeout_s == 300.0
+
+
+def test_a_profile_that_does_not_fit_is_not_built(
+    shipped: ProfileSet, dual_3090: GpuInventory
+) -> None:
+    with pytest.raises(SpecError, match=r"'llama-3-70b' does not fit: .*weights alone"):
+        spec_for(shipped.get("llama-3-70b"), dual_3090)
+
+
+def test_a_verdict_for_another_profile_is_refused(
+    shipped: ProfileSet, dual_3090: GpuInventory
+) -> None:
+    other: FitVerdict = plan_profile(shipped.get("qwen2-7b"), dual_3090)
+    with pytest.raises(SpecError, match="the plan is for 'qwen2-7b', not profile 'llama-3-8b'"):
+        build_engine_spec(
+            shipped.get("llama-3-8b"),
+            other,
+            port=8000,
+            vllm_python=VLLM_PYTHON,
+            hf_cache=None,
+            hf_token=None,
+            log_dir=None,
+            instance="test",
+        )
+
+
+def test_a_port_out_of_range_is_refused(shipped: ProfileSet) -> None:
+    with pytest.raises(SpecError, match="port 70000 is not a TCP port"):
+        spec_for(shipped.get("simulator"), NO_GPU, port=70000)
+
+
+def test_vllm_args_follow_the_verdict_not_the_profile(
+    shipped: ProfileSet, dual_3090: GpuInventory
+) -> None:
+    profile = shipped.get("llama-3-70b-awq")
+    verdict = plan_profile(profile, dual_3090)
+    args = vllm_args(profile, verdict, 8123)
+    assert profile.max_model_len == 8192
+    assert args[args.index("--max-model-len") + 1] == "7168"
+
+
+@pytest.fixture(scope="module")
+def tiny_vllm() -> tuple[Path, Path]:
+    """The vLLM CPU venv's interpreter and the tiny model (skip when not installed)."""
+    from tests.infra import ServiceUnavailable
+    from tests.infra.vllm_engine import VLLM_PYTHON, check_vllm_python, ensure_tiny_model
+
+    try:
+        check_vllm_python(VLLM_PYTHON)
+    except ServiceUnavailable as exc:
+        if os.environ.get("CI") or os.environ.get("VCG_REQUIRE_ALL") == "1":
+            pytest.fail(str(exc), pytrace=False)
+        pytest.skip(str(exc))
+    return VLLM_PYTHON, ensure_tiny_model(VLLM_PYTHON)
+
+
+@pytest.mark.vllm
+async def test_tiny_cpu_spec_starts_real_vllm(tiny_vllm: tuple[Path, Path], tmp_path: Path) -> None:
+    python, model_dir = tiny_vllm
+    shipped = load_profiles(REPO_ROOT / "model_profiles.yml")
+    # The shipped profile names ~/.cache/...; the test cache may live elsewhere (VCG_CACHE).
+    profile = Profile.model_validate(
+        shipped.get("tiny-cpu").model_dump() | {"model": str(model_dir)}
+    )
+    spec = build_engine_spec(
+        profile,
+        plan_profile(profile, NO_GPU),
+        port=free_port(),
+        vllm_python=str(python),
+        hf_cache=None,
+        hf_token=None,
+        log_dir=tmp_path,
+        instance="test",
+    )
+    runtime = ProcessRuntime()
+    handle = await runtime.start(spec)
+    try:
+        async with httpx.AsyncClient(base_url=handle.base_url, timeout=5.0) as client:
+            models = await wait_for_models(client, runtime, handle)
+        assert [model["id"] for model in models["data"]] == ["tiny-llama"]
+        assert models["data"][0]["max_model_len"] == 256
+    finally:
+        await runtime.stop(handle)
+
+
+async def wait_for_models(
+    client: httpx.AsyncClient, runtime: ProcessRuntime, handle: RuntimeHandle
+) -> dict[str, Any]:
+    """GET /v1/models once the engine answers; fail with its log if it exits or stalls."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if not await runtime.is_running(handle):
+            pytest.fail("vLLM exited:\n" + "\n".join(runtime.logs_tail(handle, 40)))
+        try:
+            response = await client.get("/v1/models")
+            if response.status_code == 200:
+                body: dict[str, Any] = response.json()
+                return body
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.5)
+    pytest.fail("vLLM not ready after 240 s:\n" + "\n".join(runtime.logs_tail(handle, 40)))
