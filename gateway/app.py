@@ -20,11 +20,9 @@ from gateway.health.router import router as health_router
 from gateway.logging import configure_logging, get_logger
 from gateway.meta.router import router as meta_router
 from gateway.middleware import RequestContextMiddleware
+from gateway.models_api.router import router as models_router
 from gateway.settings import EngineMode, Settings
 from gateway.state import AppState
-from orchestrator.gpus import gpu_reader
-from orchestrator.manager import VLLMModelManager
-from orchestrator.runtimes import ExternalRuntime, ProcessRuntime
 
 log = get_logger(__name__)
 
@@ -117,4 +115,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
     app.include_router(meta_router)
     app.include_router(health_router)
+    app.include_router(models_router)
     return app

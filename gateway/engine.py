@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 
 import httpx
+
+from gateway.logging import get_logger
+from gateway.settings import EngineMode, Settings
 from orchestrator.gpus import GpuInventory, GpuReader, gpu_reader
 from orchestrator.manager import EngineStatus, SwitchJob, VLLMModelManager
 from orchestrator.planner import FitVerdict, plan_profile, recommend
@@ -22,9 +25,6 @@ from orchestrator.profiles import (
 from orchestrator.runtimes import EngineSpec, ExternalRuntime, ProcessRuntime, Runtime
 from orchestrator.runtimes.docker import DockerRuntime
 from orchestrator.specs import build_engine_spec
-
-from gateway.logging import get_logger
-from gateway.settings import EngineMode, Settings
 
 log = get_logger(__name__)
 
@@ -47,7 +47,9 @@ class ProfileDoesNotFit(Exception):
     """The planner refused the profile on this hardware; carries its verdict."""
 
     def __init__(self, verdict: FitVerdict) -> None:
-        super().__init__(f"profile {verdict.profile_id!r} does not fit: {'; '.join(verdict.reasons)}")
+        super().__init__(
+            f"profile {verdict.profile_id!r} does not fit: {'; '.join(verdict.reasons)}"
+        )
         self.verdict = verdict
 
 
@@ -207,6 +209,7 @@ class ModelControl:
 
     async def startup(self) -> str:
         """Adopt an engine of ours that still runs, else start the boot profile in background."""
+
         def known(profile_id: str) -> EngineSpec | None:
             try:
                 return self.spec_for(profile_id)

@@ -12,7 +12,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.engine import ModelControl
 from gateway.settings import Settings
-from orchestrator.gpus import GpuInventory
 from orchestrator.manager import VLLMModelManager
 
 

@@ -232,7 +232,8 @@ def plan_profile(profile: Profile, inventory: GpuInventory) -> FitVerdict:
         return _refused(profile, "architecture: required for a GPU profile")
     if inventory.count == 0:
         return _refused(profile, f"no GPU available: {inventory.reason or 'no GPU found'}")
-    sizings, skipped = _sizings(profile, arch, inventory)
+    sizings, skips = _sizings(profile, arch, inventory)
+    skipped = [reason for _, reason in skips]
     if not sizings:
         return _refused(profile, *skipped)
     element = kv_bytes_per_element(profile)
@@ -241,7 +242,9 @@ def plan_profile(profile: Profile, inventory: GpuInventory) -> FitVerdict:
     tried: list[str] = []
     for sizing in sizings:
         if sizing.required(requested) <= sizing.budget:
-            reasons = [*skipped, *tried, _fits_reason(sizing, requested)]
+            # Sizes ruled out above the chosen one do not matter to a fit.
+            smaller = [reason for tp, reason in skips if tp < sizing.tp]
+            reasons = [*smaller, *tried, _fits_reason(sizing, requested)]
             return _verdict(profile, Fit.FITS, reasons, sizing, requested, total_weights, per_token)
         tried.append(_too_big_reason(sizing, requested))
     best = max(sizings, key=lambda s: (round_down_context(min(s.max_tokens(), requested)), -s.tp))
@@ -289,7 +292,7 @@ def recommend(profiles: ProfileSet, inventory: GpuInventory) -> list[FitVerdict]
 
 def _sizings(
     profile: Profile, arch: Architecture, inventory: GpuInventory
-) -> tuple[list[_Sizing], list[str]]:
+) -> tuple[list[_Sizing], list[tuple[int, str]]]:
     """The tensor parallel sizes to try (pinned, or each candidate) and why others are out."""
     pinned = profile.vllm.tensor_parallel_size
     candidates = (
@@ -299,11 +302,12 @@ def _sizings(
     )
     element = kv_bytes_per_element(profile)
     total_weights = weights_bytes(arch, bytes_per_param(profile))
-    sizings, skipped = [], []
+    sizings: list[_Sizing] = []
+    skipped: list[tuple[int, str]] = []
     for tp in candidates:
         problem = tensor_parallel_problem(arch, tp, inventory.count)
         if problem:
-            skipped.append(problem)
+            skipped.append((tp, problem))
             continue
         gpus = choose_gpus(inventory, tp)
         sizings.append(

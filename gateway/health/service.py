@@ -9,6 +9,7 @@ from collections.abc import Awaitable
 from gateway.db import ping
 from gateway.health.schemas import DependencyCheck, Readiness
 from gateway.state import AppState
+
 CHECK_TIMEOUT_S = 2.0
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +55,30 @@ def sqlite_url(tmp_path: Path) -> str:
     url = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
     upgrade(url)
     return url
+
+
+@asynccontextmanager
+async def served_app(settings: Settings) -> AsyncIterator[tuple[FastAPI, str]]:
+    """Serve the app with uvicorn on a free loopback port (real sockets: streaming works)."""
+    import asyncio
+
+    import uvicorn
+
+    from tests.infra.ports import free_port
+
+    app = create_app(settings)
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        for _ in range(400):
+            if server.started:
+                break
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.025)
+        yield app, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)

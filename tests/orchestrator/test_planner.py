@@ -43,11 +43,13 @@ OVERHEAD = 2 * GIB
 
 @pytest.fixture(scope="module")
 def dual_3090() -> GpuInventory:
+    """The recorded dual RTX 3090 inventory."""
     return SnapshotReader(SNAPSHOT).read()
 
 
 @pytest.fixture(scope="module")
 def shipped() -> ProfileSet:
+    """The shipped model_profiles.yml."""
     return load_profiles(SHIPPED)
 
 
@@ -195,6 +197,19 @@ def test_pinned_tensor_parallel_size_beyond_the_gpus_is_refused(
     verdict = plan_profile(profile, dual_3090)
     assert verdict.fit is Fit.DOES_NOT_FIT
     assert verdict.reasons == ("tensor_parallel_size 4 needs 4 GPUs; 2 found",)
+
+
+def test_auto_tensor_parallel_skips_sizes_the_heads_do_not_allow(
+    shipped: ProfileSet, dual_3090: GpuInventory
+) -> None:
+    # Eight idle 3090s. Qwen2-7B's 28 heads allow TP 1, 2 and 4 but not 8 (28 % 8 == 4); the
+    # 14B (40 heads) needs two GPUs at 32K context but fits on 2 of the 8.
+    eight = replace(dual_3090, gpus=tuple(replace(dual_3090.gpus[1], index=i) for i in range(8)))
+    small = plan_profile(shipped.get("qwen2-7b"), eight)
+    assert (small.fit, small.tensor_parallel_size, small.gpu_ids) == (Fit.FITS, 1, (0,))
+    assert not any("tensor_parallel_size 8" in r for r in small.reasons)  # irrelevant to a fit
+    big = plan_profile(shipped.get("qwen2-14b"), eight)
+    assert (big.fit, big.tensor_parallel_size, big.gpu_ids) == (Fit.FITS, 2, (0, 1))
 
 
 def test_zero_gpus_does_not_fit_and_says_why(shipped: ProfileSet) -> None:

@@ -30,11 +30,13 @@ Mutation = Callable[[dict[str, Any]], None]
 
 
 def valid_data() -> dict[str, Any]:
+    """The valid fixture file as data, to change one thing in."""
     data: dict[str, Any] = yaml.safe_load(VALID.read_text())
     return data
 
 
 def write(tmp_path: Path, data: dict[str, Any], name: str = "profiles.yml") -> Path:
+    """Write `data` as a YAML profiles file and return its path."""
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -128,6 +130,8 @@ def _set(path: str, value: object) -> Mutation:
 
 
 def _delete(path: str) -> Mutation:
+    """A mutation deleting data[a][b][c] for path 'a.b.c'."""
+
     def mutate(data: dict[str, Any]) -> None:
         *parents, last = path.split(".")
         node = data

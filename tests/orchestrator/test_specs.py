@@ -30,16 +30,19 @@ NO_GPU = GpuInventory(gpus=(), source="nvml", reason="NVML unavailable")
 
 @pytest.fixture(scope="module")
 def dual_3090() -> GpuInventory:
+    """The recorded dual RTX 3090 inventory."""
     return SnapshotReader(SNAPSHOT).read()
 
 
 @pytest.fixture(scope="module")
 def shipped() -> ProfileSet:
+    """The shipped model_profiles.yml."""
     return load_profiles(REPO_ROOT / "model_profiles.yml")
 
 
 @pytest.fixture(scope="module")
 def fixtures() -> ProfileSet:
+    """The fixture file: one profile per engine and runtime."""
     return load_profiles(VALID)
 
 
@@ -52,6 +55,7 @@ def spec_for(
     hf_token: str | None = None,
     log_dir: Path | None = None,
 ) -> EngineSpec:
+    """Plan `profile` on `inventory` and build its spec with test settings."""
     return build_engine_spec(
         profile,
         plan_profile(profile, inventory),

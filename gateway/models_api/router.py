@@ -1,0 +1,84 @@
+"""/api/models/* and /api/gpus: model management (admin only)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from gateway.auth.admin_key import require_admin
+from gateway.deps import StateDep
+from gateway.models_api import service
+from gateway.models_api.schemas import (
+    GpuInventoryView,
+    ModelStatus,
+    ProfileList,
+    ProfileView,
+    ReloadResult,
+    SwitchJobView,
+    SwitchRequest,
+)
+
+router = APIRouter(tags=["models"], dependencies=[Depends(require_admin)])
+
+JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-f0-9]+$")]
+
+
+@router.get("/api/models/status", response_model=ModelStatus)
+async def status(state: StateDep) -> ModelStatus:
+    """The active profile, its state and engine URL, the running switch job, and the GPUs."""
+    return service.model_status(control=state.models)
+
+
+@router.get("/api/models/profiles", response_model=ProfileList)
+async def profiles(state: StateDep) -> ProfileList:
+    """Every profile with its fit verdict (and the numbers behind it) on this hardware."""
+    return service.list_profiles(control=state.models)
+
+
+@router.post("/api/models/switch", response_model=SwitchJobView, status_code=202)
+async def switch(body: SwitchRequest, state: StateDep) -> SwitchJobView:
+    """Switch to a profile in the background; poll the job or follow /api/models/events."""
+    return service.switch(control=state.models, profile_id=body.profile_id)
+
+
+@router.get("/api/models/switch/{job_id}", response_model=SwitchJobView)
+async def switch_job(job_id: JobId, state: StateDep) -> SwitchJobView:
+    """A switch job: status, progress events, and the engine's last log lines on failure."""
+    return service.get_job(control=state.models, job_id=job_id)
+
+
+@router.get("/api/models/events", response_class=EventSourceResponse)
+async def events(state: StateDep) -> AsyncIterator[ServerSentEvent]:
+    """Server-sent progress events: the current status first, then every state change."""
+    control = state.models
+    yield ServerSentEvent(event="status", data=service.engine_view(control=control).model_dump())
+    async for event in control.manager.subscribe():
+        yield ServerSentEvent(
+            event="progress",
+            data={
+                "profile_id": event.profile_id,
+                "job_id": event.job_id,
+                **service.event_view(event).model_dump(),
+            },
+        )
+
+
+@router.get("/api/models/hardware-recommendations", response_model=list[ProfileView])
+async def hardware_recommendations(state: StateDep) -> list[ProfileView]:
+    """Profiles that fit this machine's GPUs, best first."""
+    return service.recommendations(control=state.models)
+
+
+@router.post("/api/models/reload", response_model=ReloadResult)
+async def reload_profiles(state: StateDep) -> ReloadResult:
+    """Re-read model_profiles.yml; a bad file is refused and the previous profiles stay."""
+    return service.reload_profiles(control=state.models)
+
+
+@router.get("/api/gpus", response_model=GpuInventoryView)
+async def gpus(state: StateDep) -> GpuInventoryView:
+    """Per-GPU memory, utilization, temperature, power and processes (NVML or a snapshot)."""
+    return service.gpu_view(state.models.inventory(fresh=True))
