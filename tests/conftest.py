@@ -169,3 +169,12 @@ def vllm_engine() -> Iterator[VLLMEngine]:
         yield engine
     finally:
         engine.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_install() -> tuple[Path, Path]:
+    """The vLLM CPU venv's python and the tiny model dir, for tests that start vLLM themselves."""
+    from tests.infra.vllm_engine import VLLM_PYTHON, check_vllm_python, ensure_tiny_model
+
+    _available(lambda: check_vllm_python(VLLM_PYTHON))
+    return VLLM_PYTHON, ensure_tiny_model(VLLM_PYTHON)
