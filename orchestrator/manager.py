@@ -434,6 +434,7 @@ class VLLMModelManager:
         """Wait for /health 200 and /v1/models listing the served name."""
         assert self._handle is not None
         deadline = time.monotonic() + spec.startup_timeout_s
+        interval = min(0.02, self._poll_interval_s)
         while True:
             if not await runtime.is_running(self._handle):
                 raise RuntimeError_(f"engine exited during startup: {self._last_log_line()}")
@@ -443,7 +444,9 @@ class VLLMModelManager:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"engine not serving after {spec.startup_timeout_s:g}s")
-            await asyncio.sleep(self._poll_interval_s)
+            # Poll fast at first (small engines are up in well under a second), then back off.
+            await asyncio.sleep(interval)
+            interval = min(interval * 1.5, self._poll_interval_s)
 
     async def _served_names_if_healthy(self, spec: EngineSpec) -> tuple[str, ...] | None:
         assert self._handle is not None
