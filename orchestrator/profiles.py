@@ -228,6 +228,10 @@ class Profile(BaseModel):
     volumes: dict[str, str] = Field(
         default_factory=dict, description="docker: host path or named volume -> container path."
     )
+    read_only_volumes: tuple[str, ...] = Field(
+        default=(),
+        description="docker: sources (keys of volumes) mounted read-only, e.g. model dirs.",
+    )
     tags: tuple[str, ...] = ()
     recommended_for: tuple[str, ...] = ()
 
@@ -422,6 +426,9 @@ def cross_field_problems(profile: Profile) -> Iterator[str]:
         yield "image: only runtime docker uses an image"
     if runtime is not RuntimeKind.DOCKER and profile.volumes:
         yield "volumes: only runtime docker mounts volumes"
+    for source in profile.read_only_volumes:
+        if source not in profile.volumes:
+            yield f"read_only_volumes: {source!r} is not a source (key) of volumes"
     if engine is not Engine.VLLM and profile.quantization is not Quantization.NONE:
         yield "quantization: only engine vllm takes a quantization"
     if engine is not Engine.VLLM and profile.trust_remote_code:

@@ -164,7 +164,10 @@ def hf_env(profile: Profile, *, hf_cache: str | None, hf_token: str | None) -> d
 
 
 def docker_volumes(profile: Profile, hf_cache: str | None) -> dict[str, str]:
-    """Docker mounts: the HF cache (path or named volume) and the profile's volumes."""
+    """Docker mounts: the HF cache (path or named volume) and the profile's volumes.
+
+    Which of them are read-only is `docker_read_only_volumes`.
+    """
     if profile.runtime is not RuntimeKind.DOCKER:
         return {}
     volumes: dict[str, str] = {}
@@ -172,6 +175,17 @@ def docker_volumes(profile: Profile, hf_cache: str | None) -> dict[str, str]:
         volumes[expand_home(hf_cache)] = HF_CACHE_CONTAINER_PATH
     volumes.update(profile.volumes)
     return volumes
+
+
+def docker_read_only_volumes(profile: Profile) -> frozenset[str]:
+    """The sources of `docker_volumes` mounted read-only: the profile's read_only_volumes.
+
+    The HF cache stays writable (engines download into it); everything else is read-write
+    unless the profile lists it.
+    """
+    if profile.runtime is not RuntimeKind.DOCKER:
+        return frozenset()
+    return frozenset(profile.read_only_volumes)
 
 
 def engine_log_path(profile: Profile, log_dir: Path | None, instance: str) -> Path | None:
@@ -230,6 +244,7 @@ def build_engine_spec(
         container_port=CONTAINER_PORT,
         gpu_ids=verdict.gpu_ids,
         volumes=docker_volumes(profile, hf_cache),
+        read_only_volumes=docker_read_only_volumes(profile),
         startup_timeout_s=profile.startup_timeout,
         labels=labels,
         log_path=engine_log_path(profile, log_dir, instance),

@@ -116,6 +116,20 @@ def test_defaults_fill_in_per_engine() -> None:
     assert profiles.get("small-gpu-process").vllm.tensor_parallel_size == 2
 
 
+def test_read_only_volumes_name_sources_of_volumes(tmp_path: Path) -> None:
+    data = valid_data()
+    data["profiles"]["small-gpu"]["volumes"] = {
+        "/srv/chat-templates": "/templates",
+        "/srv/models": "/models",
+        "scratch": "/scratch",
+    }
+    data["profiles"]["small-gpu"]["read_only_volumes"] = ["/srv/models", "/srv/chat-templates"]
+    profile = load_profiles(write(tmp_path, data)).get("small-gpu")
+    assert profile.read_only_volumes == ("/srv/models", "/srv/chat-templates")
+    assert profile.volumes["scratch"] == "/scratch"  # not listed: stays read-write
+    assert load_profiles(VALID).get("small-gpu").read_only_volumes == ()  # the default
+
+
 def _set(path: str, value: object) -> Mutation:
     """A mutation setting data[a][b][c] = value for path 'a.b.c'."""
 
@@ -258,6 +272,21 @@ BAD_FILES: list[tuple[str, Mutation, str]] = [
         "volumes on a process runtime",
         _set("profiles.cpu-tiny.volumes", {"/srv": "/srv"}),
         "profile 'cpu-tiny': volumes: only runtime docker mounts volumes",
+    ),
+    (
+        "read-only volume that is not one of the volumes",
+        _set("profiles.small-gpu.read_only_volumes", ["/srv/models"]),
+        "profile 'small-gpu': read_only_volumes: '/srv/models' is not a source (key) of volumes",
+    ),
+    (
+        "read-only volume named by its container path",
+        _set("profiles.small-gpu.read_only_volumes", ["/templates"]),
+        "profile 'small-gpu': read_only_volumes: '/templates' is not a source (key) of volumes",
+    ),
+    (
+        "read-only volume on a process runtime",
+        _set("profiles.cpu-tiny.read_only_volumes", ["/srv"]),
+        "profile 'cpu-tiny': read_only_volumes: '/srv' is not a source (key) of volumes",
     ),
     (
         "external without base_url",

@@ -16,6 +16,7 @@ from orchestrator.planner import FitVerdict, plan_profile
 from orchestrator.profiles import Profile, ProfileSet, load_profiles
 from orchestrator.runtimes import ProcessRuntime
 from orchestrator.runtimes.base import LABEL_SERVED_NAME, EngineSpec, RuntimeHandle
+from orchestrator.runtimes.docker import container_kwargs
 from orchestrator.simulator.__main__ import config_from_args
 from orchestrator.specs import SpecError, build_engine_spec, vllm_args
 from tests.infra.ports import free_port
@@ -182,6 +183,38 @@ def test_docker_volumes_are_the_hf_cache_and_the_profile_volumes(
     assert spec.env["VLLM_LOGGING_LEVEL"] == "INFO"
     aliases = spec.command[spec.command.index("--served-model-name") + 1 :][:3]
     assert aliases == ("small-gpu", "Qwen/Qwen2-7B-Instruct", "small")
+
+
+def test_read_only_volumes_reach_the_spec_and_the_hf_cache_stays_writable(
+    fixtures: ProfileSet, dual_3090: GpuInventory
+) -> None:
+    writable = spec_for(fixtures.get("small-gpu"), dual_3090, hf_cache="/data/hf")
+    assert writable.read_only_volumes == frozenset()
+
+    profile = fixtures.get("small-gpu").model_copy(
+        update={
+            "volumes": {"/srv/chat-templates": "/templates", "/srv/models": "/models"},
+            "read_only_volumes": ("/srv/models",),
+        }
+    )
+    spec = spec_for(profile, dual_3090, hf_cache="/data/hf")
+    assert spec.volumes == {
+        "/data/hf": "/root/.cache/huggingface",
+        "/srv/chat-templates": "/templates",
+        "/srv/models": "/models",
+    }
+    assert spec.read_only_volumes == frozenset({"/srv/models"})
+    # What the Docker runtime asks for: only the listed source is mounted read-only.
+    modes = {
+        source: mount["mode"]
+        for source, mount in container_kwargs(spec, instance="t", gpus_available=False)[
+            "volumes"
+        ].items()
+    }
+    assert modes == {"/data/hf": "rw", "/srv/chat-templates": "rw", "/srv/models": "ro"}
+
+    process = spec_for(fixtures.get("cpu-tiny"), NO_GPU)
+    assert process.read_only_volumes == frozenset()
 
 
 def test_simulator_process_serves_its_names(shipped: ProfileSet, fixtures: ProfileSet) -> None:
