@@ -234,8 +234,13 @@ class DockerRuntime:
             raise RuntimeError_(f"image {image!r} vanished; pull it: docker pull {image}") from None
         try:
             container.start()
-            container.reload()
-            port = _published_port(container.attrs)
+            # The requested port is the published one; reading it back from the container would
+            # fail for an engine that already exited, hiding its logs from the manager.
+            if spec.port is not None:
+                port = spec.port
+            else:
+                container.reload()
+                port = _published_port(container.attrs)
         except (DockerException, OSError, RuntimeError_) as exc:
             with contextlib.suppress(DockerException, OSError):
                 container.remove(force=True)
