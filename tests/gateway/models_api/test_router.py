@@ -255,3 +255,37 @@ async def test_reload_keeps_old_profiles_when_the_file_is_bad(
     ids = {p["id"] for p in after["profiles"]}
     assert "sim-c" in ids
     assert "sim-b" not in ids
+
+
+async def test_vllm_base_url_engine_is_the_active_model(sqlite_url: str) -> None:
+    # Seed setup: an engine already runs at VLLM_BASE_URL; its served names come from /v1/models.
+    import sys
+
+    from tests.infra.ports import free_port
+
+    port = free_port()
+    engine = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "orchestrator.simulator", "--host", "127.0.0.1"),
+        *("--port", str(port), "--model", "served-elsewhere"),
+        *("--served-model-name", "served-elsewhere", "alias-elsewhere"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        settings = _settings(sqlite_url, ENGINE="auto", VLLM_BASE_URL=f"http://127.0.0.1:{port}/v1")
+        async with running_app(settings) as (_, client):
+            for _ in range(400):
+                status = (await client.get("/api/models/status", headers=AUTH)).json()
+                if status["engine"]["state"] == "ready":
+                    break
+                await asyncio.sleep(0.05)
+            ready = await client.get("/health/ready")
+        assert status["engine"]["profile_id"] == "external"
+        assert status["engine"]["served_names"] == ["served-elsewhere", "alias-elsewhere"]
+        assert status["engine"]["engine_url"] == f"http://127.0.0.1:{port}"
+        assert ready.status_code == 200
+        # The gateway does not own that engine: it is still running after the gateway stopped.
+        assert engine.returncode is None
+    finally:
+        engine.terminate()
+        await engine.wait()
