@@ -21,6 +21,8 @@ from gateway.logging import configure_logging, get_logger
 from gateway.meta.router import router as meta_router
 from gateway.middleware import RequestContextMiddleware
 from gateway.models_api.router import router as models_router
+from gateway.proxy.router import router as proxy_router
+from gateway.proxy.scheduler import CloudUpstream, Scheduler, SchedulerConfig
 from gateway.settings import EngineMode, Settings
 from gateway.state import AppState
 
@@ -37,6 +39,27 @@ def _upstream_client(settings: Settings) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=128)
     # trust_env=False: a proxy variable in the environment must not redirect engine traffic.
     return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+
+
+def scheduler_config(settings: Settings) -> SchedulerConfig:
+    """Load-balancing settings; a cloud upstream only when OPENAI_API_KEY is set."""
+    cloud = None
+    if settings.OPENAI_API_KEY is not None:
+        cloud = CloudUpstream(
+            api_base=settings.OPENAI_BASE_URL,
+            api_key=settings.OPENAI_API_KEY.get_secret_value(),
+            default_model=settings.CLOUD_MODEL,
+            model_map=settings.CLOUD_MODEL_MAP,
+        )
+    return SchedulerConfig(
+        max_local=settings.MAX_QUEUE_SIZE,
+        max_waiting=settings.QUEUE_MAX_WAITING,
+        queue_timeout_s=settings.QUEUE_TIMEOUT_S,
+        overflow_slo_s=settings.OVERFLOW_SLO_S,
+        auto_switch=settings.AUTO_SWITCH,
+        cloud=cloud,
+        enabled=settings.LB_ENABLED,
+    )
 
 
 @asynccontextmanager
@@ -64,6 +87,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     models = await asyncio.to_thread(ModelControl, settings, http)
     gpus = models.inventory()
     log.info("gpu_inventory", count=gpus.count, source=gpus.source, reason=gpus.reason)
+    scheduler = Scheduler(models, scheduler_config(settings))
     state = AppState(
         settings=settings,
         db_engine=db_engine,
@@ -71,9 +95,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis=redis,
         http=http,
         models=models,
+        scheduler=scheduler,
         engine_required=settings.ENGINE is not EngineMode.NONE,
     )
     app.state.resources = state
+    scheduler.start()
     # The engine loads in a background switch job: a slow model load must not block liveness.
     why = await models.startup()
     log.info("engine_plan", reason=why)
@@ -84,6 +110,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for task in list(state.background):
             task.cancel()
         await asyncio.gather(*state.background, return_exceptions=True)
+        await scheduler.aclose()
         await models.aclose()
         await http.aclose()
         if redis is not None:
@@ -112,8 +139,9 @@ def create_app(settings: Settings) -> FastAPI:
             expose_headers=["X-Request-ID"],
         )
     # Added last so it wraps everything, CORS and error responses included.
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RequestContextMiddleware, max_header_bytes=settings.MAX_HEADER_BYTES)
     app.include_router(meta_router)
     app.include_router(health_router)
     app.include_router(models_router)
+    app.include_router(proxy_router)
     return app

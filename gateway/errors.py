@@ -77,7 +77,10 @@ def error_response(
     body = error_body(
         message, error_type=error_type or error_type_for(status_code), code=code, param=param
     )
-    return JSONResponse(body, status_code=status_code, headers=headers)
+    # Says the error came from the gateway itself, not from an engine behind it.
+    return JSONResponse(
+        body, status_code=status_code, headers={**(headers or {}), "X-Error-Source": "gateway"}
+    )
 
 
 def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
@@ -127,6 +130,13 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(400, message, code="invalid_request", param=param)
 
 
+HEADERS_TOO_LARGE_BODY = orjson.dumps(
+    error_body(
+        "Request headers are too large.",
+        error_type="invalid_request_error",
+        code="headers_too_large",
+    )
+)
 INTERNAL_ERROR_BODY = orjson.dumps(
     error_body(
         "The gateway hit an internal error; the X-Request-ID header identifies it in the logs.",

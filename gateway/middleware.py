@@ -9,7 +9,7 @@ import uuid
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import INTERNAL_ERROR_BODY
+from gateway.errors import HEADERS_TOO_LARGE_BODY, INTERNAL_ERROR_BODY
 from gateway.logging import get_logger
 
 log = get_logger("gateway.access")
@@ -29,8 +29,9 @@ def _request_id_from(scope: Scope) -> str:
 class RequestContextMiddleware:
     """Bind a request id to every log line, return it, log each request once."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, max_header_bytes: int = 32 * 1024) -> None:
         self.app = app
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI call."""
@@ -55,6 +56,19 @@ class RequestContextMiddleware:
                 ]
             await send(message)
 
+        header_bytes = sum(len(name) + len(value) for name, value in scope["headers"])
+        if header_bytes > self.max_header_bytes:
+            status = 431
+            await send_with_id(
+                {
+                    "type": "http.response.start",
+                    "status": 431,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": HEADERS_TOO_LARGE_BODY})
+            self._log(scope, status, started)
+            return
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
@@ -70,18 +84,24 @@ class RequestContextMiddleware:
                 )
                 await send({"type": "http.response.body", "body": INTERNAL_ERROR_BODY})
         finally:
-            state = scope.get("state", {})
-            log.info(
-                "request",
-                method=scope["method"],
-                path=_route_path(scope),
-                status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
-                user_id=state.get("user_id"),
-                key_id=state.get("key_id"),
-                model=state.get("model"),
-            )
-            structlog.contextvars.clear_contextvars()
+            self._log(scope, status, started)
+
+    @staticmethod
+    def _log(scope: Scope, status: int, started: float) -> None:
+        state = scope.get("state", {})
+        log.info(
+            "request",
+            method=scope["method"],
+            path=_route_path(scope),
+            status=status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            user_id=state.get("user_id"),
+            key_id=state.get("key_id"),
+            model=state.get("model"),
+            upstream=state.get("upstream"),
+            usage=state.get("usage"),
+        )
+        structlog.contextvars.clear_contextvars()
 
 
 def _route_path(scope: Scope) -> str:

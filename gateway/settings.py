@@ -117,6 +117,26 @@ class Settings(BaseSettings):
     OPENAI_API_KEY: SecretStr | None = None
     OPENAI_BASE_URL: str = "https://api.openai.com/v1"
 
+    # Load balancing (seed: load_balancing.max_queue_size = local concurrent requests).
+    LB_ENABLED: bool = True
+    MAX_QUEUE_SIZE: int = Field(default=4, ge=1)
+    QUEUE_MAX_WAITING: int = Field(default=256, ge=0)
+    QUEUE_TIMEOUT_S: float = Field(default=120.0, gt=0)
+    OVERFLOW_SLO_S: float | None = Field(default=None, gt=0)
+    AUTO_SWITCH: bool = False
+    CLOUD_MODEL: str = "gpt-4o-mini"
+    CLOUD_MODEL_MAP: dict[str, str] = Field(default_factory=dict)
+
+    # Proxy timeouts (per route) and caps on what one request may ask for.
+    CHAT_TIMEOUT_S: float = Field(default=600.0, gt=0)
+    COMPLETIONS_TIMEOUT_S: float = Field(default=600.0, gt=0)
+    EMBEDDINGS_TIMEOUT_S: float = Field(default=120.0, gt=0)
+    STREAM_IDLE_TIMEOUT_S: float = Field(default=60.0, gt=0)
+    MAX_N: int = Field(default=8, ge=1)
+    MAX_TOKENS_CAP: int = Field(default=32768, ge=1)
+    MAX_BODY_BYTES: int = Field(default=4 * 1024 * 1024, ge=1024)
+    MAX_HEADER_BYTES: int = Field(default=32 * 1024, ge=1024)
+
     # Set when development mode had to make a secret up; logged once at startup.
     jwt_secret_generated: bool = Field(default=False, exclude=True)
     admin_key_generated: bool = Field(default=False, exclude=True)
@@ -131,6 +151,13 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+    @field_validator("OPENAI_BASE_URL")
+    @classmethod
+    def _http_base(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("OPENAI_BASE_URL must be an http(s) URL")
+        return value.rstrip("/")
 
     @field_validator("DATABASE_URL")
     @classmethod

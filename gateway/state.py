@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.engine import ModelControl
+from gateway.proxy.scheduler import Scheduler
 from gateway.settings import Settings
 from orchestrator.manager import VLLMModelManager
 
@@ -25,6 +26,7 @@ class AppState:
     redis: Redis | None
     http: httpx.AsyncClient
     models: ModelControl
+    scheduler: Scheduler
     engine_required: bool
     started_at: float = field(default_factory=time.time)
     background: set[asyncio.Task[object]] = field(default_factory=set)

@@ -238,19 +238,30 @@ class VLLMModelManager:
 
     # -- serving -----------------------------------------------------------------------------
 
+    def acquire_slot(self) -> bool:
+        """Count one in-flight request on the ready engine; False when it is not ready."""
+        if self._state is not EngineState.READY or self._handle is None:
+            return False
+        self._in_flight += 1
+        self._idle.clear()
+        return True
+
+    def release_slot(self) -> None:
+        """Give back a slot taken with acquire_slot (a draining switch waits for these)."""
+        self._in_flight -= 1
+        if self._in_flight <= 0:
+            self._in_flight = 0
+            self._idle.set()
+
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[EngineStatus]:
         """Hold an in-flight slot on the ready engine; a switch drains these before stopping."""
-        if self._state is not EngineState.READY or self._handle is None:
+        if not self.acquire_slot():
             raise EngineUnavailable(f"engine is {self._state.value}")
-        self._in_flight += 1
-        self._idle.clear()
         try:
             yield self.status()
         finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+            self.release_slot()
 
     async def probe(self, timeout_s: float = 2.0) -> EngineHealth:
         """One health request to the engine (used by /health/ready)."""

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible proxy: /v1/*, admission, overflow, streaming relay."""

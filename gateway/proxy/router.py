@@ -1,0 +1,165 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models;
+and /lb/status."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Request
+from pydantic import BaseModel
+
+from gateway.deps import StateDep
+from gateway.proxy import service
+from gateway.proxy.scheduler import Scheduler
+from gateway.proxy.upstream import RelayResponse
+from gateway.proxy.validation import Route
+
+router = APIRouter(tags=["openai"])
+
+
+def get_scheduler(state: StateDep) -> Scheduler:
+    """The load balancer."""
+    scheduler: Scheduler = state.scheduler
+    return scheduler
+
+
+SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
+# The body is read raw (and forwarded as sent); the schema below only documents it.
+_OPENAI_BODY = Body(
+    media_type="application/json",
+    openapi_examples={
+        "chat": {
+            "value": {
+                "model": "current",
+                "messages": [{"role": "user", "content": "Hello"}],
+                "max_tokens": 100,
+                "stream": False,
+            }
+        }
+    },
+)
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Invalid request (the error names the field)"},
+    404: {"description": "Unknown model, or a model that is not loaded"},
+    503: {"description": "No engine available in time (Retry-After)"},
+}
+
+
+class RequestBody(BaseModel):
+    """Any OpenAI request body; fields are passed through to the engine."""
+
+    model_config = {"extra": "allow"}
+    model: str | None = None
+
+
+@router.post("/v1/chat/completions", responses=_RESPONSES, response_class=RelayResponse)
+async def chat_completions(
+    request: Request,
+    state: StateDep,
+    scheduler: SchedulerDep,
+    _doc: Annotated[RequestBody | None, _OPENAI_BODY] = None,
+) -> RelayResponse:
+    """Chat completion (stream or not), routed to the engine serving `model` ("current" or absent:
+    the active model)."""
+    return await service.relay(
+        state=state,
+        scheduler=scheduler,
+        route=Route.CHAT,
+        raw=await request.body(),
+        request_state=request.state,
+    )
+
+
+@router.post("/v1/completions", responses=_RESPONSES, response_class=RelayResponse)
+async def completions(
+    request: Request,
+    state: StateDep,
+    scheduler: SchedulerDep,
+    _doc: Annotated[RequestBody | None, _OPENAI_BODY] = None,
+) -> RelayResponse:
+    """Text completion (stream or not)."""
+    return await service.relay(
+        state=state,
+        scheduler=scheduler,
+        route=Route.COMPLETIONS,
+        raw=await request.body(),
+        request_state=request.state,
+    )
+
+
+@router.post("/v1/embeddings", responses=_RESPONSES, response_class=RelayResponse)
+async def embeddings(
+    request: Request,
+    state: StateDep,
+    scheduler: SchedulerDep,
+    _doc: Annotated[RequestBody | None, _OPENAI_BODY] = None,
+) -> RelayResponse:
+    """Embeddings."""
+    return await service.relay(
+        state=state,
+        scheduler=scheduler,
+        route=Route.EMBEDDINGS,
+        raw=await request.body(),
+        request_state=request.state,
+    )
+
+
+class ModelEntry(BaseModel):
+    """One model name the gateway can route, with the state of the profile behind it."""
+
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "vllm-chat-gateway"
+    profile: str
+    state: str
+
+
+class ModelList(BaseModel):
+    """GET /v1/models."""
+
+    object: str = "list"
+    data: list[ModelEntry]
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(state: StateDep) -> ModelList:
+    """Every profile's served name and aliases, with its state (ready, loading, available,
+    does_not_fit)."""
+    return ModelList(data=[ModelEntry(**entry) for entry in service.model_entries(state=state)])
+
+
+class LbStatus(BaseModel):
+    """GET /lb/status: the seed's fields plus the queue."""
+
+    enabled: bool
+    current_requests: int
+    max_queue_size: int
+    local_model: str | None
+    cloud_model: str | None
+    local_requests: int
+    cloud_requests: int
+    queue_depth: int
+    overflow_count: int
+    predicted_wait_s: float
+    engine_state: str
+
+
+@router.get("/lb/status", response_model=LbStatus, tags=["load balancing"])
+async def lb_status(state: StateDep, scheduler: SchedulerDep) -> LbStatus:
+    """Load balancer state: local concurrency, queue, overflow to the cloud upstream."""
+    status = state.manager.status()
+    cloud = scheduler.config.cloud
+    return LbStatus(
+        enabled=scheduler.config.enabled,
+        current_requests=scheduler.local_in_flight + scheduler.cloud_in_flight,
+        max_queue_size=scheduler.config.max_local,
+        local_model=status.served_model_name,
+        cloud_model=cloud.default_model if cloud else None,
+        local_requests=scheduler.local_in_flight,
+        cloud_requests=scheduler.cloud_in_flight,
+        queue_depth=scheduler.queue_depth,
+        overflow_count=scheduler.overflow_count,
+        predicted_wait_s=round(scheduler.predicted_wait_s(), 3),
+        engine_state=status.state.value,
+    )

@@ -1,0 +1,290 @@
+"""Admission: which upstream serves a request, and when.
+
+Local first, up to `max_local` concurrent requests (seed: max_queue_size). With a cloud upstream
+configured, a request overflows to it when local is saturated, down or switching, or when the
+predicted wait exceeds the SLO; without one it waits in a bounded queue for a bounded time.
+Requests for a model that is loading wait for it; with AUTO_SWITCH a request for a model that is
+not loaded starts the switch, and waiters for the loaded model are served first (no thrash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from gateway.engine import EXTERNAL_PROFILE, ModelControl, ProfileDoesNotFit
+from gateway.errors import GatewayError
+from gateway.proxy.upstream import Target
+from orchestrator.manager import EngineBusy, EngineState, EngineStatus
+
+CURRENT = "current"
+_RETRY_AFTER = {"Retry-After": "5"}
+
+
+@dataclass(frozen=True)
+class CloudUpstream:
+    """An OpenAI-compatible cloud endpoint for overflow."""
+
+    api_base: str
+    api_key: str
+    default_model: str
+    model_map: dict[str, str] = field(default_factory=dict)
+
+    def model_for(self, local_model: str | None) -> str:
+        """The cloud model standing in for a local one."""
+        if local_model and local_model in self.model_map:
+            return self.model_map[local_model]
+        return self.default_model
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Load-balancing settings."""
+
+    max_local: int
+    max_waiting: int
+    queue_timeout_s: float
+    overflow_slo_s: float | None
+    auto_switch: bool
+    cloud: CloudUpstream | None
+    enabled: bool = True
+
+
+@dataclass
+class Lease:
+    """Permission to send one request to one upstream; released exactly once."""
+
+    target: Target
+    scheduler: Scheduler
+    started: float = field(default_factory=time.monotonic)
+    released: bool = False
+
+    def release(self) -> None:
+        """Return the slot (idempotent)."""
+        if not self.released:
+            self.released = True
+            self.scheduler.release(self)
+
+
+@dataclass(frozen=True)
+class _Wait:
+    reason: str
+
+
+class Scheduler:
+    """Decides local, cloud or wait for each request; counts what it admitted."""
+
+    def __init__(self, control: ModelControl, config: SchedulerConfig) -> None:
+        self._control = control
+        self.config = config
+        self.local_in_flight = 0
+        self.cloud_in_flight = 0
+        self.overflow_count = 0
+        self._waiting: dict[str, int] = {}
+        self._changed = asyncio.Event()
+        self._service_time_s = 1.0  # moving average of a local request's duration
+        self._follower: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Wake waiters on every engine state change."""
+        self._follower = asyncio.create_task(self._follow(), name="scheduler-follow")
+
+    async def aclose(self) -> None:
+        """Stop following the manager."""
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
+
+    async def _follow(self) -> None:
+        async for _ in self._control.manager.subscribe():
+            self._notify()
+
+    def _notify(self) -> None:
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    # -- views -------------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a slot or a model."""
+        return sum(self._waiting.values())
+
+    def predicted_wait_s(self) -> float:
+        """Rough wait of the next local request: queue ahead * mean service time / slots."""
+        if self.local_in_flight < self.config.max_local:
+            return 0.0
+        ahead = self.queue_depth + 1
+        return ahead * self._service_time_s / max(self.config.max_local, 1)
+
+    # -- admission ---------------------------------------------------------------------------
+
+    async def acquire(self, model: str | None) -> Lease:
+        """Wait (bounded) until the request may go to the local engine or the cloud."""
+        if self.queue_depth >= self.config.max_waiting:
+            lease = self._overflow(model)
+            if lease is not None:
+                return lease
+            raise GatewayError(
+                503,
+                f"The queue is full ({self.config.max_waiting} waiting); retry shortly.",
+                code="queue_full",
+                headers=_RETRY_AFTER,
+            )
+        key = model or CURRENT
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        deadline = time.monotonic() + self.config.queue_timeout_s
+        try:
+            while True:
+                changed = self._changed
+                decision = self._decide(model)
+                if isinstance(decision, Lease):
+                    return decision
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise GatewayError(
+                        503,
+                        f"Waited {self.config.queue_timeout_s:g}s: {decision.reason}.",
+                        code="engine_busy",
+                        headers=_RETRY_AFTER,
+                    )
+                try:
+                    await asyncio.wait_for(changed.wait(), remaining)
+                except TimeoutError:
+                    continue
+        finally:
+            self._waiting[key] -= 1
+            if not self._waiting[key]:
+                del self._waiting[key]
+
+    def release(self, lease: Lease) -> None:
+        """Account for a finished request and wake waiters."""
+        if lease.target.route_name == "cloud":
+            self.cloud_in_flight -= 1
+        else:
+            self.local_in_flight -= 1
+            self._control.manager.release_slot()
+            elapsed = time.monotonic() - lease.started
+            self._service_time_s = 0.8 * self._service_time_s + 0.2 * elapsed
+        self._notify()
+
+    def _decide(self, model: str | None) -> Lease | _Wait:
+        manager = self._control.manager
+        status = manager.status()
+        job = manager.current_job
+        wanted = self._wanted_profile(model, status)
+        if status.state is EngineState.READY and wanted == status.profile_id:
+            saturated = self.local_in_flight >= self.config.max_local
+            slo = self.config.overflow_slo_s
+            too_slow = slo is not None and self.predicted_wait_s() > slo
+            if not saturated and not (too_slow and self.config.cloud):
+                return self._local(model, status)
+            lease = self._overflow(model)
+            if lease is not None:
+                return lease
+            return _Wait(f"all {self.config.max_local} local slots are busy")
+        lease = self._overflow(model)
+        if lease is not None:
+            return lease
+        if job is not None:
+            return _Wait(f"the engine is switching to {job.profile_id}")
+        if wanted != status.profile_id:
+            return self._not_loaded(wanted, model, status)
+        if status.state in (EngineState.FAILED, EngineState.IDLE):
+            why = status.error or f"engine is {status.state.value}"
+            raise GatewayError(
+                503,
+                f"No engine is serving: {why}.",
+                code="engine_unavailable",
+                headers=_RETRY_AFTER,
+            )
+        return _Wait(f"the engine is {status.state.value}")
+
+    def _wanted_profile(self, model: str | None, status: EngineStatus) -> str | None:
+        if model is None or model == CURRENT or model in status.served_names:
+            job = self._control.manager.current_job
+            return status.profile_id or (job.profile_id if job else None)
+        profile = self._control.profiles.by_served_name(model)
+        if profile is not None:
+            return profile.id
+        if self.config.cloud is not None and model in self.config.cloud.model_map.values():
+            return None
+        served = sorted({*status.served_names, *self._all_served_names()})
+        raise GatewayError(
+            404,
+            f"The model '{model}' does not exist. Available: {', '.join(served)}.",
+            code="model_not_found",
+            param="model",
+        )
+
+    def _all_served_names(self) -> list[str]:
+        names: list[str] = []
+        for profile in self._control.profiles.profiles.values():
+            names.extend(profile.served_names)
+        return names
+
+    def _not_loaded(self, wanted: str | None, model: str | None, status: EngineStatus) -> _Wait:
+        if wanted is None or wanted == EXTERNAL_PROFILE:
+            raise GatewayError(
+                503, "No engine is serving.", code="engine_unavailable", headers=_RETRY_AFTER
+            )
+        if not self.config.auto_switch:
+            raise GatewayError(
+                404,
+                f"The model '{model}' is not loaded (active: {status.served_model_name or 'none'})."
+                " Switch with POST /api/models/switch, or enable AUTO_SWITCH.",
+                code="model_not_loaded",
+                param="model",
+            )
+        # No thrash: requests for the loaded model go first; the switch waits for them.
+        if status.state is EngineState.READY and (
+            self._waiting.get(status.served_model_name or "", 0)
+            or self._waiting.get(CURRENT, 0)
+            or self.local_in_flight
+        ):
+            return _Wait(f"waiting for requests to {status.served_model_name} before switching")
+        try:
+            self._control.switch(wanted)
+        except ProfileDoesNotFit as exc:
+            raise GatewayError(
+                409,
+                f"The model '{model}' does not fit this hardware: {'; '.join(exc.verdict.reasons)}",
+                code="profile_does_not_fit",
+                param="model",
+            ) from None
+        except EngineBusy:
+            pass
+        return _Wait(f"loading {wanted}")
+
+    def _local(self, model: str | None, status: EngineStatus) -> Lease | _Wait:
+        if not self._control.manager.acquire_slot():
+            return _Wait("the engine is not ready")
+        self.local_in_flight += 1
+        names = status.served_names or (status.served_model_name or "",)
+        upstream_model = model if model in names else names[0]
+        spec = self._control.manager.spec
+        headers = {"Authorization": f"Bearer {spec.api_key}"} if spec and spec.api_key else {}
+        target = Target(
+            route_name="local",
+            api_base=f"{status.base_url}/v1",
+            model=upstream_model,
+            headers=headers,
+        )
+        return Lease(target=target, scheduler=self)
+
+    def _overflow(self, model: str | None) -> Lease | None:
+        cloud = self.config.cloud
+        if cloud is None or not self.config.enabled:
+            return None
+        self.cloud_in_flight += 1
+        self.overflow_count += 1
+        target = Target(
+            route_name="cloud",
+            api_base=cloud.api_base,
+            model=cloud.model_for(model),
+            headers={"Authorization": f"Bearer {cloud.api_key}"},
+        )
+        return Lease(target=target, scheduler=self)

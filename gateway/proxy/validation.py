@@ -1,0 +1,176 @@
+"""Request checks for the OpenAI routes: enough for clear 400s, everything else passes through.
+
+Hand-written on purpose: the body is forwarded as the client sent it, so it is parsed once with
+orjson and only the fields the gateway acts on are checked (a pydantic model per route would
+re-serialise every request and cost more than the rest of the proxy path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from gateway.errors import GatewayError
+
+# Fields that would send the request (and a provider key) somewhere else: LiteLLM's
+# CVE-2024-6587 was a client-supplied api_base. The gateway alone decides where a request goes.
+REDIRECTING_FIELDS = frozenset(
+    {
+        "api_base",
+        "base_url",
+        "api_key",
+        "api_version",
+        "azure_endpoint",
+        "custom_llm_provider",
+        "endpoint",
+        "organization",
+        "proxy",
+        "url",
+    }
+)
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+class Route(StrEnum):
+    """The OpenAI routes the proxy serves."""
+
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+
+
+UPSTREAM_PATHS = {
+    Route.CHAT: "/v1/chat/completions",
+    Route.COMPLETIONS: "/v1/completions",
+    Route.EMBEDDINGS: "/v1/embeddings",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Configured caps on what one request may ask for."""
+
+    max_n: int
+    max_tokens: int
+    max_body_bytes: int
+
+
+@dataclass
+class ProxyRequest:
+    """A checked request: the parsed body and what the proxy needs from it."""
+
+    route: Route
+    body: dict[str, Any]
+    model: str | None
+    stream: bool
+    client_wants_usage: bool
+
+
+def _bad(message: str, param: str | None, code: str = "invalid_request") -> GatewayError:
+    return GatewayError(400, message, code=code, param=param)
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad(f"'{name}' must be a number.", name)
+    if not low <= value <= high:
+        raise _bad(f"'{name}' must be between {low:g} and {high:g}, got {value}.", name)
+
+
+def _integer(body: dict[str, Any], name: str, low: int, high: int) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"'{name}' must be an integer.", name)
+    if value < low:
+        raise _bad(f"'{name}' must be at least {low}, got {value}.", name)
+    if value > high:
+        raise _bad(f"'{name}' must be at most {high} on this gateway, got {value}.", name)
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list.", "messages")
+    for index, message in enumerate(messages):
+        where = f"messages.{index}"
+        if not isinstance(message, dict):
+            raise _bad(f"'{where}' must be an object with 'role' and 'content'.", where)
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            allowed = ", ".join(sorted(CHAT_ROLES))
+            raise _bad(f"'{where}.role' must be one of {allowed}; got {role!r}.", f"{where}.role")
+        content = message.get("content")
+        if content is None and role == "assistant":
+            continue
+        if not isinstance(content, str | list):
+            raise _bad(
+                f"'{where}.content' must be a string or a list of parts.", f"{where}.content"
+            )
+
+
+def _check_prompt(body: dict[str, Any], name: str) -> None:
+    value = body.get(name)
+    if isinstance(value, str):
+        return
+    if isinstance(value, list) and value:
+        return
+    raise _bad(f"'{name}' must be a string or a non-empty list.", name)
+
+
+def parse_request(route: Route, raw: bytes, limits: Limits) -> ProxyRequest:
+    """Parse and check one request body; raise a 400 GatewayError naming the field."""
+    if len(raw) > limits.max_body_bytes:
+        raise GatewayError(
+            413,
+            f"Request body is {len(raw)} bytes; the limit is {limits.max_body_bytes}.",
+            code="body_too_large",
+        )
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _bad(f"Request body is not valid JSON: {exc}", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise _bad("Request body must be a JSON object.", None, "invalid_json")
+    redirecting = REDIRECTING_FIELDS.intersection(body)
+    if redirecting:
+        name = sorted(redirecting)[0]
+        raise _bad(
+            f"'{name}' is not accepted: the gateway decides where requests go.",
+            name,
+            "forbidden_field",
+        )
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model or len(model) > 256):
+        raise _bad("'model' must be a non-empty string.", "model")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be true or false.", "stream")
+    if route is Route.CHAT:
+        _check_messages(body.get("messages"))
+    elif route is Route.COMPLETIONS:
+        _check_prompt(body, "prompt")
+    else:
+        _check_prompt(body, "input")
+        stream = False
+    _integer(body, "max_tokens", 1, limits.max_tokens)
+    _integer(body, "max_completion_tokens", 1, limits.max_tokens)
+    _integer(body, "n", 1, limits.max_n)
+    _integer(body, "best_of", 1, limits.max_n)
+    _number(body, "temperature", 0.0, 2.0)
+    _number(body, "top_p", 0.0, 1.0)
+    _number(body, "presence_penalty", -2.0, 2.0)
+    _number(body, "frequency_penalty", -2.0, 2.0)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _bad("'stream_options' must be an object.", "stream_options")
+    wants_usage = bool(options and options.get("include_usage") is True)
+    return ProxyRequest(
+        route=route, body=body, model=model, stream=stream, client_wants_usage=wants_usage
+    )
