@@ -52,56 +52,42 @@ class RequestBody(BaseModel):
     model: str | None = None
 
 
-@router.post("/v1/chat/completions", responses=_RESPONSES, response_class=RelayResponse)
-async def chat_completions(
-    request: Request,
-    state: StateDep,
-    scheduler: SchedulerDep,
-    _doc: Annotated[RequestBody | None, _OPENAI_BODY] = None,
-) -> RelayResponse:
-    """Chat completion (stream or not), routed to the engine serving `model` ("current" or absent:
-    the active model)."""
-    return await service.relay(
-        state=state,
-        scheduler=scheduler,
-        route=Route.CHAT,
-        raw=await request.body(),
-        request_state=request.state,
+def _add_openai_route(route: Route, path: str, description: str) -> None:
+    """Register one POST route; the three OpenAI routes differ only in what they relay."""
+
+    async def endpoint(
+        request: Request,
+        state: StateDep,
+        scheduler: SchedulerDep,
+        _doc: Annotated[RequestBody | None, _OPENAI_BODY] = None,
+    ) -> RelayResponse:
+        return await service.relay(
+            state=state,
+            scheduler=scheduler,
+            route=route,
+            raw=await request.body(),
+            request_state=request.state,
+        )
+
+    router.add_api_route(
+        path,
+        endpoint,
+        methods=["POST"],
+        name=f"openai_{route.value}",
+        description=description,
+        responses=_RESPONSES,
+        response_class=RelayResponse,
     )
 
 
-@router.post("/v1/completions", responses=_RESPONSES, response_class=RelayResponse)
-async def completions(
-    request: Request,
-    state: StateDep,
-    scheduler: SchedulerDep,
-    _doc: Annotated[RequestBody | None, _OPENAI_BODY] = None,
-) -> RelayResponse:
-    """Text completion (stream or not)."""
-    return await service.relay(
-        state=state,
-        scheduler=scheduler,
-        route=Route.COMPLETIONS,
-        raw=await request.body(),
-        request_state=request.state,
-    )
-
-
-@router.post("/v1/embeddings", responses=_RESPONSES, response_class=RelayResponse)
-async def embeddings(
-    request: Request,
-    state: StateDep,
-    scheduler: SchedulerDep,
-    _doc: Annotated[RequestBody | None, _OPENAI_BODY] = None,
-) -> RelayResponse:
-    """Embeddings."""
-    return await service.relay(
-        state=state,
-        scheduler=scheduler,
-        route=Route.EMBEDDINGS,
-        raw=await request.body(),
-        request_state=request.state,
-    )
+_add_openai_route(
+    Route.CHAT,
+    "/v1/chat/completions",
+    "Chat completion (stream or not), routed to the engine serving `model` "
+    '("current" or absent: the active model).',
+)
+_add_openai_route(Route.COMPLETIONS, "/v1/completions", "Text completion (stream or not).")
+_add_openai_route(Route.EMBEDDINGS, "/v1/embeddings", "Embeddings.")
 
 
 class ModelEntry(BaseModel):
