@@ -1,6 +1,8 @@
 """Import every table module so `Base.metadata` is complete (Alembic and tests use this)."""
 
 from gateway.db import Base
+from gateway.keys import models as keys_models
+from gateway.usage import models as usage_models
 from gateway.users import models as users_models
 
-__all__ = ["Base", "users_models"]
+__all__ = ["Base", "keys_models", "usage_models", "users_models"]

@@ -1,4 +1,4 @@
-"""The users table."""
+"""The users table and refresh tokens (rotation families)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import uuid
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import Boolean, CheckConstraint, DateTime, String, Uuid
+from sqlalchemy import Boolean, CheckConstraint, DateTime, ForeignKey, Index, String, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
-from gateway.db import Base, TimestampMixin, new_id
+from gateway.db import Base, TimestampMixin, new_id, utcnow
 
 
 class Role(StrEnum):
@@ -19,16 +19,48 @@ class Role(StrEnum):
     ADMIN = "admin"
 
 
+class Tier(StrEnum):
+    """Rate-limit tier (seed: free / standard / premium)."""
+
+    FREE = "free"
+    STANDARD = "standard"
+    PREMIUM = "premium"
+
+
 class User(TimestampMixin, Base):
-    """A person with a login; the password is stored only as an argon2id hash."""
+    """A person (or a service account without a password); passwords only as argon2id hashes."""
 
     __tablename__ = "users"
-    __table_args__ = (CheckConstraint("role IN ('user', 'admin')", name="role_known"),)
+    __table_args__ = (
+        CheckConstraint("role IN ('user', 'admin')", name="role_known"),
+        CheckConstraint("tier IN ('free', 'standard', 'premium')", name="tier_known"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=new_id)
     username: Mapped[str] = mapped_column(String(64), unique=True)
     email: Mapped[str | None] = mapped_column(String(320), default=None)
-    password_hash: Mapped[str] = mapped_column(String(255))
+    # NULL for service accounts, which authenticate only with API keys.
+    password_hash: Mapped[str | None] = mapped_column(String(255), default=None)
     role: Mapped[str] = mapped_column(String(16), default=Role.USER.value)
+    tier: Mapped[str] = mapped_column(
+        String(16), default=Tier.STANDARD.value, server_default=Tier.STANDARD.value
+    )
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
     last_login_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+class RefreshToken(Base):
+    """One issued refresh token; a token works once, and reuse revokes its whole family."""
+
+    __tablename__ = "refresh_tokens"
+    __table_args__ = (Index("ix_refresh_tokens_family", "family_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=new_id)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    family_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)

@@ -1,0 +1,1 @@
+"""Usage: every proxied request, recorded off the hot path."""
