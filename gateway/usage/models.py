@@ -24,7 +24,9 @@ class UsageRecord(Base):
     )
 
     id: Mapped[int] = mapped_column(_BIG_ID, primary_key=True, autoincrement=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
     request_id: Mapped[str] = mapped_column(String(128), default="")
     user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)
     api_key_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)
