@@ -90,7 +90,41 @@ class Settings(BaseSettings):
 
     JWT_SECRET: SecretStr | None = None
     JWT_ALGORITHM: str = "HS256"
-    JWT_EXPIRE_HOURS: int = Field(default=24, ge=1)
+    JWT_EXPIRE_HOURS: int = Field(default=1, ge=1, le=24 * 7)
+    JWT_REFRESH_DAYS: int = Field(default=14, ge=1, le=365)
+    JWT_ISSUER: str = "vllm-chat-gateway"
+    JWT_AUDIENCE: str = "vllm-chat-gateway"
+    JWT_LEEWAY_S: int = Field(default=30, ge=0, le=60)
+    # RS*/ES*/EdDSA: PEM files; the private key is needed only to issue tokens.
+    JWT_PRIVATE_KEY_FILE: Path | None = None
+    JWT_PUBLIC_KEY_FILE: Path | None = None
+
+    # Identity: the first admin, and whether /v1 and /api need credentials at all.
+    ADMIN_USERNAME: str = "admin"
+    ADMIN_PASSWORD: SecretStr | None = None
+    REQUIRE_AUTH: bool = True
+    API_KEY_PREFIX: str = Field(default="sk-vcg-", pattern=r"^sk-[a-z0-9-]{0,16}$")
+    # Client IPs are read from X-Forwarded-For only when the peer is one of these proxies.
+    TRUSTED_PROXIES: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Rate limits per tier (seed names) and per IP for routes without credentials.
+    RATE_LIMIT_FREE_PER_MINUTE: int = Field(default=10, ge=0)
+    RATE_LIMIT_FREE_PER_HOUR: int = Field(default=100, ge=0)
+    RATE_LIMIT_STANDARD_PER_MINUTE: int = Field(default=30, ge=0)
+    RATE_LIMIT_STANDARD_PER_HOUR: int = Field(default=300, ge=0)
+    RATE_LIMIT_PREMIUM_PER_MINUTE: int = Field(default=100, ge=0)
+    RATE_LIMIT_PREMIUM_PER_HOUR: int = Field(default=1000, ge=0)
+    RATE_LIMIT_FREE_TOKENS_PER_MINUTE: int = Field(default=10_000, ge=0)
+    RATE_LIMIT_STANDARD_TOKENS_PER_MINUTE: int = Field(default=50_000, ge=0)
+    RATE_LIMIT_PREMIUM_TOKENS_PER_MINUTE: int = Field(default=200_000, ge=0)
+    RATE_LIMIT_REQUESTS: int = Field(default=100, ge=0)
+    RATE_LIMIT_WINDOW: int = Field(default=3600, ge=1)
+    LOGIN_RATE_LIMIT_PER_MINUTE: int = Field(default=10, ge=1)
+    LIMITER_FALLBACK_WARN_INTERVAL_S: float = Field(default=60.0, gt=0)
+
+    # Usage records are written in batches off the request path.
+    USAGE_FLUSH_INTERVAL_S: float = Field(default=1.0, gt=0)
+    USAGE_BATCH_SIZE: int = Field(default=500, ge=1)
 
     CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     LOG_LEVEL: str = "INFO"
@@ -141,7 +175,7 @@ class Settings(BaseSettings):
     jwt_secret_generated: bool = Field(default=False, exclude=True)
     admin_key_generated: bool = Field(default=False, exclude=True)
 
-    @field_validator("CORS_ORIGINS", mode="before")
+    @field_validator("CORS_ORIGINS", "TRUSTED_PROXIES", mode="before")
     @classmethod
     def _parse_origins(cls, value: Any) -> Any:
         """Accept a JSON list (as in the seeds) or a comma-separated string."""
@@ -173,6 +207,22 @@ class Settings(BaseSettings):
         return level
 
     @model_validator(mode="after")
+    def _auth_off_only_on_loopback(self) -> Settings:
+        """REQUIRE_AUTH=false is for a single user on one machine, never on a network."""
+        loopback = self.HOST in {"127.0.0.1", "localhost", "::1"}
+        if not self.REQUIRE_AUTH and not loopback and not self.is_development:
+            raise ValueError("REQUIRE_AUTH=false is only allowed with HOST on the loopback")
+        return self
+
+    @field_validator("JWT_ALGORITHM")
+    @classmethod
+    def _pinned_algorithm(cls, value: str) -> str:
+        allowed = {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "EdDSA"}
+        if value not in allowed:
+            raise ValueError(f"JWT_ALGORITHM must be one of {', '.join(sorted(allowed))}")
+        return value
+
+    @model_validator(mode="after")
     def _admin_key(self) -> Settings:
         """In development, make an admin key up when none is set (printed once at startup)."""
         if self.ADMIN_API_KEY is not None:
@@ -187,6 +237,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_secrets(self) -> Settings:
         """Refuse a missing, short or placeholder JWT secret outside development."""
+        if not self.JWT_ALGORITHM.startswith("HS"):
+            if self.JWT_PUBLIC_KEY_FILE is None:
+                raise ValueError(f"JWT_ALGORITHM={self.JWT_ALGORITHM} needs JWT_PUBLIC_KEY_FILE")
+            return self
         secret = self.JWT_SECRET.get_secret_value() if self.JWT_SECRET else ""
         problem = None
         if not secret:

@@ -30,6 +30,8 @@ def make_settings(**overrides: Any) -> Settings:
         "JWT_SECRET": TEST_SECRET,
         "ENGINE": "none",
         "LOG_FORMAT": "json",
+        # Tests of the proxy and models run without credentials; auth tests turn this on.
+        "REQUIRE_AUTH": False,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
