@@ -13,10 +13,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 
 from gateway import __version__
+from gateway.auth.router import router as auth_router
+from gateway.auth.tokens import check_token_keys
 from gateway.db import create_engine, create_session_factory
 from gateway.engine import ModelControl
 from gateway.errors import install_error_handlers
 from gateway.health.router import router as health_router
+from gateway.keys.router import router as keys_router
 from gateway.logging import configure_logging, get_logger
 from gateway.meta.router import router as meta_router
 from gateway.middleware import RequestContextMiddleware
@@ -25,6 +28,10 @@ from gateway.proxy.router import router as proxy_router
 from gateway.proxy.scheduler import CloudUpstream, Scheduler, SchedulerConfig
 from gateway.settings import EngineMode, Settings
 from gateway.state import AppState
+from gateway.usage.recorder import UsageRecorder
+from gateway.usage.router import router as usage_router
+from gateway.users.router import router as users_router
+from gateway.users.service import bootstrap_identity
 
 log = get_logger(__name__)
 
@@ -66,6 +73,8 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Open the database, Redis, the upstream client and the model manager; close them after."""
     settings: Settings = app.state.settings
+    # Unreadable or mismatched JWT key files stop startup here, not at the first login.
+    check_token_keys(settings)
     if settings.admin_key_generated and settings.ADMIN_API_KEY is not None:
         # Development only: the generated key is shown once so the model API can be tried.
         sys.stderr.write(
@@ -88,18 +97,27 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     gpus = models.inventory()
     log.info("gpu_inventory", count=gpus.count, source=gpus.source, reason=gpus.reason)
     scheduler = Scheduler(models, scheduler_config(settings))
+    session_factory = create_session_factory(db_engine)
+    usage = UsageRecorder(
+        session_factory,
+        flush_interval_s=settings.USAGE_FLUSH_INTERVAL_S,
+        batch_size=settings.USAGE_BATCH_SIZE,
+    )
     state = AppState(
         settings=settings,
         db_engine=db_engine,
-        session_factory=create_session_factory(db_engine),
+        session_factory=session_factory,
         redis=redis,
         http=http,
         models=models,
         scheduler=scheduler,
         engine_required=settings.ENGINE is not EngineMode.NONE,
+        usage=usage,
     )
     app.state.resources = state
+    await bootstrap_identity(settings=settings, session_factory=state.session_factory)
     scheduler.start()
+    usage.start()
     # The engine loads in a background switch job: a slow model load must not block liveness.
     why = await models.startup()
     log.info("engine_plan", reason=why)
@@ -111,6 +129,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*state.background, return_exceptions=True)
         await scheduler.aclose()
+        # After the scheduler: requests still finishing record their usage first.
+        await usage.aclose()
         await models.aclose()
         await http.aclose()
         if redis is not None:
@@ -142,6 +162,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, max_header_bytes=settings.MAX_HEADER_BYTES)
     app.include_router(meta_router)
     app.include_router(health_router)
+    app.include_router(auth_router)
+    app.include_router(users_router)
     app.include_router(models_router)
     app.include_router(proxy_router)
+    app.include_router(keys_router)
+    app.include_router(usage_router)
     return app

@@ -1,4 +1,4 @@
-"""Command line: `vllm-gateway serve | migrate | check-config`."""
+"""Command line: `vllm-gateway serve | migrate | check-config | create-admin`."""
 
 from __future__ import annotations
 
@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     mig.add_argument("direction", choices=["upgrade", "downgrade"], nargs="?", default="upgrade")
     mig.add_argument("revision", nargs="?", help="target revision (default: head / base)")
     sub.add_parser("check-config", help="validate the configuration and exit")
+    admin = sub.add_parser("create-admin", help="create an admin account, or promote a user")
+    admin.add_argument("--username", required=True)
+    admin.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin, not a prompt"
+    )
     args = parser.parse_args(argv)
     settings = load_settings()
     if args.command == "serve":
@@ -69,5 +74,9 @@ def main(argv: list[str] | None = None) -> None:
             migrate.upgrade(settings.DATABASE_URL, args.revision or "head")
         else:
             migrate.downgrade(settings.DATABASE_URL, args.revision or "base")
+    elif args.command == "create-admin":
+        from gateway.auth.admin_cli import create_admin
+
+        create_admin(settings, username=args.username, password_stdin=args.password_stdin)
     else:
         sys.stdout.write(f"configuration is valid ({settings.ENVIRONMENT.value})\n")

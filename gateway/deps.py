@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from gateway.auth.principal import Principal, admin_principal, authenticated_principal
 from gateway.settings import Settings
 from gateway.state import AppState
 from orchestrator.manager import VLLMModelManager
@@ -61,3 +62,17 @@ DbEngineDep = Annotated[AsyncEngine, Depends(get_db_engine)]
 RedisDep = Annotated["Redis | None", Depends(get_redis)]
 HttpDep = Annotated[httpx.AsyncClient, Depends(get_http)]
 ManagerDep = Annotated[VLLMModelManager, Depends(get_manager)]
+
+
+async def get_principal(request: Request, settings: SettingsDep, session: SessionDep) -> Principal:
+    """The caller: 401 without valid credentials (anonymous only when REQUIRE_AUTH is off)."""
+    return await authenticated_principal(request, settings, session)
+
+
+async def get_admin(request: Request, settings: SettingsDep, session: SessionDep) -> Principal:
+    """An admin caller: 401 without credentials, 403 without the admin role."""
+    return await admin_principal(request, settings, session)
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+AdminDep = Annotated[Principal, Depends(get_admin)]

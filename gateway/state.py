@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from gateway.engine import ModelControl
 from gateway.proxy.scheduler import Scheduler
 from gateway.settings import Settings
+from gateway.usage.recorder import UsageRecorder
 from orchestrator.manager import VLLMModelManager
 
 
@@ -28,6 +29,7 @@ class AppState:
     models: ModelControl
     scheduler: Scheduler
     engine_required: bool
+    usage: UsageRecorder
     started_at: float = field(default_factory=time.time)
     background: set[asyncio.Task[object]] = field(default_factory=set)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
 from gateway.deps import StateDep
@@ -24,20 +24,6 @@ def get_scheduler(state: StateDep) -> Scheduler:
 
 
 SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
-# The body is read raw (and forwarded as sent); the schema below only documents it.
-_OPENAI_BODY = Body(
-    media_type="application/json",
-    openapi_examples={
-        "chat": {
-            "value": {
-                "model": "current",
-                "messages": [{"role": "user", "content": "Hello"}],
-                "max_tokens": 100,
-                "stream": False,
-            }
-        }
-    },
-)
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "Invalid request (the error names the field)"},
     404: {"description": "Unknown model, or a model that is not loaded"},
@@ -52,6 +38,31 @@ class RequestBody(BaseModel):
     model: str | None = None
 
 
+# The body is read raw, checked by validation.py and forwarded as sent: it is only documented
+# here. (A body parameter would make FastAPI parse and validate it first, twice the work, and
+# answer malformed JSON with its own error instead of the gateway's.)
+_OPENAI_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": RequestBody.model_json_schema(),
+                "examples": {
+                    "chat": {
+                        "value": {
+                            "model": "current",
+                            "messages": [{"role": "user", "content": "Hello"}],
+                            "max_tokens": 100,
+                            "stream": False,
+                        }
+                    }
+                },
+            }
+        },
+    }
+}
+
+
 def _add_openai_route(route: Route, path: str, description: str) -> None:
     """Register one POST route; the three OpenAI routes differ only in what they relay."""
 
@@ -59,7 +70,6 @@ def _add_openai_route(route: Route, path: str, description: str) -> None:
         request: Request,
         state: StateDep,
         scheduler: SchedulerDep,
-        _doc: Annotated[RequestBody | None, _OPENAI_BODY] = None,
     ) -> RelayResponse:
         return await service.relay(
             state=state,
@@ -77,6 +87,10 @@ def _add_openai_route(route: Route, path: str, description: str) -> None:
         description=description,
         responses=_RESPONSES,
         response_class=RelayResponse,
+        # RelayResponse takes no status_code argument, so FastAPI cannot infer the success
+        # status for the OpenAPI document (it failed to build /openapi.json without this).
+        status_code=200,
+        openapi_extra=_OPENAI_BODY_DOC,
     )
 
 

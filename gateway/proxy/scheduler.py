@@ -32,9 +32,11 @@ class CloudUpstream:
     model_map: dict[str, str] = field(default_factory=dict)
 
     def model_for(self, local_model: str | None) -> str:
-        """The cloud model standing in for a local one."""
+        """The cloud model standing in for a local one; a mapped cloud model is kept as named."""
         if local_model and local_model in self.model_map:
             return self.model_map[local_model]
+        if local_model and local_model in self.model_map.values():
+            return local_model
         return self.default_model
 
 
@@ -125,9 +127,11 @@ class Scheduler:
     async def acquire(self, model: str | None) -> Lease:
         """Wait (bounded) until the request may go to the local engine or the cloud."""
         if self.queue_depth >= self.config.max_waiting:
-            lease = self._overflow(model)
-            if lease is not None:
-                return lease
+            # A full queue refuses only requests that would wait: one that can go now (a free
+            # local slot, or the cloud) still goes. QUEUE_MAX_WAITING=0 means no queue.
+            decision = self._decide(model)
+            if isinstance(decision, Lease):
+                return decision
             raise GatewayError(
                 503,
                 f"The queue is full ({self.config.max_waiting} waiting); retry shortly.",

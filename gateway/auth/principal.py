@@ -1,0 +1,232 @@
+"""Who is calling: one `Principal` per request, from `Authorization: Bearer <credential>`.
+
+The credential is, in this order:
+
+1. the ADMIN_API_KEY (compared in constant time): a break-glass admin for automation and for
+   the time before any admin account exists. Leave it unset when accounts are enough;
+2. an API key (it starts with API_KEY_PREFIX): the key's owner, with the key's tier and models;
+3. a JWT access token: its user, loaded on every request, so deactivating a user, demoting an
+   admin or ending a session takes effect at once.
+
+Routes ask for `PrincipalDep` or `AdminDep` (gateway.deps). The principal also lands on
+`request.state` (`principal`, `user_id`, `key_id`) for the access log.
+"""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import Request
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.auth import tokens
+from gateway.errors import GatewayError
+from gateway.settings import Settings
+from gateway.users import service as users_service
+from gateway.users.models import Role, Tier
+
+Via = Literal["jwt", "api_key", "admin_key", "anonymous"]
+
+_BEARER = "bearer "
+_UNRESOLVED = object()
+_SCOPE_KEY = "gateway.principal"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller of one request."""
+
+    user_id: uuid.UUID | None
+    username: str
+    role: str
+    tier: str
+    via: Via
+    key_id: uuid.UUID | None = None
+    # None: every model; otherwise the names an API key is limited to.
+    allowed_models: tuple[str, ...] | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        """True for the admin role."""
+        return self.role == Role.ADMIN.value
+
+
+ANONYMOUS = Principal(
+    user_id=None,
+    username="anonymous",
+    role=Role.USER.value,
+    tier=Tier.STANDARD.value,
+    via="anonymous",
+)
+ADMIN_KEY_PRINCIPAL = Principal(
+    user_id=None,
+    username="admin-key",
+    role=Role.ADMIN.value,
+    tier=Tier.PREMIUM.value,
+    via="admin_key",
+)
+
+
+def missing_credentials() -> GatewayError:
+    """401 for a request that sent no credentials."""
+    return GatewayError(
+        401,
+        "Missing credentials: send 'Authorization: Bearer <access token or API key>'.",
+        code="missing_credentials",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def admin_required() -> GatewayError:
+    """403 for an authenticated caller without the admin role."""
+    return GatewayError(403, "This route needs the admin role.", code="admin_required")
+
+
+def bearer_token(request: Request) -> str | None:
+    """The bearer credential, None when no Authorization header was sent; 401 for other schemes."""
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    if header[: len(_BEARER)].lower() != _BEARER or not header[len(_BEARER) :].strip():
+        raise GatewayError(
+            401,
+            "Unsupported Authorization header: use 'Bearer <access token or API key>'.",
+            code="invalid_credentials",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return header[len(_BEARER) :].strip()
+
+
+async def resolve_principal(
+    request: Request, settings: Settings, session: AsyncSession
+) -> Principal | None:
+    """The caller, None when no credentials were sent; 401 when the credentials are bad.
+
+    Resolved once per request; later calls return the same principal.
+    """
+    # Cached in the scope, which is this request's own; `request.state` may be a dict shared
+    # with other requests (ASGI servers copy the lifespan state, not every harness does).
+    cached = request.scope.get(_SCOPE_KEY, _UNRESOLVED)
+    if cached is not _UNRESOLVED:
+        return cached if isinstance(cached, Principal) else None
+    token = bearer_token(request)
+    principal = None if token is None else await _principal_for(token, settings, session)
+    request.scope[_SCOPE_KEY] = principal
+    request.state.principal = principal
+    request.state.user_id = str(principal.user_id) if principal and principal.user_id else None
+    request.state.key_id = str(principal.key_id) if principal and principal.key_id else None
+    return principal
+
+
+async def authenticated_principal(
+    request: Request, settings: Settings, session: AsyncSession
+) -> Principal:
+    """The caller; 401 without credentials unless REQUIRE_AUTH is off (then anonymous)."""
+    principal = await resolve_principal(request, settings, session)
+    if principal is not None:
+        return principal
+    if not settings.REQUIRE_AUTH:
+        return ANONYMOUS
+    raise missing_credentials()
+
+
+async def admin_principal(request: Request, settings: Settings, session: AsyncSession) -> Principal:
+    """An admin caller; 401 without credentials (whatever REQUIRE_AUTH says), 403 otherwise."""
+    try:
+        principal = await resolve_principal(request, settings, session)
+    except GatewayError as exc:
+        token = _raw_bearer(request)
+        if (
+            exc.status_code == 401
+            and settings.ADMIN_API_KEY is None
+            and token is not None
+            and not tokens.looks_like_jwt(token)
+            and not token.startswith(settings.API_KEY_PREFIX)
+        ):
+            # An admin-key-shaped credential while admin keys are switched off: say so, as the
+            # model API always has, instead of a bare "invalid".
+            raise GatewayError(
+                403,
+                "The admin key is disabled (ADMIN_API_KEY is not set): "
+                "log in as an admin user (POST /admin/api/login) instead.",
+                code="admin_disabled",
+            ) from None
+        raise
+    if principal is None:
+        raise missing_credentials()
+    if not principal.is_admin:
+        raise admin_required()
+    return principal
+
+
+def _raw_bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header[: len(_BEARER)].lower() != _BEARER:
+        return None
+    return header[len(_BEARER) :].strip() or None
+
+
+async def _principal_for(token: str, settings: Settings, session: AsyncSession) -> Principal:
+    admin_key = settings.ADMIN_API_KEY
+    # Constant-time: the time taken says nothing about how much of the key matched.
+    if admin_key is not None and hmac.compare_digest(
+        token.encode(), admin_key.get_secret_value().encode()
+    ):
+        return ADMIN_KEY_PRINCIPAL
+    try:
+        if token.startswith(settings.API_KEY_PREFIX):
+            return await _api_key_principal(token, settings, session)
+        return await _jwt_principal(token, settings, session)
+    except (OperationalError, InterfaceError, OSError, TimeoutError):
+        # Fail closed, and say it is temporary: the credentials may well be fine.
+        raise GatewayError(
+            503,
+            "The user database is unavailable; try again shortly.",
+            code="database_unavailable",
+            headers={"Retry-After": "5"},
+        ) from None
+
+
+async def _jwt_principal(token: str, settings: Settings, session: AsyncSession) -> Principal:
+    claims = tokens.decode_token(settings, token, expected_type="access")
+    user = await users_service.load_session_user(
+        session=session, user_id=claims.user_id, family_id=claims.family_id
+    )
+    if user is None:
+        raise tokens.invalid_token()
+    return Principal(
+        user_id=user.id, username=user.username, role=user.role, tier=user.tier, via="jwt"
+    )
+
+
+async def _api_key_principal(token: str, settings: Settings, session: AsyncSession) -> Principal:
+    # Imported here: the keys package builds on users; importing it lazily keeps startup order
+    # free of cycles.
+    from gateway.keys.service import authenticate_key
+
+    found = await authenticate_key(session=session, raw_key=token, settings=settings)
+    if found is None or not found[1].is_active:
+        raise _invalid_api_key()
+    key, user = found
+    return Principal(
+        user_id=user.id,
+        username=user.username,
+        role=user.role,
+        tier=key.tier,
+        via="api_key",
+        key_id=key.id,
+        allowed_models=tuple(key.allowed_models) if key.allowed_models is not None else None,
+    )
+
+
+def _invalid_api_key() -> GatewayError:
+    return GatewayError(
+        401,
+        "Invalid API key.",
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+    )

@@ -1,0 +1,217 @@
+"""Faults with real engines: client disconnects, engine errors, deaths, stalls, unreachable."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import pytest
+
+from .conftest import HELLO, Gateway, eventually, gateway, gateway_settings, sim_profile
+
+IGNORE_EOS = {"ignore_eos": True}
+
+
+def _content(chunk: Any) -> str:
+    return (chunk.choices[0].delta.content or "") if chunk.choices else ""
+
+
+async def _collect(stream: Any, deltas: list[str]) -> None:
+    """Read a stream to its end (or its error), keeping the content deltas."""
+    async for chunk in stream:
+        if _content(chunk):
+            deltas.append(_content(chunk))
+
+
+def _one_profile(*flags: str, **settings: Any) -> Any:
+    return gateway_settings({"sim": sim_profile("sim", *flags)}, "sim", **settings)
+
+
+@pytest.fixture(scope="module")
+async def slow() -> AsyncIterator[Gateway]:
+    """An engine that decodes 20 tokens per second per stream."""
+    async with gateway(_one_profile("--tokens-per-second", "20")) as served:
+        yield served
+
+
+async def _aborted_and_released(gw: Gateway, engine_url: str, aborted: int) -> dict[str, Any]:
+    """Within 2 s: the engine counted the abort, runs nothing, and the gateway holds no slot."""
+
+    async def settled() -> dict[str, Any] | None:
+        stats = await gw.sim_stats(engine_url)
+        lb = await gw.lb()
+        engine_done = stats["aborted_total"] == aborted and stats["running"] == 0
+        if engine_done and lb["local_requests"] == 0 and lb["current_requests"] == 0:
+            return stats
+        return None
+
+    result: dict[str, Any] = await eventually(settled, timeout_s=2.0, interval_s=0.02)
+    return result
+
+
+async def test_client_disconnect_mid_stream_aborts_the_engine_request(slow: Gateway) -> None:
+    engine_url = await slow.wait_ready()
+    before = await slow.sim_stats(engine_url)
+    async with slow.sdk() as sdk:
+        stream = await sdk.chat.completions.create(
+            model="sim", messages=HELLO, max_tokens=200, stream=True, extra_body=IGNORE_EOS
+        )
+        deltas = []
+        async for chunk in stream:
+            if _content(chunk):
+                deltas.append(_content(chunk))
+            if len(deltas) == 3:
+                break
+        during_lb = await slow.lb()
+        during = await slow.sim_stats(engine_url)
+        await stream.close()
+        closed = time.monotonic()
+        after = await _aborted_and_released(slow, engine_url, before["aborted_total"] + 1)
+    assert time.monotonic() - closed < 2.0
+    assert during_lb["local_requests"] == 1
+    assert during["running"] == 1
+    # 200 tokens at 20/s would take 10 s: the engine stopped early, it did not finish.
+    assert after["completed_total"] == before["completed_total"]
+    assert after["generation_tokens_total"] - before["generation_tokens_total"] < 50
+
+
+async def test_client_disconnect_before_a_whole_reply_aborts_the_engine_request(
+    slow: Gateway,
+) -> None:
+    engine_url = await slow.wait_ready()
+    before = await slow.sim_stats(engine_url)
+    async with slow.sdk(timeout=0.5) as sdk:
+        started = time.monotonic()
+        with pytest.raises(openai.APITimeoutError):
+            await sdk.chat.completions.create(
+                model="sim", messages=HELLO, max_tokens=100, extra_body=IGNORE_EOS
+            )
+    gone = time.monotonic()
+    after = await _aborted_and_released(slow, engine_url, before["aborted_total"] + 1)
+    assert gone - started < 2.0
+    assert after["requests_total"] == before["requests_total"] + 1
+    assert after["completed_total"] == before["completed_total"]
+
+
+async def test_engine_error_after_200_reaches_the_client_as_an_error_event() -> None:
+    async with gateway(_one_profile("--error-after-chunks", "3")) as gw:
+        async with gw.sdk() as sdk:
+            stream = await sdk.chat.completions.create(
+                model="sim", messages=HELLO, max_tokens=20, stream=True, extra_body=IGNORE_EOS
+            )
+            deltas: list[str] = []
+            with pytest.raises(openai.APIError) as raised:
+                await _collect(stream, deltas)
+        lb = await gw.lb()
+        # The raw stream: deltas, the engine's error event as it sent it, then [DONE].
+        async with gw.http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={"messages": HELLO, "max_tokens": 20, "stream": True},
+        ) as response:
+            lines = [line async for line in response.aiter_lines() if line.startswith("data:")]
+    assert len(deltas) == 3
+    assert "Simulated engine error" in raised.value.message
+    assert not isinstance(raised.value, openai.APIStatusError)  # it came after the 200
+    assert lb["local_requests"] == 0
+    assert response.status_code == 200
+    assert lines[-2].startswith('data: {"error"')
+    assert lines[-1] == "data: [DONE]"
+
+
+async def test_engine_dying_mid_stream_ends_with_upstream_disconnected() -> None:
+    async with gateway(_one_profile("--die-after-chunks", "3")) as gw:
+        pid = int(gw.manager.handle.id)
+        async with gw.sdk() as sdk:
+            stream = await sdk.chat.completions.create(
+                model="sim", messages=HELLO, max_tokens=20, stream=True, extra_body=IGNORE_EOS
+            )
+            deltas: list[str] = []
+            with pytest.raises(openai.APIError) as raised:
+                await _collect(stream, deltas)
+            lb = await gw.lb()
+            # The engine is gone: the next request is refused by the gateway, not hung.
+            with pytest.raises(openai.InternalServerError) as next_request:
+                await sdk.chat.completions.create(model="sim", messages=HELLO, max_tokens=2)
+    # The engine really died (the gateway reaped it on shutdown).
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert len(deltas) == 3
+    assert raised.value.code == "upstream_disconnected"
+    assert raised.value.type == "service_unavailable_error"
+    assert lb["local_requests"] == 0
+    assert next_request.value.status_code == 503
+    assert next_request.value.code == "engine_unavailable"
+
+
+async def test_engine_stall_ends_the_stream_with_upstream_stalled() -> None:
+    settings = _one_profile("--stall-after-chunks", "2", STREAM_IDLE_TIMEOUT_S=1)
+    async with gateway(settings) as gw:
+        engine_url = await gw.wait_ready()
+        async with gw.sdk() as sdk:
+            started = time.monotonic()
+            stream = await sdk.chat.completions.create(
+                model="sim", messages=HELLO, max_tokens=20, stream=True, extra_body=IGNORE_EOS
+            )
+            deltas: list[str] = []
+            with pytest.raises(openai.APIError) as raised:
+                await _collect(stream, deltas)
+            elapsed = time.monotonic() - started
+        # The gateway hung up on the stalled engine, which counts the request as aborted.
+        stats = await _aborted_and_released(gw, engine_url, 1)
+    assert len(deltas) == 2
+    assert raised.value.code == "upstream_stalled"
+    assert raised.value.type == "timeout_error"
+    assert 0.9 < elapsed < 3.0
+    assert stats["completed_total"] == 0
+
+
+async def test_unreachable_engine_is_503_from_the_gateway() -> None:
+    async with gateway(_one_profile()) as gw:
+        async with gw.sdk() as sdk:
+            ok = await sdk.chat.completions.create(model="sim", messages=HELLO, max_tokens=2)
+            os.killpg(int(gw.manager.handle.id), signal.SIGKILL)
+            await asyncio.sleep(0.2)
+            with pytest.raises(openai.InternalServerError) as whole:
+                await sdk.chat.completions.create(model="sim", messages=HELLO, max_tokens=2)
+            with pytest.raises(openai.InternalServerError) as streamed:
+                await sdk.chat.completions.create(
+                    model="sim", messages=HELLO, max_tokens=2, stream=True
+                )
+        lb = await gw.lb()
+    assert ok.model == "sim"
+    for raised in (whole.value, streamed.value):
+        assert raised.status_code == 503
+        assert raised.code == "engine_unavailable"
+        assert raised.response.headers["x-error-source"] == "gateway"
+        assert raised.response.headers["retry-after"]
+        assert raised.response.headers["x-gateway-route"] == "local"
+    assert lb["local_requests"] == 0
+
+
+async def test_engine_errors_pass_through_with_their_status_and_body() -> None:
+    too_long = [{"role": "user", "content": "word " * 200}]
+    async with gateway(_one_profile("--max-model-len", "64")) as gw:
+        engine_url = await gw.wait_ready()
+        body = {"model": "sim", "messages": too_long, "max_tokens": 4}
+        direct = await gw.http.post(f"{engine_url}/v1/chat/completions", json=body)
+        relayed = await gw.http.post("/v1/chat/completions", json=body)
+        relayed_stream = await gw.http.post("/v1/chat/completions", json={**body, "stream": True})
+        async with gw.sdk() as sdk:
+            with pytest.raises(openai.BadRequestError) as raised:
+                await sdk.chat.completions.create(model="sim", messages=too_long, max_tokens=4)
+    assert direct.status_code == 400
+    assert relayed.status_code == direct.status_code
+    assert relayed.json() == direct.json()
+    assert relayed.headers["x-error-source"] == "upstream"
+    assert relayed.headers["x-gateway-route"] == "local"
+    assert relayed_stream.status_code == 400
+    assert relayed_stream.headers["x-error-source"] == "upstream"
+    assert "maximum context length" in relayed_stream.json()["message"]
+    assert raised.value.response.headers["x-error-source"] == "upstream"
+    assert "maximum context length" in raised.value.message
