@@ -20,6 +20,7 @@ from gateway.engine import ModelControl
 from gateway.errors import install_error_handlers
 from gateway.health.router import router as health_router
 from gateway.keys.router import router as keys_router
+from gateway.limits.factory import build_limiters
 from gateway.logging import configure_logging, get_logger
 from gateway.meta.router import router as meta_router
 from gateway.middleware import RequestContextMiddleware
@@ -113,6 +114,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         scheduler=scheduler,
         engine_required=settings.ENGINE is not EngineMode.NONE,
         usage=usage,
+        limiters=build_limiters(settings, redis),
     )
     app.state.resources = state
     await bootstrap_identity(settings=settings, session_factory=state.session_factory)

@@ -39,7 +39,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = _request_id_from(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
+        # A request's own state: servers copy the lifespan state per request, not every harness.
+        scope["state"] = {**(scope.get("state") or {}), "request_id": request_id}
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()

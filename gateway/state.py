@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.engine import ModelControl
+from gateway.limits.factory import Limiters
 from gateway.proxy.scheduler import Scheduler
 from gateway.settings import Settings
 from gateway.usage.recorder import UsageRecorder
@@ -30,6 +31,7 @@ class AppState:
     scheduler: Scheduler
     engine_required: bool
     usage: UsageRecorder
+    limiters: Limiters
     started_at: float = field(default_factory=time.time)
     background: set[asyncio.Task[object]] = field(default_factory=set)
 

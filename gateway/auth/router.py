@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from gateway.auth.principal import Principal, admin_required, bearer_token
@@ -15,8 +15,9 @@ from gateway.auth.schemas import (
     TokenResponse,
     parse_login,
 )
-from gateway.deps import PrincipalDep, SessionDep, SettingsDep
+from gateway.deps import PrincipalDep, SessionDep, SettingsDep, StateDep
 from gateway.errors import GatewayError
+from gateway.limits.enforce import check_login
 from gateway.responses import JSONResponse
 from gateway.users import service
 from gateway.users.models import Role
@@ -26,7 +27,14 @@ router = APIRouter(tags=["auth"])
 
 # A login is two short strings; anything bigger is not a login.
 MAX_LOGIN_BODY_BYTES = 16 * 1024
+
+
 # RFC 6749 5.1: responses that carry tokens must not be cached.
+async def login_rate_limit(request: Request, state: StateDep) -> None:
+    """Per-IP login attempts (fails closed with 503 while the shared limiter is down)."""
+    await check_login(limiter=state.limiters.strict, settings=state.settings, request=request)
+
+
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 _AUTH_ERRORS: dict[int | str, dict[str, str]] = {
     400: {"description": "Malformed request"},
@@ -39,6 +47,7 @@ _AUTH_ERRORS: dict[int | str, dict[str, str]] = {
     response_model=TokenResponse,
     openapi_extra=LOGIN_OPENAPI,
     responses=_AUTH_ERRORS,
+    dependencies=[Depends(login_rate_limit)],
 )
 async def login(request: Request, settings: SettingsDep, session: SessionDep) -> JSONResponse:
     """Log in with username and password (JSON or an OAuth2 password form): a token pair."""
@@ -50,6 +59,7 @@ async def login(request: Request, settings: SettingsDep, session: SessionDep) ->
     response_model=TokenResponse,
     openapi_extra=LOGIN_OPENAPI,
     responses={**_AUTH_ERRORS, 403: {"description": "Not an admin"}},
+    dependencies=[Depends(login_rate_limit)],
 )
 async def admin_login(request: Request, settings: SettingsDep, session: SessionDep) -> JSONResponse:
     """Log in to the admin console: like /api/auth/login, but only for admins."""

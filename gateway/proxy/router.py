@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
-from gateway.deps import StateDep
+from gateway.deps import PrincipalDep, StateDep
 from gateway.proxy import service
 from gateway.proxy.scheduler import Scheduler
 from gateway.proxy.upstream import RelayResponse
@@ -70,13 +70,10 @@ def _add_openai_route(route: Route, path: str, description: str) -> None:
         request: Request,
         state: StateDep,
         scheduler: SchedulerDep,
+        principal: PrincipalDep,
     ) -> RelayResponse:
         return await service.relay(
-            state=state,
-            scheduler=scheduler,
-            route=route,
-            raw=await request.body(),
-            request_state=request.state,
+            state=state, scheduler=scheduler, route=route, request=request, principal=principal
         )
 
     router.add_api_route(
@@ -123,7 +120,7 @@ class ModelList(BaseModel):
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(state: StateDep) -> ModelList:
+async def list_models(state: StateDep, _principal: PrincipalDep) -> ModelList:
     """Every profile's served name and aliases, with its state (ready, loading, available,
     does_not_fit)."""
     return ModelList(data=[ModelEntry(**entry) for entry in service.model_entries(state=state)])
@@ -146,7 +143,7 @@ class LbStatus(BaseModel):
 
 
 @router.get("/lb/status", response_model=LbStatus, tags=["load balancing"])
-async def lb_status(state: StateDep, scheduler: SchedulerDep) -> LbStatus:
+async def lb_status(state: StateDep, scheduler: SchedulerDep, _principal: PrincipalDep) -> LbStatus:
     """Load balancer state: local concurrency, queue, overflow to the cloud upstream."""
     status = state.manager.status()
     cloud = scheduler.config.cloud

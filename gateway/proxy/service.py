@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Coroutine
 from typing import Any
 
-from gateway.proxy.scheduler import Lease, Scheduler
+from fastapi import Request
+
+from gateway.auth.principal import Principal
+from gateway.errors import GatewayError
+from gateway.limits.enforce import check_inference
+from gateway.proxy.scheduler import CURRENT, Lease, Scheduler
 from gateway.proxy.upstream import Outcome, RelayResponse
 from gateway.proxy.validation import Limits, Route, parse_request
 from gateway.settings import Settings
@@ -31,33 +38,81 @@ def route_timeout(settings: Settings, route: Route) -> float:
 
 
 async def relay(
-    *, state: AppState, scheduler: Scheduler, route: Route, raw: bytes, request_state: Any
+    *,
+    state: AppState,
+    scheduler: Scheduler,
+    route: Route,
+    request: Request,
+    principal: Principal,
 ) -> RelayResponse:
-    """Validate, admit (local, cloud or wait) and build the response that relays the request."""
+    """Validate, check the caller's model scope and limits, admit (local, cloud or wait) and
+    build the response that relays the request; usage is counted when it finishes."""
     settings = state.settings
-    request = parse_request(route, raw, limits_from(settings))
-    request_state.model = request.model
-    lease: Lease = await scheduler.acquire(request.model)
+    checked = parse_request(route, await request.body(), limits_from(settings))
+    request.state.model = checked.model
+    _check_model_scope(principal, checked.model, state)
+    limit_key, token_rules, limit_headers = await check_inference(
+        limiter=state.limiters.inference, settings=settings, principal=principal, request=request
+    )
+    lease: Lease = await scheduler.acquire(checked.model)
+    request_id = str(request.scope.get("state", {}).get("request_id", ""))
 
     def finished(outcome: Outcome) -> None:
         lease.release()
-        request_state.upstream = lease.target.route_name
-        request_state.usage = outcome.usage
-        request_state.upstream_ms = round((time.perf_counter() - outcome.started) * 1000, 2)
+        usage = outcome.usage or {}
+        total = int(usage.get("total_tokens") or 0)
+        if total and token_rules:
+            # Tokens count when they are known (a stream's at its end), off the response path.
+            _background(state, state.limiters.inference.add(limit_key, token_rules, total))
+        state.usage.record(
+            user_id=principal.user_id,
+            key_id=principal.key_id,
+            endpoint=route.value,
+            model=lease.target.model,
+            status_code=outcome.status or 499,
+            duration_ms=round((time.perf_counter() - outcome.started) * 1000),
+            usage=usage,
+            route=lease.target.route_name,
+            request_id=request_id,
+        )
+        request.state.upstream = lease.target.route_name
+        request.state.usage = outcome.usage
 
     try:
         return RelayResponse(
             http=state.http,
-            request=request,
+            request=checked,
             target=lease.target,
             timeout_s=route_timeout(settings, route),
             idle_timeout_s=settings.STREAM_IDLE_TIMEOUT_S,
             connect_timeout_s=settings.UPSTREAM_CONNECT_TIMEOUT_S,
             on_finish=finished,
+            extra_headers=limit_headers,
         )
     except BaseException:
         lease.release()
         raise
+
+
+def _check_model_scope(principal: Principal, model: str | None, state: AppState) -> None:
+    """A key limited to some models gets 403 for any other (the active one for "current")."""
+    allowed = principal.allowed_models
+    if allowed is None:
+        return
+    names = [model] if model and model != CURRENT else list(state.manager.status().served_names)
+    if not any(name in allowed for name in names):
+        raise GatewayError(
+            403,
+            f"This API key may not use the model '{model or CURRENT}'.",
+            code="model_not_allowed",
+            param="model",
+        )
+
+
+def _background(state: AppState, coroutine: Coroutine[Any, Any, None]) -> None:
+    task: asyncio.Task[object] = asyncio.ensure_future(coroutine)
+    state.background.add(task)
+    task.add_done_callback(state.background.discard)
 
 
 def model_entries(*, state: AppState) -> list[dict[str, Any]]:

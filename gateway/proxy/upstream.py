@@ -85,8 +85,12 @@ class RelayResponse(Response):
         idle_timeout_s: float,
         connect_timeout_s: float,
         on_finish: Callable[[Outcome], None],
+        extra_headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
+        self._extra_headers = [
+            (name.lower().encode(), value.encode()) for name, value in (extra_headers or {}).items()
+        ]
         self._http = http
         self._request = request
         self._target = target
@@ -131,6 +135,7 @@ class RelayResponse(Response):
         ]
         if upstream_error:
             headers.append((b"x-error-source", b"upstream"))
+        headers.extend(self._extra_headers)
         return headers
 
     async def _send_gateway_error(self, send: Send, status: int, message: str, code: str) -> None:

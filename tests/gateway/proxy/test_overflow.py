@@ -187,7 +187,10 @@ async def test_auto_switch_still_switches_when_a_cloud_is_configured(cloud: str)
     async with gateway(_cloud_settings(cloud, profiles, "sim-a", AUTO_SWITCH=True)) as gw:
         body = {"model": "sim-b", "messages": HELLO, "max_tokens": 2}
         first = await gw.http.post("/v1/chat/completions", json=body)
-        await gw.wait_ready("sim-b", timeout_s=2)
+        status = (await gw.http.get("/api/models/status", headers=AUTH)).json()
+        # The request started a switch to sim-b (it may itself be served by the cloud meanwhile).
+        assert status["engine"]["profile_id"] == "sim-b" or status["job"] is not None
+        await gw.wait_ready("sim-b", timeout_s=10)
         later = await gw.http.post("/v1/chat/completions", json=body)
     assert first.status_code == 200
     assert later.headers["x-gateway-route"] == "local"

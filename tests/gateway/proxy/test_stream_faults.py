@@ -215,3 +215,31 @@ async def test_engine_errors_pass_through_with_their_status_and_body() -> None:
     assert "maximum context length" in relayed_stream.json()["message"]
     assert raised.value.response.headers["x-error-source"] == "upstream"
     assert "maximum context length" in raised.value.message
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: the scheduler does not watch the client while a request is queued, so a "
+    "client that left keeps its place (and QUEUE_MAX_WAITING room), then is sent to the engine",
+)
+async def test_client_leaving_while_queued_gives_up_its_place() -> None:
+    settings = _one_profile("--tokens-per-second", "20", MAX_QUEUE_SIZE=1)
+    body = {"messages": HELLO, "max_tokens": 20, "ignore_eos": True}
+    async with gateway(settings) as gw:
+        engine_url = await gw.wait_ready()
+        running = asyncio.create_task(gw.http.post("/v1/chat/completions", json=body))
+        await eventually(lambda: _lb_is(gw, local_requests=1))
+        async with gw.sdk(timeout=0.3) as sdk:
+            with pytest.raises(openai.APITimeoutError):
+                await sdk.chat.completions.create(model="sim", messages=HELLO, max_tokens=2)
+        try:
+            await eventually(lambda: _lb_is(gw, local_requests=1, queue_depth=0), 0.5)
+        finally:
+            assert (await running).status_code == 200
+        stats = await gw.sim_stats(engine_url)
+    assert stats["requests_total"] == 1
+
+
+async def _lb_is(gw: Gateway, **expected: int) -> bool:
+    lb = await gw.lb()
+    return all(lb[name] == value for name, value in expected.items())

@@ -1,0 +1,89 @@
+"""What the routes call: who is counted, which rules apply, and the 429s."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from fastapi import Request
+
+from gateway.auth.principal import Principal
+from gateway.errors import GatewayError
+from gateway.limits.base import Decision, Limiter, LimiterUnavailable
+from gateway.limits.rules import Rule, ip_rules, login_rules, tier_rules
+from gateway.settings import Settings
+
+
+def client_ip(request: Request, settings: Settings) -> str:
+    """The caller's address; X-Forwarded-For is believed only from a trusted proxy."""
+    peer = request.client.host if request.client else "unknown"
+    if peer not in settings.TRUSTED_PROXIES:
+        return peer
+    forwarded = request.headers.get("x-forwarded-for", "")
+    # The right-most address not added by one of our proxies is the client.
+    for hop in reversed([part.strip() for part in forwarded.split(",") if part.strip()]):
+        if hop in settings.TRUSTED_PROXIES:
+            continue
+        try:
+            return str(ipaddress.ip_address(hop))
+        except ValueError:
+            break
+    return peer
+
+
+def subject(principal: Principal, request: Request, settings: Settings) -> str:
+    """The limiter key: the API key, else the user, else the client IP."""
+    if principal.key_id is not None:
+        return f"key:{principal.key_id}"
+    if principal.user_id is not None:
+        return f"user:{principal.user_id}"
+    return f"ip:{client_ip(request, settings)}"
+
+
+def _denied(decision: Decision, what: str, code: str) -> GatewayError:
+    return GatewayError(
+        429,
+        f"Rate limit exceeded ({what}); retry after {decision.retry_after_s}s.",
+        code=code,
+        headers=decision.headers(),
+    )
+
+
+def _unavailable(exc: LimiterUnavailable) -> GatewayError:
+    return GatewayError(
+        503,
+        "Rate limiting is unavailable, so this route is closed for now; retry shortly.",
+        code="limiter_unavailable",
+        headers={"Retry-After": str(exc.retry_after_s)},
+    )
+
+
+async def check_inference(
+    *, limiter: Limiter, settings: Settings, principal: Principal, request: Request
+) -> tuple[str, tuple[Rule, ...], dict[str, str]]:
+    """Count one request (and check the token budget); 429 when over; returns what to add to
+    later (key, token rules) and the X-RateLimit-* headers."""
+    key = subject(principal, request, settings)
+    if principal.via == "admin_key":
+        return key, (), {}
+    rules = tier_rules(settings, principal.tier)
+    tokens = rules.tokens
+    # Without credentials (REQUIRE_AUTH off) a client is its IP, under the per-IP limit.
+    requests = ip_rules(settings) if principal.via == "anonymous" else rules.requests
+    decision = await limiter.hit(key, requests)
+    if not decision.allowed:
+        raise _denied(decision, "requests", "rate_limit_exceeded")
+    budget = await limiter.peek(key, tokens)
+    if not budget.allowed:
+        raise _denied(budget, "tokens per minute", "token_rate_limit_exceeded")
+    return key, tokens, {**decision.headers(), **budget.headers()}
+
+
+async def check_login(*, limiter: Limiter, settings: Settings, request: Request) -> None:
+    """Per-IP limit on login; fails closed (503) when the shared limiter is down."""
+    key = f"login:{client_ip(request, settings)}"
+    try:
+        decision = await limiter.hit(key, login_rules(settings))
+    except LimiterUnavailable as exc:
+        raise _unavailable(exc) from None
+    if not decision.allowed:
+        raise _denied(decision, "login attempts", "rate_limit_exceeded")
