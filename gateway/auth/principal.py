@@ -126,7 +126,8 @@ async def authenticated_principal(
     request: Request, settings: Settings, session: AsyncSession
 ) -> Principal:
     """The caller; 401 without credentials unless REQUIRE_AUTH is off (then anonymous)."""
-    if not settings.REQUIRE_AUTH and not _looks_like_ours(bearer_token(request), settings):
+    token = bearer_token(request)
+    if not settings.REQUIRE_AUTH and token is not None and not _looks_like_ours(token, settings):
         # Clients must send some key (the OpenAI SDK always does: "not-needed" in the seed's
         # examples); with auth off, a token that is neither our key nor a JWT is ignored.
         return ANONYMOUS
@@ -138,9 +139,7 @@ async def authenticated_principal(
     raise missing_credentials()
 
 
-def _looks_like_ours(token: str | None, settings: Settings) -> bool:
-    if token is None:
-        return False
+def _looks_like_ours(token: str, settings: Settings) -> bool:
     return token.startswith(settings.API_KEY_PREFIX) or token.count(".") == 2
 
 

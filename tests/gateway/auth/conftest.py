@@ -32,6 +32,8 @@ def auth_settings(database_url: str, **overrides: Any) -> Settings:
         "REQUIRE_AUTH": True,
         "ADMIN_PASSWORD": ADMIN_PASSWORD,
         "DATABASE_URL": database_url,
+        # Many logins from one test client; the login limit has its own tests.
+        "LOGIN_RATE_LIMIT_PER_MINUTE": 10_000,
     }
     values.update(overrides)
     return make_settings(**values)

@@ -188,7 +188,10 @@ async def test_anonymous_principal_only_when_auth_is_off(
         client,
     ):
         anonymous = await client.get("/api/auth/me")
-        bad = await client.get("/api/auth/me", headers=bearer("garbage"))
+        bad = await client.get("/api/auth/me", headers=bearer("not.a.jwt"))
+        bad_key = await client.get("/api/auth/me", headers=bearer("sk-vcg-not-a-real-key"))
+        # The seed's clients send a placeholder key ("not-needed") when none is required.
+        placeholder = await client.get("/api/auth/me", headers=bearer("not-needed"))
         basic = await client.get("/api/auth/me", headers={"Authorization": "Basic YTpi"})
         edit = await client.patch("/api/auth/me", json={"email": "a@b.cd"})
     assert anonymous.status_code == 200
@@ -201,8 +204,11 @@ async def test_anonymous_principal_only_when_auth_is_off(
         "is_active": True,
         "via": "anonymous",
     }
-    # Credentials that were sent must be valid, even when none are required.
+    # Credentials that look like ours must be valid, even when none are required.
     assert_openai_error(bad, 401, "invalid_token")
+    assert bad_key.status_code == 401
+    assert placeholder.status_code == 200
+    assert placeholder.json()["via"] == "anonymous"
     assert_openai_error(basic, 401, "invalid_credentials")
     assert_openai_error(edit, 403, "no_account")
 
