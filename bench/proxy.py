@@ -13,16 +13,19 @@ measures:
 - 64 concurrent streams (max_tokens 64, ignore_eos): time to first token p50 and aggregate
   tokens/s (target: ratio >= 0.95), against the fast simulator and against a paced one
   (--paced-tps tokens/s per stream, closer to a real engine);
-- the cost of each feature: a second gateway with the feature's environment, against the one with
-  everything off (latency c=1 and req/s c=64). Features not built yet print "n/a".
+- the cost of each feature (FEATURES: a name and its environment overrides): a gateway with the
+  feature on against the baseline gateway with everything off (BASELINE_ENV), latency c=1 and
+  req/s c=64 and gateway CPU per request. Features not built yet print "n/a (not built yet)".
 
 The load generator runs in this process on uvloop with aiohttp (5-50x less CPU per request than
 httpx here, see bench/upstream_clients.py), and the CPU time of every process is read from /proc,
 so one can see who was busy. On a small machine the gateway competes for the same cores as the
 simulator and the load generator: CPU microseconds per request are the portable numbers.
-With --profile, py-spy samples the gateway under load and the top functions are printed.
+With --profile (or --profile-only), py-spy samples the baseline gateway under load (chat c=1,
+chat c=64, 64 streams) and prints where its time goes, by concern and by function.
+--gateway-cmd serves the gateways with another command (same environment) to A/B a prototype.
 
-    .venv/bin/python bench/proxy.py [--quick] [--rounds 4] [--duration 2.5] [--profile]
+    .venv/bin/python bench/proxy.py [--quick] [--rounds 4] [--duration 2] [--profile]
 
 Loopback only; every process it starts is stopped on exit, Ctrl-C, error, or a hard deadline,
 and dies with this process (PR_SET_PDEATHSIG) should it be killed.
@@ -35,6 +38,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -67,7 +71,8 @@ class Feature:
 
     name: str
     env: dict[str, str] | None
-    headers: dict[str, str] = field(default_factory=dict)  # what a client must send with it
+    api_key: bool = False  # requests carry a user's API key (created through the admin API)
+    note: str = ""
 
     @property
     def built(self) -> bool:
@@ -75,15 +80,37 @@ class Feature:
         return self.env is not None
 
 
-# Each feature is measured as a gateway with these overrides vs the baseline (all off).
+_TIERS = ("FREE", "STANDARD", "PREMIUM")
+_HIGH = "60000000"  # per minute: the highest a rule accepts (window_s * 1e6); never reached here
+# The baseline gateway: every feature that can be switched off is off. (A setting the gateway
+# does not know is ignored; usage recording cannot be switched off and is part of it.)
+BASELINE_ENV = {
+    "LOG_LEVEL": "WARNING",
+    "REQUIRE_AUTH": "false",
+    "RATE_LIMIT_REQUESTS": "0",
+    **{f"RATE_LIMIT_{t}_{w}": "0" for t in _TIERS for w in ("PER_MINUTE", "PER_HOUR")},
+    **{f"RATE_LIMIT_{t}_TOKENS_PER_MINUTE": "0" for t in _TIERS},
+}
+_LIMITS_ON = {
+    "RATE_LIMIT_REQUESTS": _HIGH,
+    "RATE_LIMIT_WINDOW": "60",
+    **{f"RATE_LIMIT_{t}_PER_MINUTE": _HIGH for t in _TIERS},
+    **{f"RATE_LIMIT_{t}_TOKENS_PER_MINUTE": _HIGH for t in _TIERS},
+}
+_LOGGING_ON = {"LOG_LEVEL": "INFO", "LOG_FORMAT": "json"}
+# Each built feature is measured as a gateway with these overrides vs the baseline.
 FEATURES = (
-    Feature("logging", {"LOG_LEVEL": "INFO", "LOG_FORMAT": "json"}),  # one JSON line per request
-    Feature("auth", None),
-    Feature("limits", None),
+    Feature("logging", _LOGGING_ON, note="one JSON line per request, to a file"),
+    Feature("auth", {"REQUIRE_AUTH": "true"}, api_key=True, note="a premium user's API key"),
+    Feature("limits", _LIMITS_ON, note="request + token limits, local limiter, never hit"),
     Feature("metrics", None),
+    Feature(
+        "all built",
+        {**_LOGGING_ON, "REQUIRE_AUTH": "true", **_LIMITS_ON},
+        api_key=True,
+        note="logging + auth + limits",
+    ),
 )
-# The baseline gateway: every feature off (a setting the gateway does not know yet is ignored).
-BASELINE_ENV = {"LOG_LEVEL": "WARNING", "REQUIRE_AUTH": "false"}
 
 
 def chat_body(stream: bool) -> bytes:
@@ -145,6 +172,8 @@ class Cluster:
         self.workdir = workdir
         self.gateway_argv = gateway_argv or [sys.executable, "-m", "gateway", "serve"]
         self.servers: list[Server] = []
+        # Every gateway gets the same break-glass admin key: it creates API keys for features.
+        self.admin_key = "sk-admin-bench-" + secrets.token_urlsafe(24)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], ready: str) -> Server:
         port = int(argv[argv.index("--port") + 1]) if "--port" in argv else int(env["PORT"])
@@ -186,9 +215,24 @@ class Cluster:
             DATABASE_URL=f"sqlite:///{self.workdir / name / 'gateway.db'}",
             STATE_DIR=str(state),
             MODEL_PROFILES=str(REPO / "model_profiles.yml"),
+            ADMIN_API_KEY=self.admin_key,
         )
         env.update(overrides)
         return self._spawn(name, list(self.gateway_argv), env, "/health/ready")
+
+    def api_key(self, gateway: Server) -> str:
+        """A premium user's API key on `gateway`, created with the admin key."""
+        response = httpx.post(
+            gateway.base + "/admin/api/keys",
+            json={"user_id": "bench", "tier": "premium", "description": "bench/proxy.py"},
+            headers={"authorization": f"Bearer {self.admin_key}"},
+            timeout=10,
+            trust_env=False,
+        )
+        if response.status_code != 201:
+            raise ValueError(f"HTTP {response.status_code}: {response.text[:200]}")
+        key: str = response.json()["key"]
+        return key
 
     def wait_ready(self, timeout_s: float = 60) -> None:
         """Poll every server's readiness URL until all answer 200."""
@@ -236,6 +280,7 @@ class Load:
         self.url = server.base + "/v1/chat/completions"
         self.headers = {**HEADERS, **extra_headers}
         self.sent = 0
+        self.first_error = ""
         if kind == "aiohttp":
             import aiohttp
 
@@ -254,9 +299,16 @@ class Load:
         if self.kind == "aiohttp":
             async with self.session.post(self.url, data=body, headers=self.headers) as response:
                 data = await response.read()
-                return bool(response.status == 200 and data)
+                return self._ok(response.status, data)
         response = await self.session.post(self.url, content=body, headers=self.headers)
-        return bool(response.status_code == 200 and response.content)
+        return self._ok(response.status_code, response.content)
+
+    def _ok(self, status: int, data: bytes) -> bool:
+        if status == 200 and data:
+            return True
+        if not self.first_error:
+            self.first_error = f"HTTP {status}: {data[:300].decode(errors='replace')}"
+        return False
 
     async def stream(self, body: bytes, deadline: float) -> tuple[bool, int, float | None]:
         """One stream: (complete, tokens that arrived before `deadline`, time to first token)."""
@@ -282,8 +334,7 @@ class Load:
         if self.kind == "aiohttp":
             async with self.session.post(self.url, data=body, headers=self.headers) as response:
                 if response.status != 200:
-                    await response.read()
-                    return False, 0, None
+                    return self._ok(response.status, await response.read()), 0, None
                 async for chunk in response.content.iter_any():
                     account(chunk)
         else:
@@ -291,12 +342,14 @@ class Load:
                 "POST", self.url, content=body, headers=self.headers
             ) as response:
                 if response.status_code != 200:
-                    await response.aread()
-                    return False, 0, None
+                    return self._ok(response.status_code, await response.aread()), 0, None
                 async for chunk in response.aiter_raw():
                     account(chunk)
         # role chunk + tokens + finish chunk + [DONE] (the gateway drops the usage chunk it added)
-        return events == STREAM_TOKENS + 3, in_window, ttft
+        complete = events == STREAM_TOKENS + 3
+        if not complete and not self.first_error:
+            self.first_error = f"stream ended after {events} events, not {STREAM_TOKENS + 3}"
+        return complete, in_window, ttft
 
     async def aclose(self) -> None:
         """Close the pool."""
@@ -434,9 +487,16 @@ class Results:
     features: dict[str, dict[str, dict[str, Sample]]] = field(default_factory=dict)
     log_lines: dict[str, tuple[int, int]] = field(default_factory=dict)
     profile: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # server -> first error seen
+    skipped: dict[str, str] = field(default_factory=dict)  # feature -> why it was not measured
 
 
-async def run(args: argparse.Namespace, cluster: Cluster, servers: dict[str, Server]) -> Results:
+async def run(
+    args: argparse.Namespace,
+    cluster: Cluster,
+    servers: dict[str, Server],
+    feature_headers: dict[str, dict[str, str]],
+) -> Results:
     """All scenarios, in an order that keeps the upstream pools' state comparable."""
     sim, gw = servers["sim"], servers["gateway"]
     loads: list[Load] = []
@@ -452,7 +512,9 @@ async def run(args: argparse.Namespace, cluster: Cluster, servers: dict[str, Ser
     direct = target("direct", sim, sim, {})
     through = target("gateway", gw, sim, {})
     features = [
-        (f, target(f.name, servers[f"gw-{f.name}"], sim, f.headers)) for f in FEATURES if f.built
+        (f, target(f.name, servers[f"gw-{f.name}"], sim, feature_headers[f.name]))
+        for f in FEATURES
+        if f.name in feature_headers
     ]
     res = Results()
     d, rounds = args.duration, args.rounds
@@ -460,11 +522,14 @@ async def run(args: argparse.Namespace, cluster: Cluster, servers: dict[str, Ser
         everything = [direct, through, *(t for _, t in features)]
         for t in everything:  # quiet warm-up: connections, imports, caches
             await closed_loop(t, 1, 0.3, stream=False)
+        if args.profile_only:
+            res.profile = await profile(args, through, gw, cluster.workdir)
+            return res
         pair = [direct, through]
         res.main["latency c=1"] = await interleaved(pair, rounds, 1, d / 2, False)
         for feature, t in features:
             res.features.setdefault(feature.name, {})["latency c=1"] = await interleaved(
-                [through, t], rounds, 1, d / 2, False
+                [through, t], rounds, 1, d / 4, False
             )
         res.main["latency c=1 after burst"] = await interleaved(
             pair, rounds, 1, d / 2, False, burst_first=True
@@ -475,7 +540,7 @@ async def run(args: argparse.Namespace, cluster: Cluster, servers: dict[str, Ser
             )
         for feature, t in features:
             res.features[feature.name]["req/s c=64"] = await interleaved(
-                [through, t], rounds, 64, d, False
+                [through, t], rounds, 64, d / 2, False
             )
         for t in pair:
             await closed_loop(t, 64, 0.3, stream=True)
@@ -483,8 +548,8 @@ async def run(args: argparse.Namespace, cluster: Cluster, servers: dict[str, Ser
         if "paced-sim" in servers:
             psim, pgw = servers["paced-sim"], servers["paced-gateway"]
             paced = [target("direct", psim, psim, {}), target("gateway", pgw, psim, {})]
-            paced_d = max(d, 64 / args.paced_tps * 1.5)
-            res.main["stream x64 paced"] = await interleaved(paced, rounds, 64, paced_d, True)
+            res.main["stream x64 paced"] = await interleaved(paced, rounds, 64, d, True)
+        res.errors = {f"{load.server.name}": load.first_error for load in loads if load.first_error}
         for feature, t in features:
             lines = sum(
                 1 for line in servers[f"gw-{feature.name}"].log.open(errors="replace")
@@ -512,16 +577,17 @@ def _frame_key(frame: str) -> tuple[str, str]:
 
 # Where the gateway's time goes, by concern: a sample counts for every concern on its stack.
 CONCERNS = (
-    (
-        "upstream client (httpx/httpcore/h11 or aiohttp)",
-        ("httpx/", "httpcore/", "httpx_sse/", "aiohttp/"),
-    ),
+    ("upstream client (httpx/httpcore/h11 or aiohttp)", ("httpx/", "httpcore/", "aiohttp/")),
     ("  of which httpcore pool bookkeeping", ("_assign_requests_to_connections",)),
     ("  of which SSE parsing (httpx_sse)", ("httpx_sse/",)),
     ("sync dependencies run in the thread pool", ("run_in_threadpool", "WorkerThread")),
     ("FastAPI dependency solving", ("solve_dependencies",)),
     ("uvicorn response writes (ASGI send)", ("RequestResponseCycle.send",)),
     ("request logging (structlog)", ("structlog/",)),
+    ("auth (gateway/auth)", ("gateway/auth/",)),
+    ("rate limits (gateway/limits)", ("gateway/limits/",)),
+    ("usage recording (gateway/usage)", ("gateway/usage/",)),
+    ("SQLAlchemy (any caller)", ("sqlalchemy/",)),
     ("gateway: validation", ("gateway/proxy/validation.py",)),
     ("gateway: scheduler", ("gateway/proxy/scheduler.py",)),
 )
@@ -576,6 +642,9 @@ def summarize_profile(raw: Path, title: str, top: int) -> list[str]:
     return out
 
 
+PROFILED = (("chat c=1", 1, False), ("chat c=64", 64, False), ("stream x64", 64, True))
+
+
 def py_spy() -> str | None:
     """The py-spy executable, if installed (PATH or next to this Python)."""
     found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -583,20 +652,20 @@ def py_spy() -> str | None:
 
 
 async def profile(args: argparse.Namespace, target: Target, gw: Server, workdir: Path) -> list[str]:
-    """py-spy the gateway while it relays chat at c=64, then 64 streams."""
+    """py-spy the gateway while it relays chat at c=1, at c=64, then 64 streams."""
     spy = py_spy()
     if spy is None:
         return ["profile: py-spy is not installed (.venv/bin/pip install py-spy)"]
     out: list[str] = []
-    for name, stream in (("chat c=64", False), ("stream x64", True)):
-        raw = workdir / f"profile-{'stream' if stream else 'chat'}.txt"
+    for name, concurrency, stream in PROFILED:
+        raw = workdir / f"profile-{name.replace(' ', '-').replace('=', '')}.txt"
         spy_proc = await asyncio.create_subprocess_exec(
             spy, "record", "--pid", str(gw.proc.pid), "--duration", f"{args.profile_seconds:g}",
             "--rate", "200", "--format", "raw", "--gil", "--nonblocking", "--output", str(raw),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         await asyncio.sleep(0.5)  # let it attach
-        sample = await closed_loop(target, 64, args.profile_seconds, stream)
+        sample = await closed_loop(target, concurrency, args.profile_seconds, stream)
         _, err = await asyncio.wait_for(spy_proc.communicate(), timeout=30)
         if spy_proc.returncode != 0 or not raw.exists():
             out.append(f"profile {name}: py-spy failed: {err.decode(errors='replace')[-500:]}")
@@ -624,6 +693,10 @@ def _row(label: str, direct: str, gateway: str, versus: str, target: str = "") -
 
 def report(res: Results, args: argparse.Namespace, load_avg: tuple[float, float]) -> None:
     """The tables."""
+    if args.profile_only:
+        print(f"gateway command: {args.gateway_cmd or 'python -m gateway serve'}")
+        print("\n".join(res.profile))
+        return
     m = res.main
     print(
         f"\nproxy benchmark: direct = simulator, gateway = simulator behind `python -m gateway "
@@ -659,6 +732,8 @@ def report(res: Results, args: argparse.Namespace, load_avg: tuple[float, float]
         )  # fmt: skip
     errors = {f"{n}/{t}": s.errors for n, d in m.items() for t, s in d.items() if s.errors}
     print(f"errors: {errors or 'none'}")
+    for server, first in res.errors.items():
+        print(f"  first error from {server}: {first}")
 
     print("\nCPU per request (us) and share of one core, by process")
     header = f"{'scenario':<26}{'side':<9}{'client':>14}{'simulator':>14}{'gateway':>14}"
@@ -685,28 +760,37 @@ def report(res: Results, args: argparse.Namespace, load_avg: tuple[float, float]
             f"({chat_gw.cpu_us('gateway'):.0f} us each)"
         )
 
-    print("\nfeatures: a gateway with the feature on vs the baseline gateway, interleaved")
-    header = (
-        f"{'feature':<10}{'config':<38}{'added p50 c=1':>15}{'req/s c=64':>13}{'log lines/req':>15}"
+    print(
+        "\nfeatures: a gateway with the feature on vs the baseline gateway (everything off), "
+        "interleaved"
     )
-    print(header + "\n" + "-" * len(header))
+    header = (
+        f"{'feature':<11}{'added p50 c=1':>14}{'req/s c=64':>12}{'gw CPU/req c=64':>17}"
+        f"{'log lines/req':>15}  what"
+    )
+    print(header + "\n" + "-" * (len(header) + 30))
     for feature in FEATURES:
         if not feature.built:
-            print(f"{feature.name:<10}n/a (not built yet)")
+            print(f"{feature.name:<11}n/a (not built yet)")
+            continue
+        if feature.name in res.skipped:
+            print(f"{feature.name:<11}not measured: {res.skipped[feature.name]}")
             continue
         data = res.features[feature.name]
         base, on = data["latency c=1"]["gateway"], data["latency c=1"][feature.name]
         added = pct(on.latencies, 0.5) - pct(base.latencies, 0.5)
         base_r, on_r = data["req/s c=64"]["gateway"], data["req/s c=64"][feature.name]
-        config = " ".join(f"{k}={v}" for k, v in (feature.env or {}).items())
         lines, sent = res.log_lines.get(feature.name, (0, 0))
         ratio = on_r.rate / max(base_r.rate, 1e-9)
-        print(
-            f"{feature.name:<10}{config:<38}{added:>+12.2f} ms{ratio:>12.3f}x"
-            f"{lines / max(sent, 1):>15.2f}"
-        )
         extra = on_r.cpu_us("gateway") - base_r.cpu_us("gateway")
-        print(f"{'':<10}gateway CPU per request at c=64: {extra:+.0f} us vs baseline")
+        print(
+            f"{feature.name:<11}{added:>+11.2f} ms{ratio:>11.3f}x{extra:>+14.0f} us"
+            f"{lines / max(sent, 1):>15.2f}  {feature.note}"
+        )
+    print("baseline: " + " ".join(f"{k}={v}" for k, v in BASELINE_ENV.items()))
+    for feature in FEATURES:
+        if feature.env is not None:
+            print(f"{feature.name}: " + " ".join(f"{k}={v}" for k, v in feature.env.items()))
     if res.profile:
         print()
         print("\n".join(res.profile))
@@ -716,11 +800,12 @@ def main() -> None:
     """Parse, start everything, measure, stop everything, print."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per scenario")
-    parser.add_argument("--duration", type=float, default=2.5, help="seconds per run")
+    parser.add_argument("--duration", type=float, default=2.0, help="seconds per run")
     parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp")
     parser.add_argument("--paced-tps", type=float, default=50.0, help="0 skips the paced run")
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 1.2 s (about 40 s)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 1 s (about 45 s)")
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway under load")
+    parser.add_argument("--profile-only", action="store_true", help="--profile, measure nothing")
     parser.add_argument("--profile-seconds", type=float, default=5.0)
     parser.add_argument("--top", type=int, default=15, help="functions shown per profile list")
     parser.add_argument(
@@ -730,7 +815,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.duration = 2, 1.2
+        args.rounds, args.duration = 2, 1.0
+    if args.profile_only:
+        args.profile, args.paced_tps = True, 0.0
     if args.client == "aiohttp":
         try:
             import aiohttp  # noqa: F401
@@ -743,7 +830,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGALRM, on_signal)
-    signal.alarm((600 if not args.quick else 180) + (40 if args.profile else 0))
+    signal.alarm((600 if not args.quick else 180) + (60 if args.profile else 0))
     workdir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
     cluster = Cluster(workdir, shlex.split(args.gateway_cmd) if args.gateway_cmd else None)
     load_before = os.getloadavg()[0]
@@ -764,11 +851,23 @@ def main() -> None:
             f"{len(cluster.servers)} processes ready in {time.monotonic() - started:.1f}s",
             file=sys.stderr,
         )
+        feature_headers: dict[str, dict[str, str]] = {}
+        skipped: dict[str, str] = {}
+        for feature in FEATURES:
+            if not feature.built:
+                continue
+            try:
+                key = cluster.api_key(servers[f"gw-{feature.name}"]) if feature.api_key else None
+            except (httpx.HTTPError, KeyError, ValueError) as exc:
+                skipped[feature.name] = f"could not create an API key ({exc})"
+                continue
+            feature_headers[feature.name] = {"authorization": f"Bearer {key}"} if key else {}
         with contextlib.suppress(ImportError):
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        results = asyncio.run(run(args, cluster, servers))
+        results = asyncio.run(run(args, cluster, servers, feature_headers))
+        results.skipped = skipped
     finally:
         signal.alarm(0)
         cluster.stop_all()

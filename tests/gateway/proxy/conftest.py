@@ -73,13 +73,19 @@ def gateway_settings(
 ) -> Settings:
     """Settings that run `default` at startup from these profiles, on a fresh migrated database.
 
-    The proxy is tested without credentials (REQUIRE_AUTH off; the admin API uses ADMIN_KEY).
+    The proxy is tested without credentials (REQUIRE_AUTH off; the admin API uses ADMIN_KEY)
+    and without rate limits (0 = unlimited): an anonymous caller is limited per IP, and these
+    tests send hundreds of requests from 127.0.0.1.
     """
     database_url = f"sqlite+aiosqlite:///{Path(tempfile.mkdtemp(prefix='vcg-proxy-db-'))}/gw.db"
     upgrade(database_url)
     values: dict[str, Any] = {
         "DATABASE_URL": database_url,
         "REQUIRE_AUTH": False,
+        "RATE_LIMIT_REQUESTS": 0,
+        "RATE_LIMIT_STANDARD_PER_MINUTE": 0,
+        "RATE_LIMIT_STANDARD_PER_HOUR": 0,
+        "RATE_LIMIT_STANDARD_TOKENS_PER_MINUTE": 0,
         "ADMIN_API_KEY": ADMIN_KEY,
         "MODEL_PROFILES": str(write_profiles(profiles, default)),
         "ENGINE": "auto",
