@@ -216,6 +216,7 @@ class ModelControl:
             except (ProfileNotFound, ProfileDoesNotFit, ValueError):
                 return None
 
+        self.manager.start_watchdog()
         adopted = await self.manager.adopt(known)
         if adopted is not None:
             return f"adopted the running engine of profile {adopted.profile_id}"

@@ -64,7 +64,10 @@ class RequestContextMiddleware:
                 {
                     "type": "http.response.start",
                     "status": 431,
-                    "headers": [(b"content-type", b"application/json")],
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"x-error-source", b"gateway"),
+                    ],
                 }
             )
             await send({"type": "http.response.body", "body": HEADERS_TOO_LARGE_BODY})

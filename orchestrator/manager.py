@@ -359,6 +359,37 @@ class VLLMModelManager:
             await asyncio.sleep(0.05)
         return job
 
+    def start_watchdog(self, interval_s: float = 1.0) -> None:
+        """Notice an engine that died while READY (crash, OOM kill) and mark it FAILED."""
+        task = asyncio.create_task(self._watch(interval_s), name="engine-watchdog")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def report_unreachable(self) -> None:
+        """A request could not reach the engine: check at once whether it is still alive."""
+        if self._state is EngineState.READY and not self._lock.locked():
+            task = asyncio.create_task(self._check_alive(), name="engine-check")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _watch(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self._check_alive()
+
+    async def _check_alive(self) -> None:
+        handle = self._handle
+        if self._state is not EngineState.READY or handle is None or self._lock.locked():
+            return
+        runtime = self._runtimes.get(handle.runtime)
+        if runtime is None or await runtime.is_running(handle):
+            return
+        # Re-check after the await: a switch may have replaced the engine meanwhile.
+        if self._handle is handle and self._state is EngineState.READY:
+            self._error = f"engine exited while serving: {self._last_log_line()}"
+            log.warning("engine_died", profile=self._profile_label(), logs=self.logs_tail(20))
+            self._enter(EngineState.FAILED, self._error)
+
     async def aclose(self) -> None:
         """Cancel switch jobs and stop the engine on shutdown."""
         for task in list(self._tasks):

@@ -164,6 +164,13 @@ class Scheduler:
             if not self._waiting[key]:
                 del self._waiting[key]
 
+    def try_acquire(self, model: str | None) -> Lease | None:
+        """A lease right now when nobody waits and one is free; None means call acquire()."""
+        if self._waiting:
+            return None
+        decision = self._decide(model)
+        return decision if isinstance(decision, Lease) else None
+
     def release(self, lease: Lease) -> None:
         """Account for a finished request and wake waiters."""
         if lease.target.route_name == "cloud":
@@ -190,13 +197,17 @@ class Scheduler:
             if lease is not None:
                 return lease
             return _Wait(f"all {self.config.max_local} local slots are busy")
+        if (
+            wanted is not None
+            and wanted != status.profile_id
+            and (job is None or job.profile_id != wanted)
+        ):
+            return self._other_model(wanted, model, status)
         lease = self._overflow(model)
         if lease is not None:
             return lease
         if job is not None:
             return _Wait(f"the engine is switching to {job.profile_id}")
-        if wanted != status.profile_id:
-            return self._not_loaded(wanted, model, status)
         if status.state in (EngineState.FAILED, EngineState.IDLE):
             why = status.error or f"engine is {status.state.value}"
             raise GatewayError(
@@ -206,6 +217,18 @@ class Scheduler:
                 headers=_RETRY_AFTER,
             )
         return _Wait(f"the engine is {status.state.value}")
+
+    def _other_model(self, wanted: str, model: str | None, status: EngineStatus) -> Lease | _Wait:
+        """A model that is not the loaded one: switch to it (AUTO_SWITCH) and/or overflow."""
+        if self.config.auto_switch:
+            # Start the switch first, so a cloud upstream only bridges the wait.
+            waiting = self._not_loaded(wanted, model, status)
+            lease = self._overflow(model)
+            return lease if lease is not None else waiting
+        lease = self._overflow(model)
+        if lease is not None:
+            return lease
+        return self._not_loaded(wanted, model, status)
 
     def _wanted_profile(self, model: str | None, status: EngineStatus) -> str | None:
         if model is None or model == CURRENT or model in status.served_names:

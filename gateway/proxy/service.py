@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -48,13 +49,16 @@ async def relay(
     """Validate, check the caller's model scope and limits, admit (local, cloud or wait) and
     build the response that relays the request; usage is counted when it finishes."""
     settings = state.settings
+    _check_declared_length(request, settings.MAX_BODY_BYTES)
     checked = parse_request(route, await request.body(), limits_from(settings))
     request.state.model = checked.model
     _check_model_scope(principal, checked.model, state)
     limit_key, token_rules, limit_headers = await check_inference(
         limiter=state.limiters.inference, settings=settings, principal=principal, request=request
     )
-    lease: Lease = await scheduler.acquire(checked.model)
+    lease = scheduler.try_acquire(checked.model) or await _acquire_unless_gone(
+        scheduler, checked.model, request
+    )
     request_id = str(request.scope.get("state", {}).get("request_id", ""))
 
     def finished(outcome: Outcome) -> None:
@@ -88,10 +92,49 @@ async def relay(
             connect_timeout_s=settings.UPSTREAM_CONNECT_TIMEOUT_S,
             on_finish=finished,
             extra_headers=limit_headers,
+            on_unreachable=(
+                state.manager.report_unreachable if lease.target.route_name == "local" else None
+            ),
         )
     except BaseException:
         lease.release()
         raise
+
+
+def _check_declared_length(request: Request, limit: int) -> None:
+    """Refuse a body that announces itself as too large before reading it."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise GatewayError(
+            413,
+            f"Request body is {declared} bytes; the limit is {limit}.",
+            code="body_too_large",
+        )
+
+
+async def _acquire_unless_gone(scheduler: Scheduler, model: str | None, request: Request) -> Lease:
+    """Wait for a lease, but give up the place in the queue if the client leaves meanwhile."""
+    acquiring = asyncio.ensure_future(scheduler.acquire(model))
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({acquiring, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if acquiring.done():
+        return acquiring.result()
+    acquiring.cancel()
+    with contextlib.suppress(asyncio.CancelledError, GatewayError):
+        lease = await acquiring
+        lease.release()
+    raise GatewayError(
+        499, "The client closed the request while it was queued.", code="client_gone"
+    )
+
+
+async def _client_gone(request: Request) -> None:
+    # The body was read already, so the next message can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        continue
 
 
 def _check_model_scope(principal: Principal, model: str | None, state: AppState) -> None:

@@ -86,8 +86,10 @@ class RelayResponse(Response):
         connect_timeout_s: float,
         on_finish: Callable[[Outcome], None],
         extra_headers: dict[str, str] | None = None,
+        on_unreachable: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
+        self._on_unreachable = on_unreachable
         self._extra_headers = [
             (name.lower().encode(), value.encode()) for name, value in (extra_headers or {}).items()
         ]
@@ -153,6 +155,8 @@ class RelayResponse(Response):
         await send({"type": "http.response.body", "body": body})
 
     async def _unreachable(self, send: Send, exc: Exception) -> None:
+        if self._on_unreachable is not None:
+            self._on_unreachable()
         name = self._target.route_name
         message = f"The {name} engine is unreachable ({type(exc).__name__})."
         await self._send_gateway_error(send, 503, message, "engine_unavailable")
