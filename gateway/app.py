@@ -149,6 +149,8 @@ def create_app(settings: Settings) -> FastAPI:
         version=__version__,
         summary="OpenAI-compatible gateway and model manager for self-hosted vLLM.",
         lifespan=lifespan,
+        # No trailing-slash redirects: their Location would echo the client's Host header.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     install_error_handlers(app)
