@@ -16,7 +16,7 @@ from gateway.state import AppState
 from orchestrator.manager import VLLMModelManager
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     """The resources the lifespan created."""
     state: AppState = request.app.state.resources
     return state
@@ -25,7 +25,7 @@ def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def get_settings(state: StateDep) -> Settings:
+async def get_settings(state: StateDep) -> Settings:
     """The settings the app was created with."""
     return state.settings
 
@@ -36,22 +36,22 @@ async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-def get_db_engine(state: StateDep) -> AsyncEngine:
+async def get_db_engine(state: StateDep) -> AsyncEngine:
     """The database engine."""
     return state.db_engine
 
 
-def get_redis(state: StateDep) -> Redis | None:
+async def get_redis(state: StateDep) -> Redis | None:
     """The Redis client, or None when REDIS_URL is not configured."""
     return state.redis
 
 
-def get_http(state: StateDep) -> httpx.AsyncClient:
+async def get_http(state: StateDep) -> httpx.AsyncClient:
     """The one HTTP client for upstream engines."""
     return state.http
 
 
-def get_manager(state: StateDep) -> VLLMModelManager:
+async def get_manager(state: StateDep) -> VLLMModelManager:
     """The model manager."""
     return state.manager
 

@@ -17,7 +17,7 @@ from gateway.proxy.validation import Route
 router = APIRouter(tags=["openai"])
 
 
-def get_scheduler(state: StateDep) -> Scheduler:
+async def get_scheduler(state: StateDep) -> Scheduler:
     """The load balancer."""
     scheduler: Scheduler = state.scheduler
     return scheduler
