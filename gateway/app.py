@@ -23,6 +23,7 @@ from gateway.keys.router import router as keys_router
 from gateway.limits.factory import build_limiters
 from gateway.logging import configure_logging, get_logger
 from gateway.meta.router import router as meta_router
+from gateway.metrics import count_limiter_fallback
 from gateway.middleware import RequestContextMiddleware
 from gateway.models_api.router import router as models_router
 from gateway.proxy.router import router as proxy_router
@@ -114,7 +115,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         scheduler=scheduler,
         engine_required=settings.ENGINE is not EngineMode.NONE,
         usage=usage,
-        limiters=build_limiters(settings, redis),
+        limiters=build_limiters(settings, redis, on_fallback=count_limiter_fallback),
     )
     app.state.resources = state
     await bootstrap_identity(settings=settings, session_factory=state.session_factory)
