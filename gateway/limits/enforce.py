@@ -69,12 +69,14 @@ async def check_inference(
     tokens = rules.tokens
     # Without credentials (REQUIRE_AUTH off) a client is its IP, under the per-IP limit.
     requests = ip_rules(settings) if principal.via == "anonymous" else rules.requests
-    decision = await limiter.hit(key, requests)
-    if not decision.allowed:
-        raise _denied(decision, "requests", "rate_limit_exceeded")
+    # The token budget first: a request refused for tokens must not spend a request unit too
+    # (a client retrying through a token wait would otherwise burn its hourly requests).
     budget = await limiter.peek(key, tokens)
     if not budget.allowed:
         raise _denied(budget, "tokens per minute", "token_rate_limit_exceeded")
+    decision = await limiter.hit(key, requests)
+    if not decision.allowed:
+        raise _denied(decision, "requests", "rate_limit_exceeded")
     return key, tokens, {**decision.headers(), **budget.headers()}
 
 
