@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.gateway.proxy.conftest import eventually
 from tests.infra.redis import RedisServer
@@ -67,6 +68,7 @@ async def test_inference_falls_back_per_process_and_login_fails_closed(
         assert before.status_code == 200, before.text
         assert remaining(before) == LIMIT - 1
 
+        fallbacks_before = REGISTRY.get_sample_value("gateway_rate_limiter_fallback_total") or 0
         await asyncio.to_thread(private_redis.stop)
         # Inference goes on, limited by this process alone: a full budget of its own, then 429.
         during = [await chat(http, key, stream=n == 1) for n in range(LIMIT)]
@@ -77,6 +79,9 @@ async def test_inference_falls_back_per_process_and_login_fails_closed(
         assert error_code(denied) == "rate_limit_exceeded"
         assert denied.headers["X-RateLimit-Limit-Minute"] == str(LIMIT)
         assert int(denied.headers["Retry-After"]) >= 1
+        # Every decision made locally is counted for the operators' dashboards.
+        fallbacks = REGISTRY.get_sample_value("gateway_rate_limiter_fallback_total") or 0
+        assert fallbacks - fallbacks_before >= LIMIT + 1
         assert fallback is not None
         assert fallback.degraded
         assert fallback.fallback_count >= LIMIT + 1
