@@ -28,6 +28,7 @@ from gateway.middleware import RequestContextMiddleware
 from gateway.models_api.router import router as models_router
 from gateway.proxy.router import router as proxy_router
 from gateway.proxy.scheduler import CloudUpstream, Scheduler, SchedulerConfig
+from gateway.proxy.upstream import create_relay_session
 from gateway.settings import EngineMode, Settings
 from gateway.state import AppState
 from gateway.usage.recorder import UsageRecorder
@@ -105,12 +106,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         flush_interval_s=settings.USAGE_FLUSH_INTERVAL_S,
         batch_size=settings.USAGE_BATCH_SIZE,
     )
+    relay_session = create_relay_session(
+        connect_timeout_s=settings.UPSTREAM_CONNECT_TIMEOUT_S,
+        read_timeout_s=settings.UPSTREAM_READ_TIMEOUT_S,
+    )
     state = AppState(
         settings=settings,
         db_engine=db_engine,
         session_factory=session_factory,
         redis=redis,
         http=http,
+        relay_session=relay_session,
         models=models,
         scheduler=scheduler,
         engine_required=settings.ENGINE is not EngineMode.NONE,
@@ -136,6 +142,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await usage.aclose()
         await models.aclose()
         await http.aclose()
+        await relay_session.close()
         if redis is not None:
             await redis.aclose()
         await db_engine.dispose()

@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+import aiohttp
 import httpx
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -26,7 +27,8 @@ class AppState:
     db_engine: AsyncEngine
     session_factory: async_sessionmaker[AsyncSession]
     redis: Redis | None
-    http: httpx.AsyncClient
+    http: httpx.AsyncClient  # the manager's and health checks' calls
+    relay_session: aiohttp.ClientSession  # the proxy's upstream calls (gateway.proxy.upstream)
     models: ModelControl
     scheduler: Scheduler
     engine_required: bool

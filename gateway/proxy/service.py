@@ -84,7 +84,7 @@ async def relay(
 
     try:
         return RelayResponse(
-            http=state.http,
+            session=state.relay_session,
             request=checked,
             target=lease.target,
             timeout_s=route_timeout(settings, route),
