@@ -579,7 +579,7 @@ def _frame_key(frame: str) -> tuple[str, str]:
 CONCERNS = (
     ("upstream client (httpx/httpcore/h11 or aiohttp)", ("httpx/", "httpcore/", "aiohttp/")),
     ("  of which httpcore pool bookkeeping", ("_assign_requests_to_connections",)),
-    ("  of which SSE parsing (httpx_sse)", ("httpx_sse/",)),
+    ("  of which SSE splitting (relay)", ("SSEDecoder",)),
     ("sync dependencies run in the thread pool", ("run_in_threadpool", "WorkerThread")),
     ("FastAPI dependency solving", ("solve_dependencies",)),
     ("uvicorn response writes (ASGI send)", ("RequestResponseCycle.send",)),
