@@ -10,7 +10,12 @@ from fastapi import Depends, Request
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from gateway.auth.principal import Principal, admin_principal, authenticated_principal
+from gateway.auth.principal import (
+    ANONYMOUS,
+    Principal,
+    admin_principal,
+    authenticated_principal,
+)
 from gateway.settings import Settings
 from gateway.state import AppState
 from orchestrator.manager import VLLMModelManager
@@ -64,9 +69,15 @@ HttpDep = Annotated[httpx.AsyncClient, Depends(get_http)]
 ManagerDep = Annotated[VLLMModelManager, Depends(get_manager)]
 
 
-async def get_principal(request: Request, settings: SettingsDep, session: SessionDep) -> Principal:
+async def get_principal(request: Request, state: StateDep) -> Principal:
     """The caller: 401 without valid credentials (anonymous only when REQUIRE_AUTH is off)."""
-    return await authenticated_principal(request, settings, session)
+    settings = state.settings
+    if not settings.REQUIRE_AUTH and "authorization" not in request.headers:
+        # The hot path of a single-user setup: no credentials, nothing to look up.
+        return ANONYMOUS
+    # The session is opened only when credentials must be checked.
+    async with state.session_factory() as session:
+        return await authenticated_principal(request, settings, session)
 
 
 async def get_admin(request: Request, settings: SettingsDep, session: SessionDep) -> Principal:
