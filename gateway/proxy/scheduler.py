@@ -282,8 +282,9 @@ class Scheduler:
                 code="profile_does_not_fit",
                 param="model",
             ) from None
-        except EngineBusy:
-            pass
+        except EngineBusy as exc:
+            # Another switch is running: wait for it like the requests already queued.
+            return _Wait(str(exc))
         return _Wait(f"loading {wanted}")
 
     def _local(self, model: str | None, status: EngineStatus) -> Lease | _Wait:

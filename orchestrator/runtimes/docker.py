@@ -169,11 +169,10 @@ class DockerRuntime:
         if lines <= 0:
             return []
         if self._client is not None:
-            try:
+            # A container that is gone (or an engine that is down) falls back to the cached tail.
+            with contextlib.suppress(DockerException, OSError):
                 raw = self._client.api.logs(handle.id, stdout=True, stderr=True, tail=lines)
                 return _decode_lines(raw)[-lines:]
-            except (DockerException, OSError):
-                pass
         return self._log_cache.get(handle.id, [])[-lines:]
 
     async def adopt(self) -> list[RuntimeHandle]:
