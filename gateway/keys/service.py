@@ -99,8 +99,11 @@ def key_status(key: ApiKey, *, now: datetime | None = None) -> str:
 @dataclass(frozen=True, slots=True)
 class _CachedKey:
     expires_monotonic: float
-    key_columns: dict[str, Any]
-    user_columns: dict[str, Any]
+    # Detached copies made once at put(): the request path only reads them, and building ORM
+    # objects on every hit was most of what authentication cost per request (measured).
+    # Callers must not attach them to a session or change them.
+    key: ApiKey
+    user: User
 
 
 def _columns(obj: ApiKey | User) -> dict[str, Any]:
@@ -108,7 +111,7 @@ def _columns(obj: ApiKey | User) -> dict[str, Any]:
 
 
 def _detached(cls: type[ApiKey] | type[User], columns: dict[str, Any]) -> Any:
-    # A fresh detached copy per hit: cached objects never belong to another request's session.
+    # A detached copy: the cache never holds an object that belongs to a request's session.
     obj = cls(**columns)
     make_transient_to_detached(obj)
     return obj
@@ -139,14 +142,16 @@ class KeyCache:
             del self._entries[digest]
             return None
         self._entries.move_to_end(digest)
-        return _detached(ApiKey, entry.key_columns), _detached(User, entry.user_columns)
+        return entry.key, entry.user
 
     def put(self, digest: str, key: ApiKey, user: User, *, generation: int) -> None:
         """Remember a successful lookup made when the generation was `generation`."""
         if self.ttl_s <= 0 or generation != self.generation:
             return
         self._entries[digest] = _CachedKey(
-            time.monotonic() + self.ttl_s, _columns(key), _columns(user)
+            time.monotonic() + self.ttl_s,
+            _detached(ApiKey, _columns(key)),
+            _detached(User, _columns(user)),
         )
         self._entries.move_to_end(digest)
         while len(self._entries) > self.max_entries:
@@ -160,7 +165,7 @@ class KeyCache:
     def invalidate_user(self, user_id: uuid.UUID) -> None:
         """Forget every key of a user (after the user was deactivated or changed)."""
         self.generation += 1
-        for digest in [d for d, e in self._entries.items() if e.user_columns["id"] == user_id]:
+        for digest in [d for d, e in self._entries.items() if e.user.id == user_id]:
             del self._entries[digest]
 
     def clear(self) -> None:
