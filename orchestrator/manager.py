@@ -198,6 +198,11 @@ class VLLMModelManager:
         return self._handle.base_url if self._handle else None
 
     @property
+    def in_flight(self) -> int:
+        """Requests holding a slot on the engine."""
+        return self._in_flight
+
+    @property
     def current_job(self) -> SwitchJob | None:
         """The switch job in progress, if any."""
         return self._job if self._job and not self._job.done else None

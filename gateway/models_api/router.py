@@ -8,8 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from gateway.auth.admin_key import require_admin
-from gateway.deps import StateDep
+from gateway.deps import StateDep, get_admin
 from gateway.models_api import service
 from gateway.models_api.schemas import (
     GpuInventoryView,
@@ -21,7 +20,7 @@ from gateway.models_api.schemas import (
     SwitchRequest,
 )
 
-router = APIRouter(tags=["models"], dependencies=[Depends(require_admin)])
+router = APIRouter(tags=["models"], dependencies=[Depends(get_admin)])
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-f0-9]+$")]
 

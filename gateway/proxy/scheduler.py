@@ -80,7 +80,6 @@ class Scheduler:
     def __init__(self, control: ModelControl, config: SchedulerConfig) -> None:
         self._control = control
         self.config = config
-        self.local_in_flight = 0
         self.cloud_in_flight = 0
         self.overflow_count = 0
         self._waiting: dict[str, int] = {}
@@ -109,6 +108,11 @@ class Scheduler:
         event.set()
 
     # -- views -------------------------------------------------------------------------------
+
+    @property
+    def local_in_flight(self) -> int:
+        """Requests running on the local engine (the manager's slots; a switch drains them)."""
+        return self._control.manager.in_flight
 
     @property
     def queue_depth(self) -> int:
@@ -176,7 +180,6 @@ class Scheduler:
         if lease.target.route_name == "cloud":
             self.cloud_in_flight -= 1
         else:
-            self.local_in_flight -= 1
             self._control.manager.release_slot()
             elapsed = time.monotonic() - lease.started
             self._service_time_s = 0.8 * self._service_time_s + 0.2 * elapsed
@@ -290,7 +293,6 @@ class Scheduler:
     def _local(self, model: str | None, status: EngineStatus) -> Lease | _Wait:
         if not self._control.manager.acquire_slot():
             return _Wait("the engine is not ready")
-        self.local_in_flight += 1
         names = status.served_names or (status.served_model_name or "",)
         upstream_model = model if model in names else names[0]
         spec = self._control.manager.spec
