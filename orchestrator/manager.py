@@ -312,8 +312,15 @@ class VLLMModelManager:
         """
         async with self._lock:
             adopted: EngineStatus | None = None
-            for runtime in self._runtimes.values():
-                for handle in await runtime.adopt():
+            for name, runtime in self._runtimes.items():
+                try:
+                    handles = await runtime.adopt()
+                except (RuntimeError_, OSError) as exc:
+                    # A runtime that cannot be reached (Docker daemon down) has nothing to adopt;
+                    # the gateway still starts and a later start on that runtime reports the error.
+                    log.warning("engine_adopt_skipped", runtime=name, reason=str(exc))
+                    continue
+                for handle in handles:
                     spec = profile_ids(handle.profile_id)
                     if adopted is not None or spec is None:
                         log.info("engine_adopt_stop_extra", profile=handle.profile_id)

@@ -190,3 +190,33 @@ def test_engine_root_url_strips_v1() -> None:
     assert engine_root_url("http://h:8000/v1") == "http://h:8000"
     assert engine_root_url("http://h:8000/v1/") == "http://h:8000"
     assert engine_root_url("http://h:8000") == "http://h:8000"
+
+
+async def test_adopt_skips_a_docker_runtime_whose_daemon_is_down(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket file left behind by a dead dockerd must not stop the gateway from starting."""
+    import socket
+    from pathlib import Path
+
+    from orchestrator.runtimes import DockerRuntime
+
+    sock_path = Path(tmp_path) / "docker.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(sock_path))
+    dead.close()  # the file stays; connecting to it is refused, like a crashed daemon's socket
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{sock_path}")
+    docker_rt = DockerRuntime(instance="dead-daemon-test", gpus_available=False)
+    with pytest.raises(RuntimeError_, match="no Docker engine is reachable"):
+        await docker_rt.adopt()
+    async with httpx.AsyncClient() as http:
+        mgr = VLLMModelManager(
+            http=http,
+            runtimes={"docker": docker_rt, "process": ProcessRuntime()},
+            spec_factory=_no_profiles,
+        )
+        try:
+            assert await mgr.adopt(lambda _pid: None) is None
+            assert mgr.status().state is EngineState.IDLE
+        finally:
+            await mgr.aclose()
