@@ -199,7 +199,7 @@ async def test_adopt_skips_a_docker_runtime_whose_daemon_is_down(
     import socket
     from pathlib import Path
 
-    from orchestrator.runtimes import DockerRuntime
+    from orchestrator.runtimes.docker import DockerRuntime
 
     sock_path = Path(tmp_path) / "docker.sock"
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
