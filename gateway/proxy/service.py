@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -13,9 +14,10 @@ from fastapi import Request
 from gateway.auth.principal import Principal
 from gateway.errors import GatewayError
 from gateway.limits.enforce import check_inference
+from gateway.limits.rules import Rule
 from gateway.proxy.scheduler import CURRENT, Lease, Scheduler
 from gateway.proxy.upstream import Outcome, RelayResponse
-from gateway.proxy.validation import Limits, Route, parse_request
+from gateway.proxy.validation import Limits, ProxyRequest, Route, parse_request
 from gateway.settings import Settings
 from gateway.state import AppState
 
@@ -52,9 +54,56 @@ async def relay(
     _check_declared_length(request, settings.MAX_BODY_BYTES)
     checked = parse_request(route, await request.body(), limits_from(settings))
     request.state.model = checked.model
-    _check_model_scope(principal, checked.model, state)
+    check_model_scope(principal, checked.model, state)
+    admission = await admit(state=state, principal=principal, request=request)
+    return await relay_checked(
+        state=state,
+        scheduler=scheduler,
+        checked=checked,
+        request=request,
+        principal=principal,
+        admission=admission,
+    )
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What the limit check decided for one request (its key, token rules and headers)."""
+
+    limit_key: str
+    token_rules: tuple[Rule, ...]
+    headers: dict[str, str]
+
+
+async def admit(*, state: AppState, principal: Principal, request: Request) -> Admission:
+    """Check the caller's request limits (429 when over); the token rules apply at the end."""
     limit_key, token_rules, limit_headers = await check_inference(
-        limiter=state.limiters.inference, settings=settings, principal=principal, request=request
+        limiter=state.limiters.inference,
+        settings=state.settings,
+        principal=principal,
+        request=request,
+    )
+    return Admission(limit_key, token_rules, limit_headers)
+
+
+async def relay_checked(
+    *,
+    state: AppState,
+    scheduler: Scheduler,
+    checked: ProxyRequest,
+    request: Request,
+    principal: Principal,
+    admission: Admission,
+    endpoint: str | None = None,
+    response_factory: Callable[..., RelayResponse] = RelayResponse,
+) -> RelayResponse:
+    """Admit a checked request (local, cloud or wait) and build the response that relays it."""
+    settings = state.settings
+    route = checked.route
+    limit_key, token_rules, limit_headers = (
+        admission.limit_key,
+        admission.token_rules,
+        admission.headers,
     )
     lease = scheduler.try_acquire(checked.model) or await _acquire_unless_gone(
         scheduler, checked.model, request
@@ -71,7 +120,7 @@ async def relay(
         state.usage.record(
             user_id=principal.user_id,
             key_id=principal.key_id,
-            endpoint=route.value,
+            endpoint=endpoint or route.value,
             model=lease.target.model,
             status_code=outcome.status or 499,
             duration_ms=round((time.perf_counter() - outcome.started) * 1000),
@@ -83,7 +132,7 @@ async def relay(
         request.state.usage = outcome.usage
 
     try:
-        return RelayResponse(
+        return response_factory(
             session=state.relay_session,
             request=checked,
             target=lease.target,
@@ -137,7 +186,7 @@ async def _client_gone(request: Request) -> None:
         continue
 
 
-def _check_model_scope(principal: Principal, model: str | None, state: AppState) -> None:
+def check_model_scope(principal: Principal, model: str | None, state: AppState) -> None:
     """A key limited to some models gets 403 for any other (the active one for "current")."""
     allowed = principal.allowed_models
     if allowed is None:

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import secrets
+import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -193,11 +194,14 @@ class DockerRuntime:
             if self._client is None:
                 hint = "start the Docker daemon (or set DOCKER_HOST) to run docker profiles"
                 url = os.environ.get("DOCKER_HOST") or _DEFAULT_DOCKER_HOST
-                # Checked first: the SDK leaks a socket when it cannot connect to a unix path.
-                if url.startswith("unix://") and not Path(url.removeprefix("unix://")).exists():
-                    raise RuntimeError_(
-                        f"no Docker engine is reachable: {url} does not exist; {hint}"
-                    )
+                # Checked first: the SDK leaks a socket when it cannot connect to a unix path
+                # (missing, or a dead daemon's socket file that refuses connections).
+                if url.startswith("unix://"):
+                    problem = _unix_socket_problem(url.removeprefix("unix://"))
+                    if problem is not None:
+                        raise RuntimeError_(
+                            f"no Docker engine is reachable: {url} {problem}; {hint}"
+                        )
                 try:
                     self._client = docker.from_env()
                 except DockerException as exc:
@@ -339,3 +343,18 @@ def _published_port(attrs: dict[str, Any]) -> int:
             if binding.get("HostIp") == "127.0.0.1" and binding.get("HostPort"):
                 return int(binding["HostPort"])
     raise RuntimeError_(f"no port published on 127.0.0.1 (bindings: {published})")
+
+
+def _unix_socket_problem(path: str) -> str | None:
+    """Why nothing answers on a unix socket path, or None when a connection is accepted."""
+    if not Path(path).exists():
+        return "does not exist"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        return f"refuses connections ({exc.strerror or exc})"
+    finally:
+        probe.close()
+    return None
