@@ -15,6 +15,9 @@ from redis.asyncio import Redis
 from gateway import __version__
 from gateway.auth.router import router as auth_router
 from gateway.auth.tokens import check_token_keys
+from gateway.chat.router import router as chat_router
+from gateway.conversations.router import router as conversations_router
+from gateway.conversations.service import sweep_forever, sweep_interrupted
 from gateway.db import create_engine, create_session_factory
 from gateway.engine import ModelControl
 from gateway.errors import install_error_handlers
@@ -125,6 +128,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     app.state.resources = state
     await bootstrap_identity(settings=settings, session_factory=state.session_factory)
+    swept = await sweep_interrupted(
+        state.session_factory, stale_after_s=settings.CHAT_STALE_AFTER_S
+    )
+    log.info("chat_startup_sweep", interrupted=swept)
+    sweeper = asyncio.ensure_future(
+        sweep_forever(
+            state.session_factory,
+            stale_after_s=settings.CHAT_STALE_AFTER_S,
+            interval_s=settings.CHAT_SWEEP_INTERVAL_S,
+        )
+    )
+    state.background.add(sweeper)
     scheduler.start()
     usage.start()
     # The engine loads in a background switch job: a slow model load must not block liveness.
@@ -180,4 +195,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(proxy_router)
     app.include_router(keys_router)
     app.include_router(usage_router)
+    app.include_router(conversations_router)
+    app.include_router(chat_router)
     return app

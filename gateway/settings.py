@@ -171,6 +171,15 @@ class Settings(BaseSettings):
     MAX_BODY_BYTES: int = Field(default=4 * 1024 * 1024, ge=1024)
     MAX_HEADER_BYTES: int = Field(default=32 * 1024, ge=1024)
 
+    # Conversations and /api/chat.
+    CHAT_DEFAULT_CONTEXT: int = Field(default=4096, ge=256)
+    CHAT_RESERVED_REPLY_TOKENS: int = Field(default=512, ge=16)
+    CHAT_BYTES_PER_TOKEN: float = Field(default=3.0, gt=0)
+    CHAT_SAVE_INTERVAL_S: float = Field(default=2.0, gt=0)
+    CHAT_STALE_AFTER_S: float = Field(default=300.0, gt=0)
+    CHAT_SWEEP_INTERVAL_S: float = Field(default=60.0, gt=0)
+    ADMIN_CAN_READ_CONVERSATIONS: bool = False
+
     # Set when development mode had to make a secret up; logged once at startup.
     jwt_secret_generated: bool = Field(default=False, exclude=True)
     admin_key_generated: bool = Field(default=False, exclude=True)

@@ -8,6 +8,7 @@ bytes around pre-encoded tokens, and one SSE event goes out per ``send``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import hmac
 import logging
@@ -346,6 +347,9 @@ class SimulatorApp:
         """Build the app, its metrics registry and its counters."""
         self.config = config
         self.stats = SimulatorStats()
+        # The last request bodies, for tests that check what a client sent (GET
+        # /simulator/requests); bounded, cleared by /simulator/reset.
+        self.recent_requests: collections.deque[object] = collections.deque(maxlen=64)
         self.sleep_level = 0
         self.started_at = time.time()
         self.metrics = SimulatorMetrics(
@@ -368,6 +372,7 @@ class SimulatorApp:
             "/wake_up": {"POST": self._wake_up},
             "/is_sleeping": {"GET": self._is_sleeping},
             "/simulator/stats": {"GET": self._stats},
+            "/simulator/requests": {"GET": self._recent},
             "/simulator/reset": {"POST": self._reset},
         }
 
@@ -498,6 +503,7 @@ class SimulatorApp:
                 return None
             try:
                 decoded: object = orjson.loads(body)
+                self.recent_requests.append(decoded)
             except orjson.JSONDecodeError as exc:
                 raise SimulatorRequestError(f"JSON decode error: {exc}") from exc
             return decoded
@@ -870,9 +876,15 @@ class SimulatorApp:
     ) -> None:
         await send_bytes(send, 200, orjson.dumps(self.stats_snapshot()))
 
+    async def _recent(
+        self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
+    ) -> None:
+        await send_bytes(send, 200, orjson.dumps({"data": list(self.recent_requests)}))
+
     async def _reset(
         self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
     ) -> None:
+        self.recent_requests.clear()
         self.stats.reset()
         await send_bytes(send, 200, orjson.dumps(self.stats_snapshot()))
 

@@ -102,6 +102,16 @@ USER: dict[Key, str] = {
     ("POST", "/v1/embeddings"): "inference",
     ("GET", "/v1/models"): "model list",
     ("GET", "/lb/status"): "queue state",
+    # Conversations belong to a user: the admin key (no user) gets 401 user_required.
+    ("GET", "/api/conversations"): "own conversations",
+    ("POST", "/api/conversations"): "own conversations",
+    ("POST", "/api/conversations/import"): "own conversations",
+    ("GET", "/api/conversations/{conversation_id}"): "own conversation (404 for others')",
+    ("PATCH", "/api/conversations/{conversation_id}"): "own conversation (404 for others')",
+    ("DELETE", "/api/conversations/{conversation_id}"): "own conversation (404 for others')",
+    ("GET", "/api/conversations/{conversation_id}/export"): "own conversation (404 for others')",
+    ("POST", "/api/chat"): "chat in own conversations (inference)",
+    ("POST", "/api/chat/completions"): "the same, at the OpenAI SDK's path",
 }
 
 # Admin role only: /api/models/*, /api/gpus and /admin/* except /admin/api/login.
@@ -132,6 +142,7 @@ DUMMY_PATH_PARAMS = {
     "user_id": str(uuid.UUID(int=1)),
     "key_id": str(uuid.UUID(int=2)),
     "job_id": "deadbeef",
+    "conversation_id": str(uuid.UUID(int=3)),
 }
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")

@@ -1,0 +1,1 @@
+"""POST /api/chat: one chat turn of a stored conversation."""

@@ -1,0 +1,240 @@
+"""The /api/chat relay: the proxy's relay, plus a recorder that saves what the client got.
+
+`ChatRelay` wraps the ASGI `send` of the proxy's `RelayResponse`. Every message that reached
+the server is fed to a `ReplyRecorder`, which keeps the text delivered so far (from the
+stream's `delta.content`, or the whole body). The final (empty) body message is held back
+until the reply is saved, so a client that sees the end of the stream finds the reply in the
+conversation. While streaming, the text is written every CHAT_SAVE_INTERVAL_S in the
+background, so a gateway killed mid-stream keeps most of it (the crash sweep marks the row).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.types import Message as AsgiMessage
+from starlette.types import Receive, Scope, Send
+
+from gateway.conversations.models import Conversation, Message, MessageStatus
+from gateway.conversations.service import DB_DOWN
+from gateway.db import utcnow
+from gateway.logging import get_logger
+from gateway.proxy.upstream import Outcome, RelayResponse, SSEDecoder
+
+log = get_logger(__name__)
+
+
+def _error_text(data: Any) -> str | None:
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        return str(data["error"].get("message") or "error")
+    if isinstance(data, dict) and isinstance(data.get("detail"), str):
+        return str(data["detail"])
+    return None
+
+
+class ReplyRecorder:
+    """Keeps the text one client received and writes it to the assistant message."""
+
+    def __init__(
+        self,
+        *,
+        factory: async_sessionmaker[AsyncSession],
+        conversation_id: uuid.UUID,
+        message_id: uuid.UUID,
+        stream: bool,
+        save_interval_s: float,
+    ) -> None:
+        self._factory = factory
+        self.conversation_id = conversation_id
+        self.message_id = message_id
+        self._stream = stream
+        self._save_interval_s = save_interval_s
+        self._decoder = SSEDecoder()
+        self._parts: list[str] = []
+        self._saved_parts = 0
+        self._last_save = time.monotonic()
+        self._flush: asyncio.Task[None] | None = None
+        self._finished = False
+        self.status_code = 0
+        self.error_event: str | None = None
+        self.whole_body: bytes | None = None
+
+    @property
+    def text(self) -> str:
+        """What the client has received so far."""
+        return "".join(self._parts)
+
+    def delivered(self, message: AsgiMessage) -> None:
+        """One ASGI message reached the server: note what it carried to the client."""
+        if message["type"] == "http.response.start":
+            self.status_code = int(message["status"])
+            return
+        body = message.get("body", b"")
+        if not body:
+            return
+        if not self._stream or self.status_code != 200:
+            self.whole_body = (self.whole_body or b"") + body
+            return
+        for data in self._decoder.feed(body):
+            self._note_event(data)
+        due = time.monotonic() - self._last_save >= self._save_interval_s
+        if due and len(self._parts) > self._saved_parts and self._flush is None:
+            self._flush = asyncio.ensure_future(self._save_partial())
+
+    def _note_event(self, data: bytes) -> None:
+        if data == b"[DONE]":
+            return
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        error = _error_text(event)
+        if error is not None:
+            self.error_event = error
+            return
+        for choice in event.get("choices") or ():
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
+            if isinstance(content, str) and choice.get("index", 0) == 0:
+                self._parts.append(content)
+
+    async def _save_partial(self) -> None:
+        parts = len(self._parts)
+        try:
+            async with self._factory() as session:
+                await session.execute(
+                    update(Message)
+                    .where(
+                        Message.id == self.message_id,
+                        Message.status == MessageStatus.STREAMING.value,
+                    )
+                    .values(content="".join(self._parts[:parts]), updated_at=utcnow())
+                )
+                await session.commit()
+            self._saved_parts = parts
+        except DB_DOWN as exc:
+            log.warning("chat_partial_not_saved", error=type(exc).__name__)
+        finally:
+            self._last_save = time.monotonic()
+            self._flush = None
+
+    def _final_state(self, outcome: Outcome) -> tuple[str, str, str | None]:
+        """(status, content, error) of the reply."""
+        if not self._stream or self.status_code != 200:
+            return self._final_whole(outcome)
+        text = self.text
+        if outcome.disconnected:
+            return MessageStatus.INCOMPLETE.value, text, "The client closed the connection."
+        error = self.error_event or outcome.error
+        if error is None and outcome.status == 200:
+            return MessageStatus.COMPLETE.value, text, None
+        status = MessageStatus.INCOMPLETE if text else MessageStatus.ERROR
+        return status.value, text, error or "The reply did not finish."
+
+    def _final_whole(self, outcome: Outcome) -> tuple[str, str, str | None]:
+        body = self.whole_body or b""
+        try:
+            parsed: Any = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        if outcome.status == 200 and isinstance(parsed, dict):
+            choices = parsed.get("choices") or [{}]
+            content = (choices[0].get("message") or {}).get("content") or ""
+            return MessageStatus.COMPLETE.value, str(content), None
+        if outcome.disconnected:
+            return MessageStatus.INCOMPLETE.value, "", "The client closed the connection."
+        error = _error_text(parsed) or outcome.error or f"status {outcome.status}"
+        return MessageStatus.ERROR.value, "", error
+
+    async def finish(self, outcome: Outcome, *, model: str | None) -> None:
+        """Write the reply as the client got it: content, status, error and usage."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._flush is not None:
+            await asyncio.gather(self._flush, return_exceptions=True)
+        status, content, error = self._final_state(outcome)
+        usage = outcome.usage or {}
+        values: dict[str, Any] = {
+            "content": content,
+            "status": status,
+            "error": error[:500] if error else None,
+            "writer": None,
+            "updated_at": utcnow(),
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+        }
+        if model:
+            values["model"] = model
+        try:
+            async with self._factory() as session:
+                await session.execute(
+                    update(Message).where(Message.id == self.message_id).values(**values)
+                )
+                await session.execute(
+                    update(Conversation)
+                    .where(Conversation.id == self.conversation_id)
+                    .values(updated_at=utcnow())
+                )
+                await session.commit()
+        except DB_DOWN as exc:
+            # The crash sweep will mark the row; the text written so far stays.
+            log.error(
+                "chat_reply_not_saved",
+                message_id=str(self.message_id),
+                error=type(exc).__name__,
+            )
+            return
+        log.info(
+            "chat_reply_saved",
+            message_id=str(self.message_id),
+            status=status,
+            chars=len(content),
+        )
+
+
+class ChatRelay(RelayResponse):
+    """The proxy relay with a recorder on its `send`."""
+
+    def __init__(
+        self,
+        *,
+        recorder: ReplyRecorder,
+        model_of_target: Callable[[], str | None],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._recorder = recorder
+        self._model_of_target = model_of_target
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Relay, then save the reply, then let the response end."""
+        held: list[AsgiMessage] = []
+        recorder = self._recorder
+
+        async def tapped(message: AsgiMessage) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                held.append(message)
+                recorder.delivered(message)
+                return
+            await send(message)
+            recorder.delivered(message)
+
+        try:
+            await super().__call__(scope, receive, tapped)
+        finally:
+            await _shielded(recorder.finish(self.outcome, model=self._model_of_target()))
+        for message in held:
+            await send(message)
+
+
+async def _shielded(work: Awaitable[None]) -> None:
+    # A cancelled request (server shutdown) must still save what the client received.
+    await asyncio.shield(asyncio.ensure_future(work))
