@@ -1,0 +1,101 @@
+"""POST /api/chat with real vLLM (CPU build, tiny random Llama, 256-token context) on Postgres.
+
+The model's text is noise: assertions are on statuses, token counts and what was stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.migrate import upgrade
+from tests.gateway.proxy.conftest import Gateway, gateway, write_profiles
+from tests.gateway.quota.conftest import create_user, login, quota_settings
+from tests.infra.postgres import PostgresServer
+
+from .conftest import chat, messages, stream_text
+
+pytestmark = [pytest.mark.vllm, pytest.mark.postgres]
+
+REPO = Path(__file__).parents[3]
+
+
+@pytest.fixture(scope="module")
+async def gw(
+    vllm_install: tuple[Path, Path], postgres_server: PostgresServer
+) -> AsyncIterator[Gateway]:
+    vllm_python, model_dir = vllm_install
+    profiles = yaml.safe_load((REPO / "model_profiles.yml").read_text())["profiles"]
+    profiles["tiny-cpu"]["model"] = str(model_dir)
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    url = postgres_server.create_database(name)
+    await asyncio.to_thread(upgrade, url)
+    settings = quota_settings(
+        url,
+        MODEL_PROFILES=str(write_profiles({"tiny-cpu": profiles["tiny-cpu"]}, "tiny-cpu")),
+        DEFAULT_PROFILE="tiny-cpu",
+        VLLM_PYTHON=str(vllm_python),
+        # The tiny model's byte-level tokenizer makes about one token per byte.
+        CHAT_BYTES_PER_TOKEN=1.0,
+    )
+    async with gateway(settings, wait=False) as served:
+        await served.wait_ready("tiny-cpu", timeout_s=300)
+        await create_user(served.http, "alice")
+        yield served
+
+
+async def test_history_grows_the_prompt_and_is_trimmed_to_the_context(gw: Gateway) -> None:
+    http = gw.http
+    token = await login(http, "alice")
+    first = await chat(http, token, message="hello there", max_tokens=8)
+    assert first.status_code == 200, first.text
+    conversation_id = first.headers["X-Conversation-Id"]
+    prompt_1 = first.json()["usage"]["prompt_tokens"]
+    reply_1 = first.json()["usage"]["completion_tokens"]
+
+    second = await chat(
+        http, token, conversation_id=conversation_id, message="and again", max_tokens=8,
+        stream=True,
+    )  # fmt: skip
+    assert second.status_code == 200, second.text
+    text, events = stream_text(second)
+    assert events[-1] == "[DONE]"
+    stored = await messages(http, token, conversation_id)
+    assert [m["status"] for m in stored] == ["complete"] * 4
+    assert stored[3]["content"] == text
+    # The second prompt holds the first exchange: it is longer by at least the first reply.
+    assert stored[3]["prompt_tokens"] >= prompt_1 + reply_1
+
+    # Many more turns than 256 tokens hold: the gateway trims the history, vLLM never refuses.
+    for turn in range(12):
+        reply = await chat(
+            http,
+            token,
+            conversation_id=conversation_id,
+            message=f"turn {turn}: tell me more about the weather today",
+            max_tokens=8,
+        )
+        assert reply.status_code == 200, (turn, reply.text)
+        assert reply.json()["usage"]["prompt_tokens"] + 8 <= 256
+    stored = await messages(http, token, conversation_id)
+    assert len(stored) == 28
+    assert all(m["status"] == "complete" for m in stored)
+
+
+async def test_a_message_longer_than_the_context_is_refused_before_the_engine(
+    gw: Gateway,
+) -> None:
+    http = gw.http
+    token = await login(http, "alice")
+    reply = await chat(http, token, message="x" * 300)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["code"] == "context_length_exceeded"
+    listed = await http.get("/api/conversations", headers={"Authorization": f"Bearer {token}"})
+    titles: list[Any] = [c["title"] for c in listed.json()["data"]]
+    assert not any(title.startswith("xxx") for title in titles)
