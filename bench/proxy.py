@@ -522,8 +522,12 @@ async def run(
         everything = [direct, through, *(t for _, t in features)]
         for t in everything:  # quiet warm-up: connections, imports, caches
             await closed_loop(t, 1, 0.3, stream=False)
+        profiled, profiled_gw = through, gw
+        for feature, t in features:
+            if feature.name == args.profile_feature:
+                profiled, profiled_gw = t, servers[f"gw-{feature.name}"]
         if args.profile_only:
-            res.profile = await profile(args, through, gw, cluster.workdir)
+            res.profile = await profile(args, profiled, profiled_gw, cluster.workdir)
             return res
         pair = [direct, through]
         res.main["latency c=1"] = await interleaved(pair, rounds, 1, d / 2, False)
@@ -557,7 +561,7 @@ async def run(
             )  # fmt: skip
             res.log_lines[feature.name] = (lines, t.load.sent)
         if args.profile:
-            res.profile = await profile(args, through, gw, cluster.workdir)
+            res.profile = await profile(args, profiled, profiled_gw, cluster.workdir)
     finally:
         for load in loads:
             await load.aclose()
@@ -807,6 +811,10 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway under load")
     parser.add_argument("--profile-only", action="store_true", help="--profile, measure nothing")
     parser.add_argument("--profile-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--profile-feature",
+        help="profile the gateway of this feature (e.g. 'all built') instead of the baseline",
+    )
     parser.add_argument("--top", type=int, default=15, help="functions shown per profile list")
     parser.add_argument(
         "--gateway-cmd",

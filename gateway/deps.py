@@ -15,6 +15,7 @@ from gateway.auth.principal import (
     Principal,
     admin_principal,
     authenticated_principal,
+    cached_principal,
 )
 from gateway.settings import Settings
 from gateway.state import AppState
@@ -75,7 +76,11 @@ async def get_principal(request: Request, state: StateDep) -> Principal:
     if not settings.REQUIRE_AUTH and "authorization" not in request.headers:
         # The hot path of a single-user setup: no credentials, nothing to look up.
         return ANONYMOUS
-    # The session is opened only when credentials must be checked.
+    # A key in the key cache needs no session; one is opened only when credentials must be
+    # checked against the database.
+    cached = cached_principal(request, settings)
+    if cached is not None:
+        return cached
     async with state.session_factory() as session:
         return await authenticated_principal(request, settings, session)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hmac
 import uuid
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from fastapi import Request
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -28,6 +28,10 @@ from gateway.errors import GatewayError
 from gateway.settings import Settings
 from gateway.users import service as users_service
 from gateway.users.models import Role, Tier
+
+if TYPE_CHECKING:
+    from gateway.keys.models import ApiKey
+    from gateway.users.models import User
 
 Via = Literal["jwt", "api_key", "admin_key", "anonymous"]
 
@@ -115,10 +119,38 @@ async def resolve_principal(
         return cached if isinstance(cached, Principal) else None
     token = bearer_token(request)
     principal = None if token is None else await _principal_for(token, settings, session)
+    _remember(request, principal)
+    return principal
+
+
+def _remember(request: Request, principal: Principal | None) -> None:
     request.scope[_SCOPE_KEY] = principal
     request.state.principal = principal
     request.state.user_id = str(principal.user_id) if principal and principal.user_id else None
     request.state.key_id = str(principal.key_id) if principal and principal.key_id else None
+
+
+def cached_principal(request: Request, settings: Settings) -> Principal | None:
+    """The caller of an API key found in the key cache, without a database session; None when
+    the full check is needed (no key, a cache miss, anything else). The hot path of the proxy."""
+    header = request.headers.get("authorization")
+    if header is None or header[: len(_BEARER)].lower() != _BEARER:
+        return None
+    token = header[len(_BEARER) :].strip()
+    if not token.startswith(settings.API_KEY_PREFIX):
+        return None
+    admin_key = settings.ADMIN_API_KEY
+    if admin_key is not None and hmac.compare_digest(
+        token.encode(), admin_key.get_secret_value().encode()
+    ):
+        return None
+    from gateway.keys.service import cached_usable_key
+
+    found = cached_usable_key(token)
+    if found is None:
+        return None
+    principal = _key_principal(*found)
+    _remember(request, principal)
     return principal
 
 
@@ -220,7 +252,10 @@ async def _api_key_principal(token: str, settings: Settings, session: AsyncSessi
     found = await authenticate_key(session=session, raw_key=token, settings=settings)
     if found is None or not found[1].is_active:
         raise _invalid_api_key()
-    key, user = found
+    return _key_principal(*found)
+
+
+def _key_principal(key: ApiKey, user: User) -> Principal:
     return Principal(
         user_id=user.id,
         username=user.username,

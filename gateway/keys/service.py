@@ -185,6 +185,17 @@ def _usable(key: ApiKey, user: User, now: datetime) -> bool:
     return key_status(key, now=now) == "active" and user.is_active
 
 
+def cached_usable_key(raw_key: str, cache: KeyCache | None = None) -> tuple[ApiKey, User] | None:
+    """The key and owner from the cache alone when they are usable now; None: ask the database
+    (a miss, or a hit that is no longer usable, which the full lookup then refuses)."""
+    if not raw_key or len(raw_key) > MAX_RAW_KEY_CHARS:
+        return None
+    cached = (cache or KEY_CACHE).get(key_digest(raw_key))
+    if cached is None or not _usable(cached[0], cached[1], utcnow()):
+        return None
+    return cached
+
+
 async def authenticate_key(
     *, session: AsyncSession, raw_key: str, settings: Settings, cache: KeyCache = KEY_CACHE
 ) -> tuple[ApiKey, User] | None:
