@@ -17,7 +17,7 @@ from gateway.auth.router import router as auth_router
 from gateway.auth.tokens import check_token_keys
 from gateway.chat.router import router as chat_router
 from gateway.conversations.router import router as conversations_router
-from gateway.conversations.service import sweep_forever, sweep_interrupted
+from gateway.conversations.service import startup_sweep, sweep_forever
 from gateway.db import create_engine, create_session_factory
 from gateway.engine import ModelControl
 from gateway.errors import install_error_handlers
@@ -26,7 +26,8 @@ from gateway.keys.router import router as keys_router
 from gateway.limits.factory import build_limiters
 from gateway.logging import configure_logging, get_logger
 from gateway.meta.router import router as meta_router
-from gateway.metrics import count_limiter_fallback
+from gateway.metrics import BackgroundMetrics, count_limiter_fallback, mark_process_stopped
+from gateway.metrics.router import router as metrics_router
 from gateway.middleware import RequestContextMiddleware
 from gateway.models_api.router import router as models_router
 from gateway.proxy.router import router as proxy_router
@@ -128,9 +129,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     app.state.resources = state
     await bootstrap_identity(settings=settings, session_factory=state.session_factory)
-    swept = await sweep_interrupted(
-        state.session_factory, stale_after_s=settings.CHAT_STALE_AFTER_S
-    )
+    swept = await startup_sweep(state.session_factory, stale_after_s=settings.CHAT_STALE_AFTER_S)
     log.info("chat_startup_sweep", interrupted=swept)
     sweeper = asyncio.ensure_future(
         sweep_forever(
@@ -142,6 +141,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.background.add(sweeper)
     scheduler.start()
     usage.start()
+    background_metrics = BackgroundMetrics(models, gpu_interval_s=settings.METRICS_GPU_INTERVAL_S)
+    if settings.METRICS_ENABLED:
+        # GPU readings on an interval and engine events: never work done per scrape.
+        background_metrics.start()
     # The engine loads in a background switch job: a slow model load must not block liveness.
     why = await models.startup()
     log.info("engine_plan", reason=why)
@@ -152,6 +155,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for task in list(state.background):
             task.cancel()
         await asyncio.gather(*state.background, return_exceptions=True)
+        await background_metrics.aclose()
         await scheduler.aclose()
         # After the scheduler: requests still finishing record their usage first.
         await usage.aclose()
@@ -161,6 +165,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if redis is not None:
             await redis.aclose()
         await db_engine.dispose()
+        mark_process_stopped()
         log.info("gateway_stopped")
 
 
@@ -187,6 +192,8 @@ def create_app(settings: Settings) -> FastAPI:
         )
     # Added last so it wraps everything, CORS and error responses included.
     app.add_middleware(RequestContextMiddleware, max_header_bytes=settings.MAX_HEADER_BYTES)
+    if settings.METRICS_ENABLED:
+        app.include_router(metrics_router)
     app.include_router(meta_router)
     app.include_router(health_router)
     app.include_router(auth_router)

@@ -17,6 +17,8 @@ from gateway.auth.principal import (
     authenticated_principal,
     cached_principal,
 )
+from gateway.errors import GatewayError
+from gateway.metrics import count_auth_failure
 from gateway.settings import Settings
 from gateway.state import AppState
 from orchestrator.manager import VLLMModelManager
@@ -82,12 +84,26 @@ async def get_principal(request: Request, state: StateDep) -> Principal:
     if cached is not None:
         return cached
     async with state.session_factory() as session:
-        return await authenticated_principal(request, settings, session)
+        try:
+            return await authenticated_principal(request, settings, session)
+        except GatewayError as exc:
+            _count_refusal(exc)
+            raise
 
 
 async def get_admin(request: Request, settings: SettingsDep, session: SessionDep) -> Principal:
     """An admin caller: 401 without credentials, 403 without the admin role."""
-    return await admin_principal(request, settings, session)
+    try:
+        return await admin_principal(request, settings, session)
+    except GatewayError as exc:
+        _count_refusal(exc)
+        raise
+
+
+def _count_refusal(exc: GatewayError) -> None:
+    # 401/403 are refused credentials; a 503 (database down) is not the caller's failure.
+    if exc.status_code in (401, 403):
+        count_auth_failure(exc.code)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import HEADERS_TOO_LARGE_BODY, INTERNAL_ERROR_BODY
 from gateway.logging import get_logger
+from gateway.metrics import HTTP
 
 log = get_logger("gateway.access")
 
@@ -92,13 +93,16 @@ class RequestContextMiddleware:
 
     @staticmethod
     def _log(scope: Scope, status: int, started: float) -> None:
+        elapsed = time.perf_counter() - started
         state = scope.get("state", {})
+        template = _route_template(scope)
+        HTTP.observe(template, scope["method"], status, elapsed)
         log.info(
             "request",
             method=scope["method"],
-            path=_route_path(scope),
+            path=template or str(scope["path"]),
             status=status,
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            duration_ms=round(elapsed * 1000, 2),
             user_id=state.get("user_id"),
             key_id=state.get("key_id"),
             model=state.get("model"),
@@ -108,8 +112,7 @@ class RequestContextMiddleware:
         structlog.contextvars.clear_contextvars()
 
 
-def _route_path(scope: Scope) -> str:
-    # The matched route template keeps ids out of the log's path field when one matched.
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    return path if isinstance(path, str) else str(scope["path"])
+def _route_template(scope: Scope) -> str | None:
+    # The matched route template keeps ids out of logs and metric labels; None: no route.
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else None

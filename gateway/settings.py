@@ -129,6 +129,10 @@ class Settings(BaseSettings):
     CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     LOG_LEVEL: str = "INFO"
     LOG_FORMAT: LogFormat = LogFormat.AUTO
+    # Prometheus: GET /metrics. Without METRICS_TOKEN it answers only to loopback peers.
+    METRICS_ENABLED: bool = True
+    METRICS_TOKEN: SecretStr | None = None
+    METRICS_GPU_INTERVAL_S: float = Field(default=15.0, gt=0)
 
     ENGINE: EngineMode = EngineMode.AUTO
     VLLM_BASE_URL: str | None = None
@@ -241,6 +245,18 @@ class Settings(BaseSettings):
         if self.ENVIRONMENT is Environment.DEVELOPMENT:
             self.ADMIN_API_KEY = SecretStr("sk-admin-" + secrets.token_urlsafe(24))
             self.admin_key_generated = True
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_token(self) -> Settings:
+        """A scrape token is a secret: long enough, and not copied from an example."""
+        if self.METRICS_TOKEN is None:
+            return self
+        token = self.METRICS_TOKEN.get_secret_value()
+        if len(token) < 16:
+            raise ValueError("METRICS_TOKEN is shorter than 16 characters")
+        if _is_placeholder(token) and not self.is_development:
+            raise ValueError("METRICS_TOKEN looks like a placeholder copied from an example")
         return self
 
     @model_validator(mode="after")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the system services the integration tests run for real (Debian/Ubuntu, apt):
 #   PostgreSQL (initdb/pg_ctl), redis-server, dockerd (docker.io) and a static busybox
-#   (busybox-static, used to build the tiny Docker test image).
+#   (busybox-static, used to build the tiny Docker test image), chromium (browser tests),
+#   prometheus and docker-compose (observability and deploy tests).
 #
 # Idempotent: installs only what is missing. As root it runs apt-get (update once, then
 # install --no-install-recommends); otherwise it lists what is missing and exits 1.
@@ -40,6 +41,20 @@ if ((busybox_ok)); then
 else
     missing+=(busybox-static)
 fi
+
+# tests/observability and tests/deploy: a real Prometheus (and promtool) scrapes the gateway;
+# docker-compose checks deploy/compose.yml.
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+
+# The browser tests (tests/ui) drive Debian's chromium through Playwright; never `playwright install`.
+if command -v chromium >/dev/null 2>&1 || [[ -x /usr/bin/chromium ]]; then
+    log "chromium: ok"
+else
+    missing+=(chromium)
+fi
+# ...and one of them uses a key from the command line, as a user would.
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 
 if ((${#missing[@]} == 0)); then
     log "all system packages present"

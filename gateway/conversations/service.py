@@ -21,7 +21,13 @@ from typing import Any
 
 import orjson
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.auth.principal import Principal
@@ -428,6 +434,18 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+async def startup_sweep(
+    factory: async_sessionmaker[AsyncSession], *, stale_after_s: float
+) -> int | None:
+    """The sweep at startup; a database that is down or not migrated only delays it."""
+    try:
+        return await sweep_interrupted(factory, stale_after_s=stale_after_s)
+    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+        # The class name only: a database error's text can carry statement parameters.
+        log.warning("chat_sweep_skipped", error=type(exc).__name__)
+        return None
+
+
 async def sweep_forever(
     factory: async_sessionmaker[AsyncSession], *, stale_after_s: float, interval_s: float
 ) -> None:
@@ -436,5 +454,5 @@ async def sweep_forever(
         await asyncio.sleep(interval_s)
         try:
             await sweep_interrupted(factory, stale_after_s=stale_after_s)
-        except DB_DOWN as exc:
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
             log.warning("chat_sweep_failed", error=type(exc).__name__)

@@ -10,6 +10,7 @@ from gateway.auth.principal import Principal
 from gateway.errors import GatewayError
 from gateway.limits.base import Decision, Limiter, LimiterUnavailable
 from gateway.limits.rules import Rule, ip_rules, login_rules, tier_rules
+from gateway.metrics import count_rate_limited
 from gateway.settings import Settings
 
 
@@ -73,9 +74,11 @@ async def check_inference(
     # (a client retrying through a token wait would otherwise burn its hourly requests).
     budget = await limiter.peek(key, tokens)
     if not budget.allowed:
+        count_rate_limited(_tier_label(principal), "tokens")
         raise _denied(budget, "tokens per minute", "token_rate_limit_exceeded")
     decision = await limiter.hit(key, requests)
     if not decision.allowed:
+        count_rate_limited(_tier_label(principal), "requests")
         raise _denied(decision, "requests", "rate_limit_exceeded")
     return key, tokens, {**decision.headers(), **budget.headers()}
 
@@ -88,4 +91,10 @@ async def check_login(*, limiter: Limiter, settings: Settings, request: Request)
     except LimiterUnavailable as exc:
         raise _unavailable(exc) from None
     if not decision.allowed:
+        count_rate_limited("none", "login")
         raise _denied(decision, "login attempts", "rate_limit_exceeded")
+
+
+def _tier_label(principal: Principal) -> str:
+    # Callers without credentials are limited per IP, not by a tier.
+    return "anonymous" if principal.via == "anonymous" else principal.tier

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from gateway.engine import EXTERNAL_PROFILE, ModelControl, ProfileDoesNotFit
 from gateway.errors import GatewayError
+from gateway.metrics import ModelNames, ProxyMetrics
 from gateway.proxy.upstream import Target
 from orchestrator.manager import EngineBusy, EngineState, EngineStatus
 
@@ -86,6 +87,12 @@ class Scheduler:
         self._changed = asyncio.Event()
         self._service_time_s = 1.0  # moving average of a local request's duration
         self._follower: asyncio.Task[None] | None = None
+        cloud_names = (
+            frozenset({config.cloud.default_model, *config.cloud.model_map.values()})
+            if config.cloud
+            else frozenset()
+        )
+        self.metrics = ProxyMetrics(ModelNames(control, cloud_names), max_local=config.max_local)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -135,7 +142,9 @@ class Scheduler:
             # local slot, or the cloud) still goes. QUEUE_MAX_WAITING=0 means no queue.
             decision = self._decide(model)
             if isinstance(decision, Lease):
+                self.metrics.admitted_now()
                 return decision
+            self.metrics.queue_full()
             raise GatewayError(
                 503,
                 f"The queue is full ({self.config.max_waiting} waiting); retry shortly.",
@@ -144,15 +153,20 @@ class Scheduler:
             )
         key = model or CURRENT
         self._waiting[key] = self._waiting.get(key, 0) + 1
-        deadline = time.monotonic() + self.config.queue_timeout_s
+        self.metrics.queue_entered()
+        started = time.monotonic()
+        deadline = started + self.config.queue_timeout_s
+        outcome = "cancelled"
         try:
             while True:
                 changed = self._changed
                 decision = self._decide(model)
                 if isinstance(decision, Lease):
+                    outcome = "admitted"
                     return decision
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    outcome = "timeout"
                     raise GatewayError(
                         503,
                         f"Waited {self.config.queue_timeout_s:g}s: {decision.reason}.",
@@ -163,24 +177,34 @@ class Scheduler:
                     await asyncio.wait_for(changed.wait(), remaining)
                 except TimeoutError:
                     continue
+        except GatewayError:
+            if outcome == "cancelled":
+                outcome = "refused"  # 404/409/503 decided while waiting
+            raise
         finally:
             self._waiting[key] -= 1
             if not self._waiting[key]:
                 del self._waiting[key]
+            self.metrics.queue_left(outcome, time.monotonic() - started)
 
     def try_acquire(self, model: str | None) -> Lease | None:
         """A lease right now when nobody waits and one is free; None means call acquire()."""
         if self._waiting:
             return None
         decision = self._decide(model)
-        return decision if isinstance(decision, Lease) else None
+        if isinstance(decision, Lease):
+            self.metrics.admitted_now()
+            return decision
+        return None
 
     def release(self, lease: Lease) -> None:
         """Account for a finished request and wake waiters."""
         if lease.target.route_name == "cloud":
             self.cloud_in_flight -= 1
+            self.metrics.in_flight_cloud.dec()
         else:
             self._control.manager.release_slot()
+            self.metrics.in_flight_local.dec()
             elapsed = time.monotonic() - lease.started
             self._service_time_s = 0.8 * self._service_time_s + 0.2 * elapsed
         self._notify()
@@ -303,6 +327,7 @@ class Scheduler:
             model=upstream_model,
             headers=headers,
         )
+        self.metrics.in_flight_local.inc()
         return Lease(target=target, scheduler=self)
 
     def _overflow(self, model: str | None) -> Lease | None:
@@ -311,6 +336,8 @@ class Scheduler:
             return None
         self.cloud_in_flight += 1
         self.overflow_count += 1
+        self.metrics.in_flight_cloud.inc()
+        self.metrics.overflowed(model)
         target = Target(
             route_name="cloud",
             api_base=cloud.api_base,

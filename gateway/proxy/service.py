@@ -112,6 +112,9 @@ async def relay_checked(
 
     def finished(outcome: Outcome) -> None:
         lease.release()
+        scheduler.metrics.finished(
+            lease.target.model, lease.target.route_name, outcome, stream=checked.stream
+        )
         usage = outcome.usage or {}
         total = int(usage.get("total_tokens") or 0)
         if total and token_rules:

@@ -5,7 +5,7 @@ by accident (vLLM's `--api-key` left some routes open; GPUStack's worker debug r
 auth check that read the path from a URL rebuilt with the Host header (vLLM GHSA-94f4-hr76-p5j6).
 So:
 
-1. every route of the app (all methods) is on exactly one of PUBLIC / USER / ADMIN below; a new
+1. every route of the app (all methods) is on exactly one of PUBLIC / USER / ADMIN / METRICS; a new
    route on none of them fails `test_every_route_is_classified` until someone decides;
 2. every non-public route answers 401 (OpenAI envelope, `WWW-Authenticate: Bearer`) without
    credentials; every admin route answers 403 to a normal user's JWT and API key;
@@ -50,6 +50,8 @@ from tests.gateway.conftest import TEST_SECRET, running_app, served_app
 # The break-glass admin key is switched on here so that it is covered too (its 403/401 paths
 # and that it never leaks).
 ADMIN_API_KEY = "sk-admin-inventory-Zq4Lm8Rt2Wx6Yb0Nc3Vd7"
+# /metrics has its own credential; set here so the route is guarded like the others.
+METRICS_TOKEN = "metrics-inventory-Hc5Pw9Kt3Ry7"
 
 Key = tuple[str, str]  # (METHOD, path template)
 
@@ -79,7 +81,16 @@ PUBLIC: dict[Key, str] = {
     ("POST", "/admin/api/login"): "username + password in the body (admins only)",
     ("POST", "/api/auth/refresh"): "the refresh token in the body is the credential",
     ("POST", "/api/auth/logout"): "a refresh or access token is the credential; none: 400",
+    # The browser pages and their scripts/styles: static shells with no data in them; what they
+    # show comes from the API with the signed-in user's token (tests/ui).
+    ("GET", "/chat"): "chat page (static shell)",
+    ("GET", "/dashboard"): "admin console page (static shell; its data needs the admin role)",
+    ("GET", "/admin"): "redirect to /dashboard (seed 002's admin address)",
+    ("GET", "/ui/static/{asset}"): "scripts, styles and icon of the pages",
 }
+
+# Public routes that answer with a redirect to another public route.
+REDIRECTS = {("GET", "/admin"): "/dashboard"}
 
 # Public routes that need a credential in the body: without one they must not succeed.
 CREDENTIAL_IN_BODY = {
@@ -135,6 +146,12 @@ ADMIN: dict[Key, str] = {
     ("GET", "/admin/api/usage"): "everyone's usage",
 }
 
+# Prometheus only: METRICS_TOKEN as the bearer token (no user, key or admin credential works;
+# without a token configured, loopback peers only). 401 without it, like the routes above.
+METRICS: dict[Key, str] = {
+    ("GET", "/metrics"): "Prometheus scrape (METRICS_TOKEN)",
+}
+
 _ADMIN_PREFIXES = ("/api/models/", "/admin/")
 _ADMIN_PATHS = {"/api/gpus"}
 
@@ -143,6 +160,7 @@ DUMMY_PATH_PARAMS = {
     "key_id": str(uuid.UUID(int=2)),
     "job_id": "deadbeef",
     "conversation_id": str(uuid.UUID(int=3)),
+    "asset": "ui.css",
 }
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -240,7 +258,7 @@ class Secrets:
 
     passwords: set[str] = field(default_factory=lambda: {ADMIN_PASSWORD, USER_PASSWORD})
     tokens: set[str] = field(default_factory=set)  # JWTs and API keys handed out
-    fixed: set[str] = field(default_factory=lambda: {ADMIN_API_KEY, TEST_SECRET})
+    fixed: set[str] = field(default_factory=lambda: {ADMIN_API_KEY, TEST_SECRET, METRICS_TOKEN})
     stored: set[str] = field(default_factory=set)  # argon2 hashes, key digests
 
     def never_anywhere(self) -> set[str]:
@@ -303,7 +321,7 @@ class Identities:
 
 
 def settings_for(sqlite_url: str) -> Settings:
-    return auth_settings(sqlite_url, ADMIN_API_KEY=ADMIN_API_KEY)
+    return auth_settings(sqlite_url, ADMIN_API_KEY=ADMIN_API_KEY, METRICS_TOKEN=METRICS_TOKEN)
 
 
 async def _login(client: httpx.AsyncClient, path: str, username: str, password: str) -> str:
@@ -436,6 +454,7 @@ def test_lists_are_consistent() -> None:
     assert not PUBLIC.keys() & USER.keys()
     assert not PUBLIC.keys() & ADMIN.keys()
     assert not USER.keys() & ADMIN.keys()
+    assert not METRICS.keys() & (PUBLIC.keys() | USER.keys() | ADMIN.keys())
     assert PUBLIC.keys() >= CREDENTIAL_IN_BODY
     for method, path in ADMIN:
         assert _is_admin_path(path), f"{method} {path} is not under an admin prefix"
@@ -446,12 +465,12 @@ def test_lists_are_consistent() -> None:
 def test_every_route_is_classified(tmp_path: Any) -> None:
     app = create_app(settings_for(f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}"))
     routes = inventory(app)
-    classified = PUBLIC.keys() | USER.keys() | ADMIN.keys()
+    classified = PUBLIC.keys() | USER.keys() | ADMIN.keys() | METRICS.keys()
     new = sorted(routes - classified)
     gone = sorted(classified - routes)
     assert not new, (
         "Routes on no list in tests/gateway/test_route_inventory.py. Classify each one as "
-        f"PUBLIC (say why), USER or ADMIN: {new}"
+        f"PUBLIC (say why), USER, ADMIN or METRICS: {new}"
     )
     assert not gone, f"Listed routes the app no longer has; remove them: {gone}"
 
@@ -479,6 +498,9 @@ async def test_anonymous_gets_401_on_every_non_public_route(
             assert response.status_code < 500 or path == "/health/ready", label
             if (method, path) in CREDENTIAL_IN_BODY:
                 assert 400 <= response.status_code < 500, label
+            elif (method, path) in REDIRECTS:
+                assert response.status_code in {307, 308}, label
+                assert response.headers["location"] == REDIRECTS[(method, path)], label
             else:
                 assert response.status_code in {200, 503}, label
         # Methods a path does not declare: 405 (or 401), never a success.
@@ -553,6 +575,11 @@ async def test_admin_credentials_work_and_stored_secrets_are_not_credentials(
             for via, credential in (("jwt", ids.admin_jwt), ("admin key", ADMIN_API_KEY)):
                 response = await client.get(path, headers=bearer(credential))
                 assert response.status_code == 200, f"{path} as admin ({via}): {response.text}"
+        # No account credential scrapes metrics: only METRICS_TOKEN does.
+        for credential in (ids.admin_jwt, ADMIN_API_KEY, ids.user_jwt, ids.user_key):
+            assert_401(await client.get("/metrics", headers=bearer(credential)), "/metrics")
+        scraped = await client.get("/metrics", headers=bearer(METRICS_TOKEN))
+        assert scraped.status_code == 200, scraped.text
         one = await client.get(f"/admin/api/users/{ids.user_id}", headers=bearer(ids.admin_jwt))
         assert one.status_code == 200, one.text
         assert one.json()["username"] == "alice"

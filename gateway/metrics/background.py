@@ -1,0 +1,171 @@
+"""Series kept up to date off the request path: GPU readings on an interval, and the engine's
+state and switch jobs from the manager's events (the orchestrator knows nothing of metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from prometheus_client import Gauge
+
+from gateway.logging import get_logger
+from gateway.metrics.series import (
+    ENGINE_STATE,
+    GPU_COUNT,
+    GPU_INFO,
+    GPU_MEMORY_TOTAL,
+    GPU_MEMORY_USED,
+    GPU_POWER,
+    GPU_POWER_LIMIT,
+    GPU_SAMPLED_AT,
+    GPU_TEMPERATURE,
+    GPU_UTILIZATION,
+    SWITCH_DURATION,
+    SWITCHES,
+)
+from orchestrator.manager import EngineState
+
+if TYPE_CHECKING:
+    from gateway.engine import ModelControl
+    from orchestrator.gpus import GpuInventory
+
+log = get_logger(__name__)
+
+_GPU_GAUGES = (
+    GPU_MEMORY_USED,
+    GPU_MEMORY_TOTAL,
+    GPU_UTILIZATION,
+    GPU_TEMPERATURE,
+    GPU_POWER,
+    GPU_POWER_LIMIT,
+)
+
+
+class GpuSeries:
+    """Writes one GPU reading into the gpu gauges; GPUs that disappeared lose their series."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, str] = {}  # gpu label -> name
+
+    def record(self, inventory: GpuInventory, at: float) -> None:
+        """Set every GPU gauge from `inventory`, taken at Unix time `at`."""
+        current: dict[str, str] = {}
+        for gpu in inventory.gpus:
+            label = str(gpu.index)
+            current[label] = gpu.name
+            GPU_INFO.labels(gpu=label, name=gpu.name).set(1)
+            GPU_MEMORY_USED.labels(gpu=label).set(gpu.memory_used_bytes)
+            GPU_MEMORY_TOTAL.labels(gpu=label).set(gpu.memory_total_bytes)
+            _set_or_drop(GPU_UTILIZATION, label, _ratio(gpu.utilization_percent))
+            _set_or_drop(GPU_TEMPERATURE, label, gpu.temperature_c)
+            _set_or_drop(GPU_POWER, label, gpu.power_draw_w)
+            _set_or_drop(GPU_POWER_LIMIT, label, gpu.power_limit_w)
+        for label, name in self._seen.items():
+            if current.get(label) != name:
+                with contextlib.suppress(KeyError):
+                    GPU_INFO.remove(label, name)
+            if label not in current:
+                for gauge in _GPU_GAUGES:
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(label)
+        self._seen = current
+        GPU_COUNT.set(inventory.count)
+        GPU_SAMPLED_AT.set(at)
+
+
+def _ratio(percent: int | None) -> float | None:
+    return None if percent is None else percent / 100.0
+
+
+def _set_or_drop(gauge: Gauge, label: str, value: float | None) -> None:
+    if value is None:
+        with contextlib.suppress(KeyError):
+            gauge.remove(label)
+    else:
+        gauge.labels(gpu=label).set(value)
+
+
+class EngineSeries:
+    """The engine state of every profile (one-hot) and finished switch jobs."""
+
+    def __init__(self, control: ModelControl) -> None:
+        self._control = control
+        self._profiles: set[str] = set()
+        self._counted: deque[str] = deque(maxlen=256)  # job ids already counted
+
+    def sync_state(self) -> None:
+        """Set the state gauge from the manager's status (inactive profiles are idle)."""
+        status = self._control.status()
+        profiles = set(self._control.profile_ids())
+        if status.profile_id is not None:
+            profiles.add(status.profile_id)
+        for profile in profiles:
+            current = status.state if profile == status.profile_id else EngineState.IDLE
+            for state in EngineState:
+                ENGINE_STATE.labels(profile=profile, state=state.value).set(
+                    1 if state is current else 0
+                )
+        for gone in self._profiles - profiles:
+            for state in EngineState:
+                with contextlib.suppress(KeyError):
+                    ENGINE_STATE.remove(gone, state.value)
+        self._profiles = profiles
+
+    def job_event(self, job_id: str) -> None:
+        """Count a switch job once, when it has an outcome."""
+        job = self._control.manager.job(job_id)
+        if job is None or not job.done or job_id in self._counted:
+            return
+        self._counted.append(job_id)
+        outcome = job.status.value
+        SWITCHES.labels(profile=job.profile_id, outcome=outcome).inc()
+        if job.finished_at is not None:
+            SWITCH_DURATION.labels(outcome=outcome).observe(
+                max(job.finished_at - job.created_at, 0.0)
+            )
+
+
+class BackgroundMetrics:
+    """Runs the GPU sampler and the engine-event follower for one app's lifetime."""
+
+    def __init__(self, control: ModelControl, *, gpu_interval_s: float) -> None:
+        self._control = control
+        self._interval_s = gpu_interval_s
+        self.gpus = GpuSeries()
+        self.engine = EngineSeries(control)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Start sampling GPUs and following the engine."""
+        self._tasks = [
+            asyncio.create_task(self._sample_gpus(), name="metrics-gpus"),
+            asyncio.create_task(self._follow_engine(), name="metrics-engine"),
+        ]
+
+    async def aclose(self) -> None:
+        """Stop both loops."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _sample_gpus(self) -> None:
+        while True:
+            try:
+                # NVML calls block: read in a thread so a slow driver never stalls requests.
+                inventory = await asyncio.to_thread(self._control.inventory, fresh=True)
+            except (OSError, ValueError) as exc:  # a snapshot file gone or broken
+                log.warning("gpu_sample_failed", error=str(exc))
+            else:
+                self.gpus.record(inventory, time.time())
+            await asyncio.sleep(self._interval_s)
+
+    async def _follow_engine(self) -> None:
+        self.engine.sync_state()
+        async for event in self._control.manager.subscribe():
+            self.engine.sync_state()
+            if event.job_id is not None:
+                self.engine.job_event(event.job_id)

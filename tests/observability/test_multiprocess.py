@@ -1,0 +1,114 @@
+"""Several worker processes, one scrape: with PROMETHEUS_MULTIPROC_DIR, each process writes its
+values to files in that directory and /metrics (in any of them) merges every process's values.
+
+Two real gateway processes (`python -m gateway serve`) share one directory, each gets its own
+traffic, and one answers the scrape for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+
+from gateway.migrate import upgrade
+from tests.gateway.conftest import TEST_SECRET
+from tests.infra.ports import free_port
+
+from .conftest import Scrape, scrape, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@asynccontextmanager
+async def gateway_process(multiproc_dir: Path, workdir: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """`python -m gateway serve` in its own process; yields a client on it."""
+    port = free_port()
+    database = workdir / f"gw-{port}.db"
+    url = f"sqlite+aiosqlite:///{database}"
+    await asyncio.to_thread(upgrade, url)
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir),
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "DATABASE_URL": url,
+        "AUTO_MIGRATE": "false",
+        "JWT_SECRET": TEST_SECRET,
+        "ENGINE": "none",
+        "ENVIRONMENT": "production",
+        "REQUIRE_AUTH": "false",
+        "MODEL_PROFILES": str(REPO / "model_profiles.yml"),
+        "STATE_DIR": str(workdir / f"state-{port}"),
+        "LOG_LEVEL": "WARNING",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve",
+        cwd=workdir, env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+
+            async def up() -> bool:
+                assert process.returncode is None, "the gateway process exited"
+                try:
+                    return (await client.get("/health")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await wait_for(up, 60, 0.1)
+            yield client
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 30)
+
+
+async def test_two_processes_one_merged_scrape(tmp_path: Path) -> None:
+    multiproc = tmp_path / "prometheus-multiproc"
+    multiproc.mkdir()
+    async with (
+        gateway_process(multiproc, tmp_path) as first,
+        gateway_process(multiproc, tmp_path) as second,
+    ):
+        # "/" is not what the startup probe polls: its count is exactly the traffic here.
+        for _ in range(3):
+            assert (await first.get("/")).status_code == 200
+        for _ in range(5):
+            assert (await second.get("/")).status_code == 200
+        # Each process wrote its own files into the shared directory.
+        assert len({p.name.rsplit("_", 1)[-1] for p in multiproc.glob("counter_*.db")}) == 2
+        from_first = await scrape(first)
+        from_second = await scrape(second)
+        root = {"route": "/", "method": "GET"}
+        # Both scrapes see both processes' requests.
+        for merged in (from_first, from_second):
+            assert merged.value("gateway_http_requests_total", status="200", **root) == 8
+            assert merged.value("gateway_http_request_duration_seconds_count", **root) == 8
+            # Live gauges sum over live processes: two schedulers with 4 slots each.
+            assert merged.value("gateway_local_slots") == 8
+            # Gauges that are the same in every process are not added up.
+            assert merged.value("gateway_build_info") == 1
+        await second.get("/")
+
+    # Both stopped: their live gauges went with them, their counters stay (Prometheus sees
+    # counters of a worker that was replaced continue, not reset).
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from gateway.metrics.exposition import render_latest  # noqa: F401  (imports the client)
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(multiproc))  # type: ignore[no-untyped-call]
+    after = Scrape(generate_latest(registry).decode())
+    assert after.value("gateway_local_slots") == 0
+    assert after.value("gateway_http_requests_total", route="/", status="200") == 9
