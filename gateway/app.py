@@ -35,6 +35,7 @@ from gateway.proxy.scheduler import CloudUpstream, Scheduler, SchedulerConfig
 from gateway.proxy.upstream import create_relay_session
 from gateway.settings import EngineMode, Settings
 from gateway.state import AppState
+from gateway.ui.router import router as ui_router
 from gateway.usage.recorder import UsageRecorder
 from gateway.usage.router import router as usage_router
 from gateway.users.router import router as users_router
@@ -202,6 +203,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(proxy_router)
     app.include_router(keys_router)
     app.include_router(usage_router)
+    app.include_router(ui_router)
     app.include_router(conversations_router)
     app.include_router(chat_router)
     return app

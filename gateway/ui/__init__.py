@@ -1,0 +1,1 @@
+"""The web chat and the admin console: static pages served by the gateway itself."""

@@ -1,0 +1,256 @@
+"""Browser tests: Debian's chromium driven by Playwright (from PyPI) against a served gateway.
+
+The gateway runs for real (uvicorn on a free port, a migrated Postgres, engine simulators as
+model profiles, auth required); the browser talks to it like a user would. Playwright's own
+browser download is never used: `playwright install` fails on these machines and is not needed.
+Each test leaves a screenshot in test-artifacts/ui/<test name>.png, also when it fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, async_playwright
+
+from gateway.migrate import upgrade
+from tests.gateway.conftest import make_settings, served_app
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO_ROOT / "test-artifacts" / "ui"
+CHROMIUM = Path(os.environ.get("VCG_CHROMIUM", "/usr/bin/chromium"))
+# ENVIRONMENT.md: how Debian's chromium runs headless as root here.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+ADMIN_PASSWORD = "adm1n-Pass-for-ui-tests-5d1a"
+USER_NAME = "alice"
+USER_PASSWORD = "alice-Pass-for-ui-tests-8c3f"
+# sim-a streams 60 words at 25 words/s (a reply takes ~2.4 s: long enough to watch it arrive
+# and to stop it); sim-b takes a second to start so that a switch has progress to show.
+REPLY_WORDS = 60
+
+
+def ui_profiles() -> dict[str, Any]:
+    """Model profiles of engine simulators for the browser tests."""
+
+    def simulator(model: str, *extra: str) -> list[str]:
+        return [
+            sys.executable,
+            *("-m", "orchestrator.simulator", "--host", "127.0.0.1", "--port", "{port}"),
+            *("--model", model, *extra),
+        ]
+
+    return {
+        "default": "sim-a",
+        "profiles": {
+            "sim-a": {
+                "display_name": "Simulator A",
+                "engine": "command",
+                "runtime": "process",
+                "served_model_name": "sim-a",
+                "command": simulator(
+                    "sim-a",
+                    *("--tokens-per-second", "25", "--response-tokens", str(REPLY_WORDS)),
+                ),
+                "startup_timeout_s": 30,
+            },
+            "sim-b": {
+                "display_name": "Simulator B",
+                "engine": "command",
+                "runtime": "process",
+                "served_model_name": "sim-b",
+                "command": simulator("sim-b", "--startup-delay", "1.0"),
+                "startup_timeout_s": 30,
+            },
+            "sim-broken": {
+                "display_name": "Simulator that fails to load",
+                "engine": "command",
+                "runtime": "process",
+                "served_model_name": "sim-broken",
+                "command": simulator("sim-broken", "--fail-at-start"),
+                "startup_timeout_s": 30,
+            },
+        },
+    }
+
+
+@dataclass
+class Gateway:
+    """A served gateway with an admin and a normal user."""
+
+    base_url: str
+    client: httpx.AsyncClient = field(repr=False)
+    admin_token: str
+    user_token: str
+    admin_password: str = ADMIN_PASSWORD
+    user_name: str = USER_NAME
+    user_password: str = USER_PASSWORD
+
+    def url(self, path: str) -> str:
+        """An absolute URL on the gateway."""
+        return self.base_url + path
+
+    async def as_user(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Call the API as the normal user."""
+        headers = {"Authorization": f"Bearer {self.user_token}"}
+        return await self.client.request(method, path, headers=headers, **kwargs)
+
+    async def as_admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Call the API as the admin."""
+        headers = {"Authorization": f"Bearer {self.admin_token}"}
+        return await self.client.request(method, path, headers=headers, **kwargs)
+
+
+async def _login(client: httpx.AsyncClient, username: str, password: str) -> str:
+    response = await client.post(
+        "/api/auth/login", json={"username": username, "password": password}
+    )
+    assert response.status_code == 200, response.text
+    return str(response.json()["access_token"])
+
+
+@pytest.fixture
+async def gateway(postgres_url: str, tmp_path: Path) -> AsyncIterator[Gateway]:
+    """The gateway on Postgres with sim-a loaded, an admin and the user alice."""
+    await asyncio.to_thread(upgrade, postgres_url)
+    profiles = tmp_path / "model_profiles.yml"
+    profiles.write_text(yaml.safe_dump(ui_profiles()))
+    settings = make_settings(
+        DATABASE_URL=postgres_url,
+        REQUIRE_AUTH=True,
+        ADMIN_PASSWORD=ADMIN_PASSWORD,
+        LOGIN_RATE_LIMIT_PER_MINUTE=10_000,
+        ENGINE="auto",
+        MODEL_PROFILES=str(profiles),
+        # A recorded dual RTX 3090 host: the console shows GPU cards on a machine without GPUs.
+        GPU_SNAPSHOT=str(REPO_ROOT / "tests" / "fixtures" / "gpu" / "dual_rtx3090.json"),
+    )
+    async with (
+        served_app(settings) as (_, base_url),
+        httpx.AsyncClient(base_url=base_url, timeout=30, trust_env=False) as client,
+    ):
+        admin_token = await _login(client, "admin", ADMIN_PASSWORD)
+        admin = {"Authorization": f"Bearer {admin_token}"}
+        created = await client.post(
+            "/admin/api/users",
+            json={"username": USER_NAME, "password": USER_PASSWORD, "role": "user"},
+            headers=admin,
+        )
+        assert created.status_code == 201, created.text
+        for _ in range(600):
+            status = (await client.get("/api/models/status", headers=admin)).json()
+            if status["engine"]["state"] == "ready":
+                break
+            await asyncio.sleep(0.05)
+        assert status["engine"]["state"] == "ready", status
+        yield Gateway(
+            base_url=base_url,
+            client=client,
+            admin_token=admin_token,
+            user_token=await _login(client, USER_NAME, USER_PASSWORD),
+        )
+
+
+@pytest.fixture(scope="session")
+async def browser() -> AsyncIterator[Browser]:
+    """Debian's chromium, headless, started once for the session."""
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"{CHROMIUM} not found: the browser tests need Debian's chromium. "
+            "Run scripts/bootstrap-system.sh (as root) to install it; never `playwright install`.",
+            pytrace=False,
+        )
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@dataclass
+class PageProblems:
+    """What the page complained about: uncaught errors and console errors (CSP violations)."""
+
+    errors: list[str] = field(default_factory=list)
+
+    def console(self, message: ConsoleMessage) -> None:
+        """Console hook."""
+        if message.type == "error":
+            self.errors.append(f"console: {message.text}")
+
+    def page_error(self, error: Exception) -> None:
+        """Uncaught exception hook."""
+        self.errors.append(f"uncaught: {error}")
+
+
+# Errors a test provokes on purpose (a 401/403 the page handles) are not problems of the page.
+EXPECTED_CONSOLE = re.compile(
+    r"Failed to load resource: the server responded with a status of 4\d\d"
+)
+
+
+async def new_page(
+    browser: Browser, *, width: int = 1280, height: int = 800
+) -> tuple[BrowserContext, Page, PageProblems]:
+    """A fresh context (no storage shared with other pages) and a page in it."""
+    context = await browser.new_context(viewport={"width": width, "height": height})
+    context.set_default_timeout(15_000)
+    page = await context.new_page()
+    problems = PageProblems()
+    page.on("console", problems.console)
+    page.on("pageerror", problems.page_error)
+    return context, page, problems
+
+
+@pytest.fixture
+async def ui(
+    browser: Browser, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[Page, PageProblems]]:
+    """A desktop-sized page; a screenshot is saved afterwards, and the page must not have
+    thrown or logged an error (a CSP violation is logged as one)."""
+    context, page, problems = await new_page(browser)
+    try:
+        yield page, problems
+    finally:
+        await screenshot(page, request.node.name)
+        await context.close()
+    unexpected = [e for e in problems.errors if not EXPECTED_CONSOLE.search(e)]
+    assert not unexpected, unexpected
+
+
+async def screenshot(page: Page, name: str) -> Path:
+    """Save a full-page screenshot as a test artifact."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
+    if not page.is_closed():
+        await page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+async def sign_in(page: Page, gateway: Gateway, path: str, username: str, password: str) -> None:
+    """Open a page and sign in through its form."""
+    await page.goto(gateway.url(path))
+    form = page.locator("#login-form")
+    await form.get_by_label("Username").fill(username)
+    await form.get_by_label("Password").fill(password)
+    await form.get_by_role("button", name="Sign in").click()
