@@ -34,7 +34,8 @@ def serve(settings: Settings) -> None:
     app = create_app(settings)
     banner = (
         f"\n  {settings.APP_NAME} is starting on {settings.public_url}\n"
-        f"  Open {settings.public_url}docs for the API, {settings.public_url}health for liveness.\n"
+        f"  Chat: {settings.public_url}chat   admin console: {settings.public_url}dashboard\n"
+        f"  API: {settings.public_url}docs   liveness: {settings.public_url}health\n"
     )
     sys.stderr.write(banner)
     sys.stderr.flush()

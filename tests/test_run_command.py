@@ -58,6 +58,10 @@ def test_make_run_serves_health_docs_and_a_ready_engine(tmp_path: Path) -> None:
         assert "/health/ready" in openapi["paths"]
         output = log_path.read_text()
         assert f"http://127.0.0.1:{port}/" in output
+        assert f"http://127.0.0.1:{port}/chat" in output
+        chat = httpx.get(f"{base}/chat", timeout=5)
+        assert chat.status_code == 200
+        assert chat.headers["content-type"].startswith("text/html")
         assert "engine simulator" in output or "simulator" in output
         assert (tmp_path / "run.db").exists()
         engines = [

@@ -19,6 +19,8 @@ class ServiceInfo(BaseModel):
     environment: str
     docs: str
     health: str
+    chat: str
+    console: str
     engine: str | None
     engine_state: str
 
@@ -33,6 +35,8 @@ async def root(state: StateDep) -> ServiceInfo:
         environment=state.settings.ENVIRONMENT.value,
         docs="/docs",
         health="/health",
+        chat="/chat",
+        console="/dashboard",
         engine=status.served_model_name,
         engine_state=status.state.value,
     )
