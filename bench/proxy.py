@@ -86,6 +86,7 @@ _HIGH = "60000000"  # per minute: the highest a rule accepts (window_s * 1e6); n
 # does not know is ignored; usage recording cannot be switched off and is part of it.)
 BASELINE_ENV = {
     "LOG_LEVEL": "WARNING",
+    "METRICS_ENABLED": "false",
     "REQUIRE_AUTH": "false",
     "RATE_LIMIT_REQUESTS": "0",
     **{f"RATE_LIMIT_{t}_{w}": "0" for t in _TIERS for w in ("PER_MINUTE", "PER_HOUR")},
@@ -98,17 +99,18 @@ _LIMITS_ON = {
     **{f"RATE_LIMIT_{t}_TOKENS_PER_MINUTE": _HIGH for t in _TIERS},
 }
 _LOGGING_ON = {"LOG_LEVEL": "INFO", "LOG_FORMAT": "json"}
+_METRICS_ON = {"METRICS_ENABLED": "true"}
 # Each built feature is measured as a gateway with these overrides vs the baseline.
 FEATURES = (
     Feature("logging", _LOGGING_ON, note="one JSON line per request, to a file"),
     Feature("auth", {"REQUIRE_AUTH": "true"}, api_key=True, note="a premium user's API key"),
     Feature("limits", _LIMITS_ON, note="request + token limits, local limiter, never hit"),
-    Feature("metrics", None),
+    Feature("metrics", _METRICS_ON, note="Prometheus series per request (/metrics)"),
     Feature(
         "all built",
-        {**_LOGGING_ON, "REQUIRE_AUTH": "true", **_LIMITS_ON},
+        {**_LOGGING_ON, "REQUIRE_AUTH": "true", **_LIMITS_ON, **_METRICS_ON},
         api_key=True,
-        note="logging + auth + limits",
+        note="logging + auth + limits + metrics",
     ),
 )
 
@@ -557,7 +559,7 @@ async def run(
         for feature, t in features:
             lines = sum(
                 1 for line in servers[f"gw-{feature.name}"].log.open(errors="replace")
-                if '"event": "request"' in line
+                if '"event":"request"' in line.replace(" ", "")
             )  # fmt: skip
             res.log_lines[feature.name] = (lines, t.load.sent)
         if args.profile:

@@ -158,6 +158,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.gather(*state.background, return_exceptions=True)
         await background_metrics.aclose()
         await scheduler.aclose()
+        await state.limiters.tokens.aclose()
         # After the scheduler: requests still finishing record their usage first.
         await usage.aclose()
         await models.aclose()
@@ -193,6 +194,9 @@ def create_app(settings: Settings) -> FastAPI:
         )
     # Added last so it wraps everything, CORS and error responses included.
     app.add_middleware(RequestContextMiddleware, max_header_bytes=settings.MAX_HEADER_BYTES)
+    # Routes are matched in order: the OpenAI routes, the hot path, come first.
+    app.include_router(proxy_router)
+    app.include_router(chat_router)
     if settings.METRICS_ENABLED:
         app.include_router(metrics_router)
     app.include_router(meta_router)
@@ -200,10 +204,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(auth_router)
     app.include_router(users_router)
     app.include_router(models_router)
-    app.include_router(proxy_router)
     app.include_router(keys_router)
     app.include_router(usage_router)
     app.include_router(ui_router)
     app.include_router(conversations_router)
-    app.include_router(chat_router)
     return app

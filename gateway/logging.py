@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import Any
 
+import orjson
 import structlog
 from structlog.typing import EventDict, Processor
 
@@ -21,6 +22,12 @@ def _redact_secrets(_: Any, __: str, event_dict: EventDict) -> EventDict:
     for key in event_dict.keys() & _SECRET_KEYS:
         event_dict[key] = "[redacted]"
     return event_dict
+
+
+def _orjson_dumps(obj: Any, **kwargs: Any) -> str:
+    # structlog's documented hook: orjson renders the access line several times faster than
+    # the json module (the line is written once per request).
+    return orjson.dumps(obj, default=kwargs.get("default"), option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -52,7 +59,7 @@ def configure_logging(settings: Settings) -> None:
         _redact_secrets,
     ]
     renderer: Processor = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_orjson_dumps)
         if fmt is LogFormat.JSON
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )

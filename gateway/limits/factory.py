@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
 from gateway.limits.base import Limiter
+from gateway.limits.ledger import TokenLedger
 from gateway.limits.local import LocalLimiter
 from gateway.limits.redis_limiter import RedisLimiter
 from gateway.limits.resilience import FailClosedLimiter, FallbackLimiter
@@ -23,6 +24,11 @@ class Limiters:
     inference: Limiter
     strict: Limiter
     fallback: FallbackLimiter | None = None
+    tokens: TokenLedger = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Tokens count against the inference limiter, added off the response path.
+        object.__setattr__(self, "tokens", TokenLedger(self.inference))
 
 
 def build_limiters(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,7 +119,7 @@ async def relay_checked(
         total = int(usage.get("total_tokens") or 0)
         if total and token_rules:
             # Tokens count when they are known (a stream's at its end), off the response path.
-            _background(state, state.limiters.inference.add(limit_key, token_rules, total))
+            state.limiters.tokens.add(limit_key, token_rules, total)
         state.usage.record(
             user_id=principal.user_id,
             key_id=principal.key_id,
@@ -202,12 +202,6 @@ def check_model_scope(principal: Principal, model: str | None, state: AppState) 
             code="model_not_allowed",
             param="model",
         )
-
-
-def _background(state: AppState, coroutine: Coroutine[Any, Any, None]) -> None:
-    task: asyncio.Task[object] = asyncio.ensure_future(coroutine)
-    state.background.add(task)
-    task.add_done_callback(state.background.discard)
 
 
 def model_entries(*, state: AppState) -> list[dict[str, Any]]:
