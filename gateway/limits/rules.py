@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.settings import Settings
 from gateway.users.models import Tier
@@ -27,6 +27,12 @@ class Rule:
     name: str
     limit: int
     window_s: int
+    # Derived once (every limiter call reads them): the name as it appears in headers
+    # (``tokens-minute`` → ``Tokens-Minute``), and the microseconds one unit occupies: the
+    # window divided by the limit, rounded up (keeps the sustained rate at or below
+    # ``limit / window_s``).
+    header_name: str = field(init=False, repr=False, compare=False)
+    interval_us: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not _RULE_NAME.match(self.name):
@@ -38,19 +44,9 @@ class Rule:
                 f"rule {self.name}: limit must be 1..{self.window_s * MICROS_PER_S} "
                 "(a limit of 0 means unlimited: leave the rule out)"
             )
-
-    @property
-    def header_name(self) -> str:
-        """The rule name as it appears in headers: ``tokens-minute`` → ``Tokens-Minute``."""
-        return "-".join(part.capitalize() for part in self.name.split("-"))
-
-    @property
-    def interval_us(self) -> int:
-        """Microseconds one unit occupies: the window divided by the limit, rounded up.
-
-        Rounding up keeps the sustained rate at or below ``limit / window_s``.
-        """
-        return -(-self.window_s * MICROS_PER_S // self.limit)
+        header = "-".join(part.capitalize() for part in self.name.split("-"))
+        object.__setattr__(self, "header_name", header)
+        object.__setattr__(self, "interval_us", -(-self.window_s * MICROS_PER_S // self.limit))
 
 
 @dataclass(frozen=True)
@@ -67,9 +63,25 @@ def _rules(*candidates: tuple[str, int, int]) -> tuple[Rule, ...]:
     return tuple(Rule(name, limit, window) for name, limit, window in candidates if limit > 0)
 
 
+# Rules per (settings object, tier), built once: the proxy asks on every request.
+_TIER_CACHE: dict[tuple[int, str], tuple[Settings, TierRules]] = {}
+
+
 def tier_rules(settings: Settings, tier: Tier | str) -> TierRules:
     """Request and token rules of a tier from ``RATE_LIMIT_<TIER>_*``; raises ValueError for an
     unknown tier."""
+    cache_key = (id(settings), str(tier))
+    cached = _TIER_CACHE.get(cache_key)
+    if cached is not None and cached[0] is settings:
+        return cached[1]
+    rules = _build_tier_rules(settings, tier)
+    if len(_TIER_CACHE) > 64:  # many Settings objects only in tests
+        _TIER_CACHE.clear()
+    _TIER_CACHE[cache_key] = (settings, rules)
+    return rules
+
+
+def _build_tier_rules(settings: Settings, tier: Tier | str) -> TierRules:
     prefix = f"RATE_LIMIT_{Tier(tier).name}"
     per_minute: int = getattr(settings, f"{prefix}_PER_MINUTE")
     per_hour: int = getattr(settings, f"{prefix}_PER_HOUR")
