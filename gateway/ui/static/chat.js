@@ -34,22 +34,9 @@
   // -- sign in / out ------------------------------------------------------------------------------
 
   async function start() {
-    window.VCG.onSignedOut = () => {
-      stopTimers();
-      window.VCG.showView("login-view");
-    };
-    window.VCG.setupLogin(enter);
-    wire();
-    if (window.VCG.signedIn()) {
-      try {
-        enter(await window.VCG.me());
-        return;
-      } catch (_) {
-        /* expired: sign in again */
-      }
+    if (!(await window.VCG.startPage({ enter, wire, stop: stopTimers }))) {
+      $("#login-username").focus();
     }
-    window.VCG.showView("login-view");
-    $("#login-username").focus();
   }
 
   async function enter(me) {

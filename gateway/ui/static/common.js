@@ -305,6 +305,30 @@
     });
   }
 
+  /**
+   * The start of both pages: on sign-out run `stop()` and show the login view; wire the login
+   * form to `enter(me)` and the page's controls (`wire()`); enter at once with a session that
+   * is still valid. Resolves true when signed in, false when the login view is shown.
+   */
+  async function startPage({ enter, wire, stop }) {
+    VCG.onSignedOut = () => {
+      stop();
+      showView("login-view");
+    };
+    setupLogin(enter);
+    wire();
+    if (signedIn()) {
+      try {
+        enter(await me());
+        return true;
+      } catch (_) {
+        /* expired: sign in again */
+      }
+    }
+    showView("login-view");
+    return false;
+  }
+
   /** Show exactly one of the page's top-level views. */
   function showView(id) {
     for (const view of document.querySelectorAll("[data-view]")) {
@@ -330,5 +354,6 @@
     formatNumber,
     setupLogin,
     showView,
+    startPage,
   });
 })();

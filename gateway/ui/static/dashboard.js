@@ -20,21 +20,7 @@
   // -- sign in -----------------------------------------------------------------------------------
 
   async function start() {
-    window.VCG.onSignedOut = () => {
-      stop();
-      window.VCG.showView("login-view");
-    };
-    window.VCG.setupLogin(enter);
-    wire();
-    if (window.VCG.signedIn()) {
-      try {
-        enter(await window.VCG.me());
-        return;
-      } catch (_) {
-        /* sign in again */
-      }
-    }
-    window.VCG.showView("login-view");
+    await window.VCG.startPage({ enter, wire, stop });
   }
 
   function enter(me) {
