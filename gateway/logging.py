@@ -30,6 +30,25 @@ def _orjson_dumps(obj: Any, **kwargs: Any) -> str:
     return orjson.dumps(obj, default=kwargs.get("default"), option=orjson.OPT_NON_STR_KEYS).decode()
 
 
+class _CurrentRenderer:
+    """The renderer of the latest configure_logging: loggers cache their processor chain on
+    first use, so the chain holds this one object and the format is swapped inside it."""
+
+    def __init__(self) -> None:
+        self.render: Processor = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+
+    def __call__(self, logger: Any, method: str, event: EventDict) -> Any:
+        return self.render(logger, method, event)
+
+
+_RENDERER = _CurrentRenderer()
+
+
+def _write_to_stderr(_: Any, __: str, rendered: Any) -> Any:
+    sys.stderr.write(f"{rendered}\n")
+    raise structlog.DropEvent
+
+
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever `sys.stderr` is at emit time (it may be replaced after setup)."""
 
@@ -63,6 +82,7 @@ def configure_logging(settings: Settings) -> None:
         if fmt is LogFormat.JSON
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    _RENDERER.render = renderer
     structlog.configure(
         processors=[
             # Drop filtered-out events first, before any processor spends time on them.
@@ -70,7 +90,11 @@ def configure_logging(settings: Settings) -> None:
             *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            _RENDERER,
+            # Our own events are written here, rendered once: handing them to the stdlib
+            # handler made two LogRecords per line and cost more than the rest of the line
+            # (bench/README.md). Stdlib loggers (uvicorn, alembic) still go through the handler.
+            _write_to_stderr,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,

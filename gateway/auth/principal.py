@@ -14,6 +14,7 @@ Routes ask for `PrincipalDep` or `AdminDep` (gateway.deps). The principal also l
 
 from __future__ import annotations
 
+import functools
 import hmac
 import uuid
 from dataclasses import dataclass
@@ -25,12 +26,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.auth import tokens
 from gateway.errors import GatewayError
+from gateway.keys.models import ApiKey
 from gateway.settings import Settings
 from gateway.users import service as users_service
 from gateway.users.models import Role, Tier
 
 if TYPE_CHECKING:
-    from gateway.keys.models import ApiKey
     from gateway.users.models import User
 
 Via = Literal["jwt", "api_key", "admin_key", "anonymous"]
@@ -52,6 +53,16 @@ class Principal:
     key_id: uuid.UUID | None = None
     # None: every model; otherwise the names an API key is limited to.
     allowed_models: tuple[str, ...] | None = None
+
+    @functools.cached_property
+    def user_ref(self) -> str | None:
+        """The user id as text (for logs), None without a user."""
+        return None if self.user_id is None else str(self.user_id)
+
+    @functools.cached_property
+    def key_ref(self) -> str | None:
+        """The API key id as text (for logs), None without a key."""
+        return None if self.key_id is None else str(self.key_id)
 
     @property
     def is_admin(self) -> bool:
@@ -125,9 +136,11 @@ async def resolve_principal(
 
 def _remember(request: Request, principal: Principal | None) -> None:
     request.scope[_SCOPE_KEY] = principal
-    request.state.principal = principal
-    request.state.user_id = str(principal.user_id) if principal and principal.user_id else None
-    request.state.key_id = str(principal.key_id) if principal and principal.key_id else None
+    # The request's state dict directly (what `request.state` wraps), for the access log.
+    state = request.scope.setdefault("state", {})
+    state["principal"] = principal
+    state["user_id"] = principal.user_ref if principal else None
+    state["key_id"] = principal.key_ref if principal else None
 
 
 def cached_principal(request: Request, settings: Settings) -> Principal | None:
@@ -149,9 +162,23 @@ def cached_principal(request: Request, settings: Settings) -> Principal | None:
     found = cached_usable_key(token)
     if found is None:
         return None
-    principal = _key_principal(*found)
+    key, user = found
+    # The cache hands out the same detached objects for an entry's lifetime: the principal
+    # made from them is reused too (reading ORM attributes cost more than the rest).
+    memo = _KEY_PRINCIPALS.get(id(key))
+    if memo is not None and memo[0] is key:
+        principal = memo[1]
+    else:
+        principal = _key_principal(key, user)
+        if len(_KEY_PRINCIPALS) >= _KEY_PRINCIPALS_MAX:
+            _KEY_PRINCIPALS.clear()
+        _KEY_PRINCIPALS[id(key)] = (key, principal)
     _remember(request, principal)
     return principal
+
+
+_KEY_PRINCIPALS: dict[int, tuple[ApiKey, Principal]] = {}
+_KEY_PRINCIPALS_MAX = 10_000
 
 
 async def authenticated_principal(

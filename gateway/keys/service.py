@@ -104,6 +104,10 @@ class _CachedKey:
     # Callers must not attach them to a session or change them.
     key: ApiKey
     user: User
+    # When the key stops being usable (its expiry; None: never), computed at put() so a hit
+    # reads no ORM attribute; `usable` False for a key or owner that was unusable already.
+    usable_until: datetime | None
+    usable: bool
 
 
 def _columns(obj: ApiKey | User) -> dict[str, Any]:
@@ -144,6 +148,16 @@ class KeyCache:
         self._entries.move_to_end(digest)
         return entry.key, entry.user
 
+    def get_usable(self, digest: str, now: datetime) -> tuple[ApiKey, User] | None:
+        """The cached key and owner when they are usable at `now`; None otherwise (absent,
+        stale, revoked, expired or an inactive owner)."""
+        entry = self._entries.get(digest)
+        if entry is None or not entry.usable or entry.expires_monotonic <= time.monotonic():
+            return None
+        if entry.usable_until is not None and entry.usable_until <= now:
+            return None
+        return entry.key, entry.user
+
     def put(self, digest: str, key: ApiKey, user: User, *, generation: int) -> None:
         """Remember a successful lookup made when the generation was `generation`."""
         if self.ttl_s <= 0 or generation != self.generation:
@@ -152,6 +166,8 @@ class KeyCache:
             time.monotonic() + self.ttl_s,
             _detached(ApiKey, _columns(key)),
             _detached(User, _columns(user)),
+            as_utc(key.expires_at),
+            key.revoked_at is None and user.is_active,
         )
         self._entries.move_to_end(digest)
         while len(self._entries) > self.max_entries:
@@ -190,10 +206,7 @@ def cached_usable_key(raw_key: str, cache: KeyCache | None = None) -> tuple[ApiK
     (a miss, or a hit that is no longer usable, which the full lookup then refuses)."""
     if not raw_key or len(raw_key) > MAX_RAW_KEY_CHARS:
         return None
-    cached = (cache or KEY_CACHE).get(key_digest(raw_key))
-    if cached is None or not _usable(cached[0], cached[1], utcnow()):
-        return None
-    return cached
+    return (cache or KEY_CACHE).get_usable(key_digest(raw_key), utcnow())
 
 
 async def authenticate_key(
