@@ -45,9 +45,10 @@ class Outcome:
 
 def check_call(rules: Sequence[Rule], cost: int, op: Op) -> None:
     """Reject calls no limiter can answer consistently: duplicate rule names, bad costs."""
-    names = [rule.name for rule in rules]
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate rule names in one call: {names}")
+    if len(rules) > 1:  # one rule cannot clash with itself (the common case, checked often)
+        names = [rule.name for rule in rules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate rule names in one call: {names}")
     lowest = 0 if op is Op.ADD else 1
     if not lowest <= cost <= MAX_COST:
         raise ValueError(f"{op.value}: cost must be {lowest}..{MAX_COST}, got {cost}")

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 
 from gateway.limits.base import ALLOW_UNLIMITED, Decision
-from gateway.limits.gcra import Op, apply, check_call, to_decision, writes
+from gateway.limits.gcra import Op, Outcome, apply, check_call, to_decision, writes
 from gateway.limits.rules import MICROS_PER_S, Rule
 
 
@@ -44,6 +44,9 @@ class LocalLimiter:
         return len(self._tats)
 
     def _call(self, op: Op, key: str, rules: Sequence[Rule], cost: int) -> Decision:
+        return to_decision(self._apply(op, key, rules, cost), rules)
+
+    def _apply(self, op: Op, key: str, rules: Sequence[Rule], cost: int) -> Outcome:
         now = monotonic_us()
         names = [f"{self._prefix}{key}:{rule.name}" for rule in rules]
         outcome = apply(op, now, [self._tats.get(name, 0) for name in names], rules, cost)
@@ -51,7 +54,7 @@ class LocalLimiter:
             for name, reset_us in zip(names, outcome.reset_us, strict=True):
                 self._tats[name] = now + reset_us
             self._bound(now)
-        return to_decision(outcome, rules)
+        return outcome
 
     def _bound(self, now: int) -> None:
         """Drop expired entries now and then, and the nearest-to-full ones past max_keys."""
@@ -87,7 +90,7 @@ class LocalLimiter:
         """Count ``amount`` in every rule, even past the limit."""
         check_call(rules, amount, Op.ADD)
         if rules and amount:
-            self._call(Op.ADD, key, rules, amount)
+            self._apply(Op.ADD, key, rules, amount)  # its decision is never read
 
     async def ping(self) -> None:
         """Always reachable: the state lives in this process."""
