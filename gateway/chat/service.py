@@ -10,32 +10,29 @@ Order of work, so nothing the user sees is unsaved or unbilled:
 
 History rule: only `complete` messages go upstream, in order. Replies that were cut short
 (`incomplete`, `error`, `interrupted`) stay visible in the conversation but are never sent
-to the engine as if the model had said them. Then the newest messages are kept while they fit
-the model's context minus the reply's reserve (`max_tokens`, else CHAT_RESERVED_REPLY_TOKENS,
-at most a quarter of the context), counting CHAT_BYTES_PER_TOKEN UTF-8 bytes per token plus 4
-per message; system messages are always kept. A new message that cannot fit alone is a 400.
+to the engine as if the model had said them; gateway.chat.history trims them to the model's
+context. Idempotent retries: gateway.chat.replay.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import math
 import uuid
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from fastapi import Request
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
 from gateway.auth.principal import Principal
+from gateway.chat.history import context_window, trim_history
 from gateway.chat.relay import ChatRelay, ReplyRecorder
+from gateway.chat.replay import replay_earlier, request_hash
 from gateway.chat.schemas import ChatRequest
 from gateway.conversations import service as conversations
 from gateway.conversations.models import ChatIdempotency, Conversation, Message, MessageStatus
@@ -52,12 +49,10 @@ from gateway.proxy.service import (
 )
 from gateway.proxy.upstream import Outcome
 from gateway.proxy.validation import ProxyRequest, Route, parse_request
-from gateway.responses import JSONResponse
 from gateway.state import AppState
 
 log = get_logger(__name__)
 
-MESSAGE_OVERHEAD_TOKENS = 4
 ENDPOINT = "api_chat"
 # One writer per conversation in this process (SQLite has no row locks; Postgres also locks
 # the conversation row, for several processes).
@@ -122,79 +117,6 @@ def _check_sampling(body: ChatRequest, state: AppState) -> None:
     """The proxy's own checks of sampling parameters (400 naming the field)."""
     probe = {"messages": [{"role": "user", "content": "."}], **body.sampling()}
     parse_request(Route.CHAT, orjson.dumps(probe), limits_from(state.settings))
-
-
-def request_hash(body: ChatRequest) -> str:
-    """A digest of the request, to tell a retry from a different request with a reused key."""
-    dumped = orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(dumped).hexdigest()
-
-
-def context_window(state: AppState, model: str | None) -> int:
-    """The context length of the model that will answer (its profile's, else the default)."""
-    control = state.models
-    status = control.status()
-    profile_id = status.profile_id
-    if model and model != CURRENT and model not in status.served_names:
-        profile_id = next(
-            (pid for pid in control.verdicts() if model in control.profile(pid).served_names),
-            None,
-        )
-    if profile_id is None:
-        return state.settings.CHAT_DEFAULT_CONTEXT
-    verdict = control.verdicts().get(profile_id)
-    if verdict is not None and verdict.max_model_len:
-        return verdict.max_model_len
-    try:
-        length = control.profile(profile_id).max_model_len
-    except KeyError:
-        length = None
-    return length or state.settings.CHAT_DEFAULT_CONTEXT
-
-
-def trim_history(
-    messages: Sequence[dict[str, str]],
-    *,
-    context_tokens: int,
-    reply_tokens: int | None,
-    default_reserve: int,
-    bytes_per_token: float,
-) -> list[dict[str, str]]:
-    """The newest messages that fit the context (system messages always kept); see module doc."""
-    reserve = (
-        reply_tokens if reply_tokens is not None else min(default_reserve, context_tokens // 4)
-    )
-    budget = context_tokens - reserve
-    if budget <= 0:
-        raise _bad(
-            f"'max_tokens' ({reserve}) leaves no room for the conversation in the model's "
-            f"context of {context_tokens} tokens.",
-            "max_tokens",
-            "context_length_exceeded",
-        )
-
-    def cost(message: dict[str, str]) -> int:
-        size = len(message["content"].encode())
-        return math.ceil(size / bytes_per_token) + MESSAGE_OVERHEAD_TOKENS
-
-    system = [m for m in messages if m["role"] == "system"]
-    rest = [m for m in messages if m["role"] != "system"]
-    used = sum(cost(m) for m in system)
-    kept: list[dict[str, str]] = []
-    for message in reversed(rest):
-        needed = cost(message)
-        if used + needed > budget:
-            break
-        kept.append(message)
-        used += needed
-    if rest and not kept:
-        raise _bad(
-            f"The message is too long for the model's context of {context_tokens} tokens "
-            f"(with {reserve} kept for the reply).",
-            "message",
-            "context_length_exceeded",
-        )
-    return system + kept[::-1]
 
 
 # -- the transaction ---------------------------------------------------------------------------
@@ -335,9 +257,9 @@ async def chat(
     check_model_scope(principal, body.model, state)
     request.state.model = body.model
     if idempotency_key is not None:
-        replay = await _replay(state, user_id, idempotency_key, body)
-        if replay is not None:
-            return replay
+        earlier = await replay_earlier(state, user_id, idempotency_key, body)
+        if earlier is not None:
+            return earlier
     admission = await admit(state=state, principal=principal, request=request)
     status = state.manager.status()
     model_label = body.model if body.model and body.model != CURRENT else status.served_model_name
@@ -361,10 +283,10 @@ async def chat(
         # The same Idempotency-Key raced in from another request: answer as its retry.
         if idempotency_key is None:
             raise
-        replay = await _replay(state, user_id, idempotency_key, body)
-        if replay is None:
+        earlier = await replay_earlier(state, user_id, idempotency_key, body)
+        if earlier is None:
             raise
-        return replay
+        return earlier
     return await _relay(
         state=state,
         scheduler=scheduler,
@@ -447,105 +369,3 @@ async def _mark_failed(state: AppState, prepared: Prepared, error: str) -> None:
     )
     outcome_recorder.whole_body = orjson.dumps({"error": {"message": error}})
     await outcome_recorder.finish(Outcome(status=503, error=error), model=None)
-
-
-# -- idempotent replays ------------------------------------------------------------------------
-
-
-async def _replay(
-    state: AppState, user_id: uuid.UUID, key: str, body: ChatRequest
-) -> Response | None:
-    """The answer of an earlier request with this key, or None when there was none."""
-    async with conversations.database_errors(), state.session_factory() as session:
-        found = await session.get(ChatIdempotency, (user_id, key))
-        if found is None:
-            return None
-        if found.request_hash != request_hash(body):
-            raise GatewayError(
-                422,
-                "This Idempotency-Key was used for a different request.",
-                code="idempotency_key_reused",
-                param="Idempotency-Key",
-            )
-        message = (
-            await session.execute(select(Message).where(Message.id == found.assistant_message_id))
-        ).scalar_one_or_none()
-    if message is None:
-        raise GatewayError(
-            409,
-            "The reply of the request with this Idempotency-Key was replaced since.",
-            code="idempotency_reply_replaced",
-        )
-    headers = {
-        "X-Conversation-Id": str(found.conversation_id),
-        "X-Message-Id": str(message.id),
-        "Idempotent-Replayed": "true",
-    }
-    if message.status == MessageStatus.STREAMING.value:
-        raise GatewayError(
-            409,
-            "The request with this Idempotency-Key is still being answered.",
-            code="request_in_progress",
-            headers={**headers, "Retry-After": "1"},
-        )
-    if message.status == MessageStatus.ERROR.value:
-        raise GatewayError(
-            502,
-            f"The request with this Idempotency-Key failed: {message.error}",
-            code="original_request_failed",
-            headers=headers,
-        )
-    return _replay_response(message, body.stream, headers)
-
-
-def _replay_response(message: Message, stream: bool, headers: dict[str, str]) -> Response:
-    complete = message.status == MessageStatus.COMPLETE.value
-    base = {
-        "id": f"chatcmpl-{message.id.hex}",
-        "created": int(message.created_at.timestamp()),
-        "model": message.model or "",
-    }
-    if not stream:
-        usage = {
-            "prompt_tokens": message.prompt_tokens or 0,
-            "completion_tokens": message.completion_tokens or 0,
-            "total_tokens": (message.prompt_tokens or 0) + (message.completion_tokens or 0),
-        }
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": message.content},
-            "finish_reason": "stop" if complete else None,
-        }
-        payload = {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
-        return JSONResponse(payload, headers=headers)
-    chunk = {**base, "object": "chat.completion.chunk"}
-    events = [
-        {
-            **chunk,
-            "choices": [
-                {
-                    "index": 0,
-                    "delta": {"role": "assistant", "content": message.content},
-                    "finish_reason": None,
-                }
-            ],
-        }
-    ]
-    if complete:
-        events.append({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-    else:
-        events.append(
-            {
-                "error": {
-                    "message": f"The original reply is {message.status}: {message.error}",
-                    "type": "service_unavailable_error",
-                    "code": "reply_incomplete",
-                }
-            }
-        )
-    body = b"".join(b"data: " + orjson.dumps(event) + b"\n\n" for event in events)
-    if complete:
-        body += b"data: [DONE]\n\n"
-    return Response(
-        body, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
-    )
