@@ -44,6 +44,9 @@ DOCKER_SOCKET = "/var/run/docker.sock"
 # Set when this process started dockerd itself (it is left running for later sessions).
 dockerd_log: Path | None = None
 dockerd_started_in: float | None = None
+# The dockerd we started, kept referenced: a dropped Popen of a live process warns (ResourceWarning)
+# when it is garbage collected, and warnings are errors in this suite.
+dockerd_process: subprocess.Popen[bytes] | None = None
 
 
 def test_labels() -> dict[str, str]:
@@ -53,6 +56,7 @@ def test_labels() -> dict[str, str]:
 
 
 def _client_if_up() -> docker.DockerClient | None:
+    client: docker.DockerClient | None = None
     try:
         if os.environ.get("DOCKER_HOST"):
             client = docker.from_env(timeout=60)
@@ -63,6 +67,10 @@ def _client_if_up() -> docker.DockerClient | None:
         client.ping()
         return client
     except (DockerException, OSError):
+        # A client whose ping failed still holds a socket: close it (an unclosed socket is a
+        # ResourceWarning, an error in this suite).
+        if client is not None:
+            client.close()
         return None
 
 
@@ -70,7 +78,7 @@ def ensure_docker(timeout: float = 30) -> docker.DockerClient:
     """A client for a running Docker engine. If none answers on /var/run/docker.sock (or
     ``$DOCKER_HOST``) and we are root with ``dockerd`` installed, start ``dockerd`` in the
     background (log in a temp file; it keeps running after the tests) and wait for it."""
-    global dockerd_log, dockerd_started_in
+    global dockerd_log, dockerd_started_in, dockerd_process
 
     client = _client_if_up()
     if client is not None:
@@ -101,6 +109,7 @@ def ensure_docker(timeout: float = 30) -> docker.DockerClient:
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # survives the test session, like a system daemon
         )
+    dockerd_process = proc
     deadline = t0 + timeout
     while True:
         client = _client_if_up()
