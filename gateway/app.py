@@ -31,6 +31,7 @@ from gateway.metrics import BackgroundMetrics, count_limiter_fallback, mark_proc
 from gateway.metrics.router import router as metrics_router
 from gateway.middleware import RequestContextMiddleware
 from gateway.models_api.router import router as models_router
+from gateway.openapi import install_openapi
 from gateway.proxy.router import router as proxy_router
 from gateway.proxy.scheduler import CloudUpstream, Scheduler, SchedulerConfig
 from gateway.proxy.upstream import create_relay_session
@@ -191,6 +192,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
+    install_openapi(app, settings)
     if settings.CORS_ORIGINS:
         app.add_middleware(
             CORSMiddleware,

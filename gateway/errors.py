@@ -9,6 +9,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from gateway.responses import JSONResponse
 
@@ -103,9 +104,23 @@ async def _gateway_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette's 405 names only the first
+    route that matched the path, and FastAPI registers one route per method)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "\x00"})
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
+    headers = dict(exc.headers or {})
+    if status == 405:
+        headers["Allow"] = allowed_methods(request) or headers.get("Allow", "")
     if isinstance(exc.detail, str) and exc.detail != HTTPStatus(status).phrase:
         message = exc.detail
     elif status == 404:
@@ -115,7 +130,7 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     else:
         message = HTTPStatus(status).phrase
     code = {404: "not_found", 405: "method_not_allowed"}.get(status)
-    return error_response(status, message, code=code, headers=dict(exc.headers or {}) or None)
+    return error_response(status, message, code=code, headers=headers or None)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:

@@ -50,6 +50,8 @@ async def chat(
         Header(
             alias="Idempotency-Key",
             description="Retrying with the same key returns the first answer, saves nothing twice.",
+            # Documented only; checked below with a clearer message than a validation error.
+            json_schema_extra={"minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
         ),
     ] = None,
 ) -> Response:

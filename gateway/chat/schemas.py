@@ -43,11 +43,13 @@ class ChatRequest(BaseModel):
     action: Literal["send", "regenerate", "edit"] = "send"
     # Strict: "stream": "yes" or "temperature": "0.5" are errors, not coerced.
     stream: StrictBool = False
-    temperature: StrictNumber | None = None
-    top_p: StrictNumber | None = None
-    max_tokens: StrictInt | None = None
-    presence_penalty: StrictNumber | None = None
-    frequency_penalty: StrictNumber | None = None
+    # The same ranges the OpenAI routes check (gateway/proxy/validation.py); the upper cap of
+    # max_tokens is configured (MAX_TOKENS_CAP) and checked when the request is relayed.
+    temperature: Annotated[StrictNumber, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[StrictNumber, Field(ge=0, le=1)] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    presence_penalty: Annotated[StrictNumber, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[StrictNumber, Field(ge=-2, le=2)] | None = None
     seed: StrictInt | None = None
     stop: str | Annotated[list[str], Field(max_length=8)] | None = None
 

@@ -9,7 +9,6 @@ from enum import StrEnum
 from sqlalchemy import (
     Boolean,
     CheckConstraint,
-    DateTime,
     ForeignKey,
     Index,
     Integer,
@@ -20,7 +19,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from gateway.db import Base, TimestampMixin, new_id, utcnow
+from gateway.db import Base, TimestampMixin, UtcDateTime, new_id, utcnow
 
 
 class MessageStatus(StrEnum):
@@ -96,4 +95,4 @@ class ChatIdempotency(Base):
     assistant_message_id: Mapped[uuid.UUID] = mapped_column(
         Uuid, ForeignKey("messages.id", ondelete="CASCADE")
     )
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)

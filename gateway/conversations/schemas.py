@@ -109,8 +109,9 @@ class ImportMessage(_Body):
     content: Annotated[str, StringConstraints(max_length=1_000_000)]
     model: ModelName | None = None
     status: Literal["complete", "streaming", "incomplete", "error", "interrupted"] = "complete"
-    prompt_tokens: Annotated[int, Field(ge=0)] | None = None
-    completion_tokens: Annotated[int, Field(ge=0)] | None = None
+    # Bounded to what an INTEGER column holds on every database (an unbounded int was a 500).
+    prompt_tokens: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    completion_tokens: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
 
 
 class ImportConversation(BaseModel):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import JSON, CheckConstraint, DateTime, ForeignKey, String, Uuid
+from sqlalchemy import JSON, CheckConstraint, ForeignKey, String, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
-from gateway.db import Base, TimestampMixin, new_id
+from gateway.db import Base, TimestampMixin, UtcDateTime, new_id
 
 
 class ApiKey(TimestampMixin, Base):
@@ -29,6 +29,6 @@ class ApiKey(TimestampMixin, Base):
     description: Mapped[str] = mapped_column(String(500), default="")
     # None: every model; else the served names (or aliases) this key may use.
     allowed_models: Mapped[list[str] | None] = mapped_column(JSON, default=None)
-    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
-    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)

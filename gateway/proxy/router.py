@@ -31,36 +31,10 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-class RequestBody(BaseModel):
-    """Any OpenAI request body; fields are passed through to the engine."""
-
-    model_config = {"extra": "allow"}
-    model: str | None = None
-
-
-# The body is read raw, checked by validation.py and forwarded as sent: it is only documented
-# here. (A body parameter would make FastAPI parse and validate it first, twice the work, and
-# answer malformed JSON with its own error instead of the gateway's.)
-_OPENAI_BODY_DOC: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": RequestBody.model_json_schema(),
-                "examples": {
-                    "chat": {
-                        "value": {
-                            "model": "current",
-                            "messages": [{"role": "user", "content": "Hello"}],
-                            "max_tokens": 100,
-                            "stream": False,
-                        }
-                    }
-                },
-            }
-        },
-    }
-}
+# The body is read raw, checked by validation.py and forwarded as sent; its OpenAPI description
+# (docs.py, with the configured caps) is added to the document by gateway/openapi.py. A body
+# parameter would make FastAPI parse and validate it first, twice the work, and answer
+# malformed JSON with its own error instead of the gateway's.
 
 
 def _add_openai_route(route: Route, path: str, description: str) -> None:
@@ -91,7 +65,6 @@ def _add_openai_route(route: Route, path: str, description: str) -> None:
         # RelayResponse takes no status_code argument, so FastAPI cannot infer the success
         # status for the OpenAPI document (it failed to build /openapi.json without this).
         status_code=200,
-        openapi_extra=_OPENAI_BODY_DOC,
     )
 
 

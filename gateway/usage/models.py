@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Uuid
+from sqlalchemy import BigInteger, Index, Integer, String, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
-from gateway.db import Base, utcnow
+from gateway.db import Base, UtcDateTime, utcnow
 
 # SQLite only autoincrements INTEGER PRIMARY KEY; Postgres gets a BIGINT identity.
 _BIG_ID = BigInteger().with_variant(Integer(), "sqlite")
@@ -24,9 +24,7 @@ class UsageRecord(Base):
     )
 
     id: Mapped[int] = mapped_column(_BIG_ID, primary_key=True, autoincrement=True)
-    created_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, index=True
-    )
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, index=True)
     request_id: Mapped[str] = mapped_column(String(128), default="")
     user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)
     api_key_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)

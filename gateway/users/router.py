@@ -38,7 +38,7 @@ async def create_user(body: UserCreate, session: SessionDep) -> UserView:
 async def list_users(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> UserList:
     """Users, oldest first."""
     users = await service.list_users(session=session, limit=limit, offset=offset)

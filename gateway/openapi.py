@@ -1,0 +1,131 @@
+"""The OpenAPI document, made to say what the gateway really answers.
+
+FastAPI's defaults describe a different service: a 422 `HTTPValidationError` for bad input
+(the gateway answers 400 with its error envelope), no authentication, and no body at all for
+the OpenAI routes (they read the body raw). This module fixes the document once, when it is
+first requested:
+
+- every error response carries the one envelope (`ErrorResponse`), and `default` documents
+  the errors any route can give (401, 403, 413, 429, 503, ...);
+- FastAPI's validation 422 becomes the gateway's 400;
+- every operation outside `PUBLIC_OPERATIONS` declares bearer authentication (a JWT or an
+  API key), so clients and API fuzzers know which routes need credentials;
+- the OpenAI routes get their request bodies with the configured caps (proxy/docs.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from gateway.proxy.docs import request_body
+from gateway.proxy.service import limits_from
+from gateway.proxy.validation import UPSTREAM_PATHS
+from gateway.settings import Settings
+
+# Operations that need no credentials (tests/gateway/test_route_inventory.py holds the full
+# list with the reason for each, and checks this one against the document).
+PUBLIC_OPERATIONS = frozenset(
+    {
+        ("get", "/"),
+        ("get", "/health"),
+        ("get", "/health/ready"),
+        ("post", "/api/auth/login"),
+        ("post", "/admin/api/login"),
+        ("post", "/api/auth/refresh"),
+        ("post", "/api/auth/logout"),
+    }
+)
+BEARER_SCHEME = "bearer"
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+_ERROR_CONTENT = {"application/json": {"schema": _ERROR_REF}}
+_ERROR_SCHEMAS: dict[str, Any] = {
+    "ErrorResponse": {
+        "title": "ErrorResponse",
+        "description": "The one error envelope (OpenAI's shape). `X-Error-Source: gateway` marks "
+        "errors the gateway made; engine errors pass through with their own body.",
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"$ref": "#/components/schemas/ErrorDetail"}},
+    },
+    "ErrorDetail": {
+        "title": "ErrorDetail",
+        "type": "object",
+        "required": ["message", "type"],
+        "properties": {
+            "message": {"type": "string"},
+            "type": {"type": "string", "examples": ["invalid_request_error"]},
+            "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        },
+    },
+}
+_HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
+
+
+def _is_fastapi_validation(response: dict[str, Any]) -> bool:
+    schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+    return bool(schema.get("$ref", "").endswith("/HTTPValidationError"))
+
+
+def _fix_responses(responses: dict[str, Any]) -> None:
+    validation = responses.get("422")
+    if validation is not None and _is_fastapi_validation(validation):
+        del responses["422"]
+        responses.setdefault("400", {"description": "Invalid request; `param` names the bad field"})
+    for status, response in responses.items():
+        if status[:1] in {"4", "5"}:
+            response["content"] = _ERROR_CONTENT
+    responses["default"] = {
+        "description": "Any other error (401 without credentials, 403, 413, 429 with "
+        "Retry-After, 503 with Retry-After, ...), in the error envelope",
+        "content": _ERROR_CONTENT,
+    }
+
+
+def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """The document for this app and settings."""
+    document = get_openapi(
+        title=app.title,
+        version=app.version,
+        summary=app.summary,
+        description=app.description,
+        routes=app.routes,
+    )
+    components = document.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    schemas.update(_ERROR_SCHEMAS)
+    components["securitySchemes"] = {
+        BEARER_SCHEME: {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An access token from /api/auth/login, or an API key (sk-...).",
+        }
+    }
+    limits = limits_from(settings)
+    bodies = {path: route for route, path in UPSTREAM_PATHS.items()}
+    for path, operations in document.get("paths", {}).items():
+        for method, operation in operations.items():
+            if method not in _HTTP_METHODS:
+                continue
+            _fix_responses(operation.setdefault("responses", {}))
+            if (method, path) not in PUBLIC_OPERATIONS:
+                operation["security"] = [{BEARER_SCHEME: []}]
+            if method == "post" and path in bodies:
+                operation["requestBody"] = request_body(bodies[path], limits)
+    return document
+
+
+def install_openapi(app: FastAPI, settings: Settings) -> None:
+    """Serve `build_openapi`'s document (built once, on first request) as /openapi.json."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app, settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,93 @@
+"""The OpenAPI description of the OpenAI request bodies: what validation.py checks, no more.
+
+The bodies are read raw and forwarded as sent (see router.py), so nothing here parses them;
+these schemas only tell clients and API fuzzers what the gateway accepts. Every field the
+gateway does not check stays open (`additionalProperties`), as the engine defines it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.proxy.validation import CHAT_ROLES, REDIRECTING_FIELDS, Limits, Route
+
+
+def _sampling(limits: Limits) -> dict[str, Any]:
+    integer_cap = {"type": "integer", "minimum": 1, "maximum": limits.max_tokens}
+    return {
+        "model": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 256,
+            "description": 'A served name or alias; "current" or absent: the active model.',
+        },
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object"},
+        "max_tokens": integer_cap,
+        "max_completion_tokens": integer_cap,
+        "n": {"type": "integer", "minimum": 1, "maximum": limits.max_n},
+        "best_of": {"type": "integer", "minimum": 1, "maximum": limits.max_n},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    }
+
+
+_MESSAGE = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"type": "string", "enum": sorted(CHAT_ROLES)},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+    },
+}
+_TEXT_OR_LIST = {
+    "anyOf": [{"type": "string"}, {"type": "array", "minItems": 1}],
+}
+_EXAMPLES: dict[Route, dict[str, Any]] = {
+    Route.CHAT: {
+        "model": "current",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 100,
+        "stream": False,
+    },
+    Route.COMPLETIONS: {"model": "current", "prompt": "Once upon a time", "max_tokens": 32},
+    Route.EMBEDDINGS: {"model": "current", "input": "Hello"},
+}
+
+
+def request_body_schema(route: Route, limits: Limits) -> dict[str, Any]:
+    """The JSON schema of one route's body under these caps."""
+    properties = _sampling(limits)
+    if route is Route.CHAT:
+        properties["messages"] = {"type": "array", "minItems": 1, "items": _MESSAGE}
+        required = ["messages"]
+    elif route is Route.COMPLETIONS:
+        properties["prompt"] = _TEXT_OR_LIST
+        required = ["prompt"]
+    else:
+        # validation.py applies the same caps here, so they are documented too.
+        properties["input"] = _TEXT_OR_LIST
+        required = ["input"]
+    return {
+        "type": "object",
+        "required": required,
+        "properties": properties,
+        # Fields that would send the request elsewhere are refused (CVE-2024-6587).
+        "not": {"anyOf": [{"required": [name]} for name in sorted(REDIRECTING_FIELDS)]},
+        "additionalProperties": True,
+    }
+
+
+def request_body(route: Route, limits: Limits) -> dict[str, Any]:
+    """The OpenAPI `requestBody` object of one route."""
+    return {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": request_body_schema(route, limits),
+                "example": _EXAMPLES[route],
+            }
+        },
+    }
