@@ -26,6 +26,7 @@ from gateway.health.router import router as health_router
 from gateway.keys.router import router as keys_router
 from gateway.limits.factory import build_limiters
 from gateway.logging import configure_logging, get_logger
+from gateway.meta.docs import install_docs
 from gateway.meta.router import router as meta_router
 from gateway.metrics import BackgroundMetrics, count_limiter_fallback, mark_process_stopped
 from gateway.metrics.router import router as metrics_router
@@ -189,6 +190,9 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
         # No trailing-slash redirects: their Location would echo the client's Host header.
         redirect_slashes=False,
+        # Served by gateway/meta/docs.py from local files (the defaults load a CDN).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     install_error_handlers(app)
@@ -209,6 +213,7 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.METRICS_ENABLED:
         app.include_router(metrics_router)
     app.include_router(meta_router)
+    install_docs(app)
     app.include_router(health_router)
     app.include_router(auth_router)
     app.include_router(users_router)

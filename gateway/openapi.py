@@ -41,6 +41,12 @@ PUBLIC_OPERATIONS = frozenset(
 BEARER_SCHEME = "bearer"
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 _ERROR_CONTENT = {"application/json": {"schema": _ERROR_REF}}
+# The OpenAI routes also pass engine errors through, with the engine's status and body.
+_RELAYED_ERROR_CONTENT = {
+    "application/json": {
+        "schema": {"anyOf": [_ERROR_REF, {"$ref": "#/components/schemas/UpstreamError"}]}
+    }
+}
 _ERROR_SCHEMAS: dict[str, Any] = {
     "ErrorResponse": {
         "title": "ErrorResponse",
@@ -49,6 +55,12 @@ _ERROR_SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["error"],
         "properties": {"error": {"$ref": "#/components/schemas/ErrorDetail"}},
+    },
+    "UpstreamError": {
+        "title": "UpstreamError",
+        "description": "An engine's own error body, passed through with its status "
+        "(`X-Error-Source: upstream`); vLLM's shape varies between versions.",
+        "type": "object",
     },
     "ErrorDetail": {
         "title": "ErrorDetail",
@@ -70,18 +82,19 @@ def _is_fastapi_validation(response: dict[str, Any]) -> bool:
     return bool(schema.get("$ref", "").endswith("/HTTPValidationError"))
 
 
-def _fix_responses(responses: dict[str, Any]) -> None:
+def _fix_responses(responses: dict[str, Any], *, relayed: bool) -> None:
     validation = responses.get("422")
     if validation is not None and _is_fastapi_validation(validation):
         del responses["422"]
         responses.setdefault("400", {"description": "Invalid request; `param` names the bad field"})
+    content = _RELAYED_ERROR_CONTENT if relayed else _ERROR_CONTENT
     for status, response in responses.items():
         if status[:1] in {"4", "5"}:
-            response["content"] = _ERROR_CONTENT
+            response["content"] = content
     responses["default"] = {
         "description": "Any other error (401 without credentials, 403, 413, 429 with "
         "Retry-After, 503 with Retry-After, ...), in the error envelope",
-        "content": _ERROR_CONTENT,
+        "content": content,
     }
 
 
@@ -112,10 +125,11 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
         for method, operation in operations.items():
             if method not in _HTTP_METHODS:
                 continue
-            _fix_responses(operation.setdefault("responses", {}))
+            relayed = path in bodies
+            _fix_responses(operation.setdefault("responses", {}), relayed=relayed)
             if (method, path) not in PUBLIC_OPERATIONS:
                 operation["security"] = [{BEARER_SCHEME: []}]
-            if method == "post" and path in bodies:
+            if method == "post" and relayed:
                 operation["requestBody"] = request_body(bodies[path], limits)
     return document
 

@@ -12,25 +12,28 @@ from typing import Any
 from gateway.proxy.validation import CHAT_ROLES, REDIRECTING_FIELDS, Limits, Route
 
 
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    # null means "not set" to the gateway and the engines, as in OpenAI's API.
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
 def _sampling(limits: Limits) -> dict[str, Any]:
-    integer_cap = {"type": "integer", "minimum": 1, "maximum": limits.max_tokens}
+    integer_cap = _nullable({"type": "integer", "minimum": 1, "maximum": limits.max_tokens})
     return {
         "model": {
-            "type": "string",
-            "minLength": 1,
-            "maxLength": 256,
-            "description": 'A served name or alias; "current" or absent: the active model.',
+            **_nullable({"type": "string", "minLength": 1, "maxLength": 256}),
+            "description": 'A served name or alias; "current", null or absent: the active model.',
         },
         "stream": {"type": "boolean"},
-        "stream_options": {"type": "object"},
+        "stream_options": _nullable({"type": "object"}),
         "max_tokens": integer_cap,
         "max_completion_tokens": integer_cap,
-        "n": {"type": "integer", "minimum": 1, "maximum": limits.max_n},
-        "best_of": {"type": "integer", "minimum": 1, "maximum": limits.max_n},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-        "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "n": _nullable({"type": "integer", "minimum": 1, "maximum": limits.max_n}),
+        "best_of": _nullable({"type": "integer", "minimum": 1, "maximum": limits.max_n}),
+        "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
+        "top_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+        "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
+        "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
     }
 
 

@@ -103,7 +103,8 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(message, dict):
             raise _bad(f"'{where}' must be an object with 'role' and 'content'.", where)
         role = message.get("role")
-        if role not in CHAT_ROLES:
+        # isinstance first: an unhashable role ({} or []) must be a 400, not a TypeError.
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             allowed = ", ".join(sorted(CHAT_ROLES))
             raise _bad(f"'{where}.role' must be one of {allowed}; got {role!r}.", f"{where}.role")
         content = message.get("content")

@@ -6,7 +6,14 @@ import uuid
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    model_validator,
+)
 
 from gateway.auth.passwords import MAX_PASSWORD_CHARS
 from gateway.users.models import Role, Tier
@@ -38,7 +45,8 @@ class UserUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    is_active: bool | None = None
+    # Strict: 0 or "no" is an error, not a silent deactivation.
+    is_active: StrictBool | None = None
     role: Role | None = None
     tier: Tier | None = None
 

@@ -70,11 +70,9 @@ PUBLIC: dict[Key, str] = {
     ("GET", "/openapi.json"): "API description",
     ("HEAD", "/openapi.json"): "API description",
     ("GET", "/docs"): "Swagger UI page (static)",
-    ("HEAD", "/docs"): "Swagger UI page (static)",
     ("GET", "/docs/oauth2-redirect"): "Swagger UI OAuth2 redirect page (static)",
-    ("HEAD", "/docs/oauth2-redirect"): "Swagger UI OAuth2 redirect page (static)",
     ("GET", "/redoc"): "ReDoc page (static)",
-    ("HEAD", "/redoc"): "ReDoc page (static)",
+    ("GET", "/docs/assets/{file}"): "Swagger UI / ReDoc scripts, style and icon (vendored)",
     # Credentials travel in the body: these are how a caller gets a token in the first place.
     # Rate limited per IP; without valid credentials they answer 4xx (checked below).
     ("POST", "/api/auth/login"): "username + password in the body",
@@ -161,6 +159,7 @@ DUMMY_PATH_PARAMS = {
     "job_id": "deadbeef",
     "conversation_id": str(uuid.UUID(int=3)),
     "asset": "ui.css",
+    "file": "swagger-ui.css",
 }
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
