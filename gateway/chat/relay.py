@@ -18,17 +18,30 @@ from typing import Any
 
 import orjson
 from sqlalchemy import update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.types import Message as AsgiMessage
 from starlette.types import Receive, Scope, Send
 
 from gateway.conversations.models import Conversation, Message, MessageStatus
-from gateway.conversations.service import DB_DOWN
 from gateway.db import utcnow
 from gateway.logging import get_logger
 from gateway.proxy.upstream import Outcome, RelayResponse, SSEDecoder
 
 log = get_logger(__name__)
+
+# Saving a reply is best effort once the client has it: any database error (down, or a value
+# it refuses) is logged, and the crash sweep marks a row that stayed `streaming`.
+_SAVE_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
+
+
+def storable(text: str) -> str:
+    """`text` without NUL characters, which Postgres text columns refuse.
+
+    The engine's reply is relayed to the client as sent; only the saved copy loses them, so a
+    reply with a NUL is still saved instead of failing as a whole.
+    """
+    return text.replace("\x00", "") if "\x00" in text else text
 
 
 def _error_text(data: Any) -> str | None:
@@ -115,11 +128,11 @@ class ReplyRecorder:
                         Message.id == self.message_id,
                         Message.status == MessageStatus.STREAMING.value,
                     )
-                    .values(content="".join(self._parts[:parts]), updated_at=utcnow())
+                    .values(content=storable("".join(self._parts[:parts])), updated_at=utcnow())
                 )
                 await session.commit()
             self._saved_parts = parts
-        except DB_DOWN as exc:
+        except _SAVE_ERRORS as exc:
             log.warning("chat_partial_not_saved", error=type(exc).__name__)
         finally:
             self._last_save = time.monotonic()
@@ -163,9 +176,9 @@ class ReplyRecorder:
         status, content, error = self._final_state(outcome)
         usage = outcome.usage or {}
         values: dict[str, Any] = {
-            "content": content,
+            "content": storable(content),
             "status": status,
-            "error": error[:500] if error else None,
+            "error": storable(error)[:500] if error else None,
             "writer": None,
             "updated_at": utcnow(),
             "prompt_tokens": usage.get("prompt_tokens"),
@@ -184,7 +197,7 @@ class ReplyRecorder:
                     .values(updated_at=utcnow())
                 )
                 await session.commit()
-        except DB_DOWN as exc:
+        except _SAVE_ERRORS as exc:
             # The crash sweep will mark the row; the text written so far stays.
             log.error(
                 "chat_reply_not_saved",

@@ -7,8 +7,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StringConstraints
 
+from gateway.conversations.schemas import NoNul, Text
+
 StrictNumber = Annotated[float, Strict()]
-Text = Annotated[str, StringConstraints(max_length=1_000_000)]
 
 
 class ChatMessage(BaseModel):
@@ -37,7 +38,7 @@ class ChatRequest(BaseModel):
     )
 
     conversation_id: uuid.UUID | None = None
-    model: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+    model: Annotated[str, StringConstraints(min_length=1, max_length=256), NoNul] | None = None
     message: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1000)] | None = None
     action: Literal["send", "regenerate", "edit"] = "send"

@@ -216,7 +216,7 @@ async def _prepare(
         content="",
         model=model_label,
         status=MessageStatus.STREAMING.value,
-        writer=conversations.WRITER,
+        writer=conversations.writer_id(),
     )
     session.add(assistant)
     conversation.updated_at = utcnow()

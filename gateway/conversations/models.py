@@ -75,7 +75,8 @@ class Message(TimestampMixin, Base):
     error: Mapped[str | None] = mapped_column(String(500), default=None)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
-    # host:pid of the process writing a streaming reply (the crash sweep checks it is alive).
+    # host:pid:nonce of the process writing a streaming reply (the crash sweep checks it is
+    # alive; the per-process nonce tells a restarted process that got the same pid apart).
     writer: Mapped[str | None] = mapped_column(String(300), default=None)
 
 

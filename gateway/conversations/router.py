@@ -20,8 +20,11 @@ from gateway.conversations.schemas import (
     MessageView,
 )
 from gateway.deps import PrincipalDep, SessionDep, SettingsDep
+from gateway.errors import GatewayError
 
 router = APIRouter(prefix="/api/conversations", tags=["conversations"])
+# Ids are matched as UUIDs in the path itself, so /api/conversations/import is never taken for
+# an id (PATCH there is a 405, not "invalid id"), and anything that is not a UUID is a 404.
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such conversation of yours"}
@@ -41,6 +44,9 @@ async def list_conversations(
 ) -> ConversationPage:
     """Your conversations, most recently updated first."""
     user_id = service.require_user(principal)
+    if q is not None and "\x00" in q:
+        # No title holds one (they are refused), and Postgres refuses it in a query too.
+        raise GatewayError(400, "'q' must not contain the NUL character (\\u0000).", param="q")
     async with service.database_errors():
         page = await service.list_conversations(
             session, user_id=user_id, limit=limit, cursor=cursor, query=q, archived=archived
@@ -91,7 +97,7 @@ async def import_conversation(
     return ConversationView.of(row)
 
 
-@router.get("/{conversation_id}", response_model=ConversationDetail, responses=_NOT_FOUND)
+@router.get("/{conversation_id:uuid}", response_model=ConversationDetail, responses=_NOT_FOUND)
 async def get_conversation(
     conversation_id: uuid.UUID,
     principal: PrincipalDep,
@@ -119,7 +125,7 @@ async def get_conversation(
     )
 
 
-@router.patch("/{conversation_id}", response_model=ConversationView, responses=_NOT_FOUND)
+@router.patch("/{conversation_id:uuid}", response_model=ConversationView, responses=_NOT_FOUND)
 async def update_conversation(
     conversation_id: uuid.UUID,
     body: ConversationUpdate,
@@ -135,7 +141,9 @@ async def update_conversation(
     return ConversationView.of(row)
 
 
-@router.delete("/{conversation_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_NOT_FOUND)
+@router.delete(
+    "/{conversation_id:uuid}", status_code=status.HTTP_204_NO_CONTENT, responses=_NOT_FOUND
+)
 async def delete_conversation(
     conversation_id: uuid.UUID, principal: PrincipalDep, session: SessionDep
 ) -> Response:
@@ -147,7 +155,7 @@ async def delete_conversation(
 
 
 @router.get(
-    "/{conversation_id}/export",
+    "/{conversation_id:uuid}/export",
     responses={
         **_NOT_FOUND,
         200: {"content": {"application/json": {}, "text/markdown": {}}},

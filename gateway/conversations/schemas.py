@@ -6,12 +6,32 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+from pydantic_core import PydanticCustomError
 
 from gateway.conversations.models import Conversation, Message
 
-Title = Annotated[str, StringConstraints(max_length=200)]
-ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
+
+def reject_nul(value: str) -> str:
+    """`value` unchanged, or a validation error (a 400 naming the field) when it has a NUL.
+
+    Postgres text columns cannot store U+0000; refused here, it is the client's error with
+    the field named, instead of a database error after the conversation was locked.
+    """
+    if "\x00" in value:
+        raise PydanticCustomError(
+            "nul_character", "Text must not contain the NUL character (\\u0000)."
+        )
+    return value
+
+
+NoNul = AfterValidator(reject_nul)
+# Message text (the chat request's and an import's), up to about a megabyte.
+Text = Annotated[str, StringConstraints(max_length=1_000_000), NoNul]
+Title = Annotated[str, StringConstraints(max_length=200), NoNul]
+ModelName = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256), NoNul
+]
 
 
 class _Body(BaseModel):
@@ -97,7 +117,7 @@ class ConversationUpdate(_Body):
     """Fields to change; absent fields stay."""
 
     title: Title | None = None
-    archived: bool | None = None
+    archived: StrictBool | None = None  # 0 or "yes" is an error, not a silent change
 
 
 class ImportMessage(_Body):
@@ -106,7 +126,7 @@ class ImportMessage(_Body):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: Annotated[str, StringConstraints(max_length=1_000_000)]
+    content: Text
     model: ModelName | None = None
     status: Literal["complete", "streaming", "incomplete", "error", "interrupted"] = "complete"
     # Bounded to what an INTEGER column holds on every database (an unbounded int was a 500).

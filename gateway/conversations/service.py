@@ -40,10 +40,49 @@ log = get_logger(__name__)
 
 TITLE_CHARS = 60
 MAX_PAGE = 200
-# Errors that mean "the database cannot be reached", answered with 503.
-DB_DOWN = (OperationalError, InterfaceError, DBAPIError, OSError, TimeoutError)
-# Who writes streaming replies in this process (the crash sweep checks the pid is alive).
-WRITER = f"{socket.gethostname()}:{os.getpid()}"
+# Errors that mean "the database cannot be reached", answered with 503. Not every DBAPIError:
+# a value the database refuses (DataError, e.g. a NUL in text) is no outage, and reporting it
+# as one hides the bug and invites retries that fail the same way.
+DB_DOWN = (OperationalError, InterfaceError, OSError, TimeoutError)
+# SQLSTATE classes of a server that is up but refuses work: connection exception (08),
+# insufficient resources such as too_many_connections (53), operator intervention such as
+# admin_shutdown or cannot_connect_now (57P), system error (58). asyncpg raises these as plain
+# DBAPIErrors, not OperationalError.
+_DOWN_SQLSTATES = ("08", "53", "57P", "58")
+
+
+def is_database_down(exc: BaseException) -> bool:
+    """True when `exc` says the database cannot be reached or cannot work right now."""
+    if isinstance(exc, IntegrityError):
+        return False  # a constraint said no: the database is up
+    if isinstance(exc, DB_DOWN):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        return isinstance(sqlstate, str) and sqlstate.startswith(_DOWN_SQLSTATES)
+    return False
+
+
+# -- writer ids --------------------------------------------------------------------------------
+
+# Made once per process: a restarted gateway can get the pid of the one that died (PID 1 in a
+# container, a recycled pid), so host:pid alone would make the dead writer look alive.
+_NONCE_BY_PID: dict[int, str] = {}
+
+
+def writer_id() -> str:
+    """`host:pid:nonce` naming this process as the writer of a streaming reply.
+
+    The nonce is a uuid4 made the first time a process asks (again after a fork, whose child
+    has its own pid), so the crash sweep tells this process from an earlier one with its pid.
+    """
+    pid = os.getpid()
+    nonce = _NONCE_BY_PID.get(pid)
+    if nonce is None:
+        nonce = _NONCE_BY_PID.setdefault(pid, uuid.uuid4().hex)
+    return f"{socket.gethostname()}:{pid}:{nonce}"
 
 
 def database_unavailable() -> GatewayError:
@@ -58,12 +97,15 @@ def database_unavailable() -> GatewayError:
 
 @contextlib.asynccontextmanager
 async def database_errors() -> AsyncIterator[None]:
-    """Turn a database that cannot be reached into a 503 in the gateway's envelope."""
+    """Turn a database that cannot be reached into a 503 in the gateway's envelope.
+
+    Other database errors (a constraint, a refused value) pass through unchanged.
+    """
     try:
         yield
-    except IntegrityError:
-        raise  # a constraint said no: the database is up
-    except DB_DOWN as exc:
+    except (DBAPIError, OSError, TimeoutError) as exc:
+        if not is_database_down(exc):
+            raise
         log.warning("database_unavailable", error=type(exc).__name__)
         raise database_unavailable() from exc
 
@@ -374,16 +416,31 @@ async def import_conversation(
 INTERRUPTED_NOTE = "The gateway stopped while this reply was being written."
 
 
+def _parse_writer(writer: str) -> tuple[str, int, str | None] | None:
+    """(host, pid, nonce) of `host:pid:nonce`, or (host, pid, None) of an older `host:pid`."""
+    # Host names hold no ':', so the number of parts tells the two forms apart.
+    parts = writer.split(":")
+    if len(parts) == 3 and parts[0] and parts[1].isdigit() and parts[2]:
+        return parts[0], int(parts[1]), parts[2]
+    if len(parts) == 2 and parts[0] and parts[1].isdigit():
+        return parts[0], int(parts[1]), None
+    return None
+
+
 def _writer_is_gone(writer: str | None, host: str) -> bool:
     """True when `writer` names a process of this host that no longer runs."""
     if not writer or ":" not in writer:
         return True
-    writer_host, _, pid_text = writer.rpartition(":")
-    if writer_host != host or not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
+    parsed = _parse_writer(writer)
+    if parsed is None:
+        return False  # an id this code cannot read: only staleness can tell
+    writer_host, pid, _ = parsed
+    if writer_host != host:
+        return False  # another host's process: only staleness can tell
     if pid == os.getpid():
-        return False
+        # Our pid but not our id: an earlier process that had this pid (a restart as PID 1).
+        # This process writes only `host:pid:nonce`, so an id without a nonce is not ours.
+        return writer != writer_id()
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -399,8 +456,9 @@ async def sweep_interrupted(
     """Mark replies left `streaming` by a process that died as `interrupted`.
 
     A row is swept when its writer was a process of this host that no longer runs (kill -9,
-    then a restart), or when nothing has written it for `stale_after_s` (another host's
-    writer that died). The text saved so far stays. Returns how many rows were marked.
+    then a restart; a process with this process's pid but another nonce is an earlier one),
+    or when nothing has written it for `stale_after_s` (another host's writer that died).
+    The text saved so far stays. Returns how many rows were marked.
     """
     host = socket.gethostname()
     stale_before = utcnow() - timedelta(seconds=stale_after_s)

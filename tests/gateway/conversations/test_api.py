@@ -116,8 +116,23 @@ async def test_crud_pagination_and_search(pg_url: str) -> None:
             "/api/conversations", json={"title": "x", "user_id": "someone"}, headers=bearer(token)
         )
         assert bad_body.status_code == 400
+        # Ids are UUIDs in the path: anything else names no conversation.
         bad_id = await http.get("/api/conversations/not-a-uuid", headers=bearer(token))
-        assert bad_id.status_code == 400
+        assert bad_id.status_code == 404
+        assert bad_id.json()["error"]["code"] == "not_found"
+        # ... and /import is never read as an id.
+        wrong_method = await http.patch("/api/conversations/import", headers=bearer(token))
+        assert wrong_method.status_code == 405
+        assert wrong_method.headers["allow"] == "POST"
+        not_bool = await http.post("/api/conversations", json={"title": "t"}, headers=bearer(token))
+        assert not_bool.status_code == 201, not_bool.text
+        archived = await http.patch(
+            f"/api/conversations/{not_bool.json()['id']}",
+            json={"archived": 1},
+            headers=bearer(token),
+        )
+        assert archived.status_code == 400
+        assert archived.json()["error"]["param"] == "archived"
 
 
 async def test_another_users_conversation_is_not_found(pg_url: str) -> None:
@@ -239,7 +254,9 @@ async def test_export_json_and_markdown_and_import_round_trip(pg_url: str) -> No
         )
         assert markdown.headers["content-type"].startswith("text/markdown")
         text = markdown.text
-        assert text.startswith("# Be brief.") or text.startswith("# # Not a heading")
+        # The title is the first user message's (whitespace collapsed), never the system prompt.
+        assert document["conversation"]["title"] == "# Not a heading ```code```"
+        assert text.startswith("# # Not a heading ```code```\n")
         assert "## User" in text
         assert "second ünïcödé 질문" in text
         assert document["messages"][2]["content"] in text
@@ -268,6 +285,43 @@ async def test_export_json_and_markdown_and_import_round_trip(pg_url: str) -> No
         )
         assert bad.status_code == 400
         assert "messages" in (bad.json()["error"]["param"] or "")
+
+
+async def test_nul_characters_are_refused_naming_the_field(pg_url: str) -> None:
+    # Postgres text cannot hold U+0000: a 400 naming the field, not a 503 "database down".
+    async with quota_gateway(quota_settings(pg_url, profiles=PROFILES)) as gw:
+        http = gw.http
+        await create_user(http, "alice")
+        token = await login(http, "alice")
+        kept = await _create(http, token, "Plain title")
+
+        def document(title: str, content: str) -> dict[str, Any]:
+            return {
+                "version": 1,
+                "conversation": {"title": title},
+                "messages": [{"role": "user", "content": content}],
+            }
+
+        requests: list[tuple[str, str, dict[str, Any], str]] = [
+            ("POST", "/api/conversations", {"title": "a\u0000b"}, "title"),
+            ("PATCH", f"/api/conversations/{kept['id']}", {"title": "a\u0000b"}, "title"),
+            ("POST", "/api/conversations/import", document("t", "a\u0000b"),
+             "messages.0.content"),
+            ("POST", "/api/conversations/import", document("a\u0000b", "hi"),
+             "conversation.title"),
+        ]  # fmt: skip
+        for method, path, body, param in requests:
+            reply = await http.request(method, path, json=body, headers=bearer(token))
+            assert reply.status_code == 400, (method, path, reply.text)
+            assert reply.json()["error"]["param"] == param, (method, path, reply.text)
+        search = await http.get(
+            "/api/conversations", params={"q": "a\u0000"}, headers=bearer(token)
+        )
+        assert search.status_code == 400, search.text
+        assert search.json()["error"]["param"] == "q"
+
+        listed = (await http.get("/api/conversations", headers=bearer(token))).json()["data"]
+        assert [(c["id"], c["title"]) for c in listed] == [(kept["id"], "Plain title")]
 
 
 async def test_database_down_is_a_503_before_any_engine_call(

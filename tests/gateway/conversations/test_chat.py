@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import httpx
@@ -139,6 +140,12 @@ async def test_bad_input_is_refused_before_anything_is_saved(pg_url: str) -> Non
             ({"action": "regenerate"}, "conversation_id"),
             ({"action": "edit", "message": "x"}, "conversation_id"),
             ({"message": "hi", "stream": "yes"}, "stream"),
+            # Postgres text cannot hold NUL: refused as the client's error, not a 503.
+            ({"message": "a\u0000b"}, "message"),
+            ({"messages": [{"role": "user", "content": "a\u0000b"}]}, "messages.0.content"),
+            ({"message": "hi", "model": "sim\u0000a"}, "model"),
+            ({"action": "edit", "conversation_id": str(uuid.uuid4()), "message": "a\u0000"},
+             "message"),
         ]  # fmt: skip
         for body, param in cases:
             reply = await chat(http, token, **body)
@@ -220,6 +227,19 @@ async def test_regenerate_and_edit_replace_the_last_exchange(pg_url: str) -> Non
         assert [m["content"] for m in sent][-1] == "better question"
         assert "second question" not in [m["content"] for m in sent]
 
+        # Nothing to answer again: no user message in the conversation. A 409, nothing saved.
+        empty = await http.post("/api/conversations", json={}, headers=bearer(token))
+        assert empty.status_code == 201, empty.text
+        engine_calls = (await gw.sim_stats())["requests_total"]
+        for action, extra in (("regenerate", {}), ("edit", {"message": "new text"})):
+            nothing = await chat(
+                http, token, conversation_id=empty.json()["id"], action=action, **extra
+            )
+            assert nothing.status_code == 409, (action, nothing.text)
+            assert error_code(nothing) == "nothing_to_regenerate"
+        assert await messages(http, token, empty.json()["id"]) == []
+        assert (await gw.sim_stats())["requests_total"] == engine_calls
+
 
 async def test_idempotency_key_retry_saves_nothing_twice(pg_url: str) -> None:
     async with quota_gateway(quota_settings(pg_url, profiles=PROFILES)) as gw:
@@ -239,12 +259,33 @@ async def test_idempotency_key_retry_saves_nothing_twice(pg_url: str) -> None:
             retry.json()["choices"][0]["message"]["content"]
             == (first.json()["choices"][0]["message"]["content"])
         )
-        streamed_retry = await chat(http, token, message="only once", headers=key)
-        assert streamed_retry.status_code == 200
         assert (await gw.sim_stats())["requests_total"] == engine_calls
         assert await _conversation_count(http, token) == 1
         stored = await messages(http, token, first.headers["X-Conversation-Id"])
         assert len(stored) == 2
+
+        # A streamed request retried: the saved reply is replayed as a stream, no engine call.
+        stream_key = {"Idempotency-Key": "retry-stream-1"}
+        streamed = await chat(http, token, message="stream once", stream=True, headers=stream_key)
+        assert streamed.status_code == 200, streamed.text
+        streamed_text, _ = stream_text(streamed)
+        assert streamed_text
+        engine_calls = (await gw.sim_stats())["requests_total"]
+        streamed_retry = await chat(
+            http, token, message="stream once", stream=True, headers=stream_key
+        )
+        assert streamed_retry.status_code == 200, streamed_retry.text
+        assert streamed_retry.headers["content-type"].startswith("text/event-stream")
+        assert streamed_retry.headers["Idempotent-Replayed"] == "true"
+        assert streamed_retry.headers["X-Message-Id"] == streamed.headers["X-Message-Id"]
+        assert streamed_retry.headers["X-Conversation-Id"] == streamed.headers["X-Conversation-Id"]
+        replayed_text, replayed_events = stream_text(streamed_retry)
+        assert replayed_text == streamed_text
+        assert replayed_events[-1] == "[DONE]"
+        assert replayed_events[-2]["choices"][0]["finish_reason"] == "stop"
+        assert (await gw.sim_stats())["requests_total"] == engine_calls
+        assert len(await messages(http, token, streamed.headers["X-Conversation-Id"])) == 2
+        assert await _conversation_count(http, token) == 2
 
         reused = await chat(http, token, message="something else", headers=key)
         assert reused.status_code == 422
@@ -265,7 +306,7 @@ async def test_idempotency_key_retry_saves_nothing_twice(pg_url: str) -> None:
         assert all(r.status_code in (200, 409) for r in burst), [r.text for r in burst]
         ids = {r.headers["X-Message-Id"] for r in burst}
         assert len(ids) == 1
-        assert await _conversation_count(http, token) == 2
+        assert await _conversation_count(http, token) == 3
 
 
 async def test_concurrent_chats_in_one_conversation_keep_their_order(pg_url: str) -> None:
