@@ -94,8 +94,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if settings.jwt_secret_generated:
         log.warning(
             "jwt_secret_generated",
+            reason=settings.jwt_secret_problem,
             detail="development mode: a random JWT_SECRET was generated; "
-            "tokens stop working at restart. Set JWT_SECRET to keep them.",
+            "tokens stop working at restart. Set a strong JWT_SECRET to keep them.",
         )
     db_engine = create_engine(settings.DATABASE_URL, pool_size=settings.DATABASE_POOL_SIZE)
     redis = (

@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     RATE_LIMIT_REQUESTS: int = Field(default=100, ge=0)
     RATE_LIMIT_WINDOW: int = Field(default=3600, ge=1)
     LOGIN_RATE_LIMIT_PER_MINUTE: int = Field(default=10, ge=1)
+    # Per IP on /api/auth/refresh and /api/auth/logout (one budget), and per caller on the admin
+    # API; like login, they fail closed (503) while Redis is down.
+    SESSION_RATE_LIMIT_PER_MINUTE: int = Field(default=60, ge=1)
+    ADMIN_RATE_LIMIT_PER_MINUTE: int = Field(default=600, ge=1)
     LIMITER_FALLBACK_WARN_INTERVAL_S: float = Field(default=60.0, gt=0)
 
     # Usage records are written in batches off the request path.
@@ -186,6 +190,7 @@ class Settings(BaseSettings):
 
     # Set when development mode had to make a secret up; logged once at startup.
     jwt_secret_generated: bool = Field(default=False, exclude=True)
+    jwt_secret_problem: str | None = Field(default=None, exclude=True)
     admin_key_generated: bool = Field(default=False, exclude=True)
 
     @field_validator("CORS_ORIGINS", "TRUSTED_PROXIES", mode="before")
@@ -277,9 +282,11 @@ class Settings(BaseSettings):
         if problem is None:
             return self
         if self.ENVIRONMENT is Environment.DEVELOPMENT:
-            if not secret:
-                self.JWT_SECRET = SecretStr(secrets.token_urlsafe(48))
-                self.jwt_secret_generated = True
+            # A weak secret is replaced too, not kept: tokens signed with it could be forged
+            # by anyone who guesses it. The startup log says why (jwt_secret_problem).
+            self.JWT_SECRET = SecretStr(secrets.token_urlsafe(48))
+            self.jwt_secret_generated = True
+            self.jwt_secret_problem = problem
             return self
         raise ValueError(
             f"{problem}; set a random secret of at least {MIN_JWT_SECRET_BYTES} bytes "

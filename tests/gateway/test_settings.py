@@ -54,6 +54,17 @@ def test_development_generates_a_secret_and_flags_it() -> None:
     assert first.JWT_SECRET.get_secret_value() != second.JWT_SECRET.get_secret_value()
 
 
+@pytest.mark.parametrize("weak", ["short-secret", "changeme-" + "x" * 40])
+def test_development_replaces_a_weak_secret_and_says_why(weak: str) -> None:
+    settings = _settings(ENVIRONMENT="development", JWT_SECRET=weak)
+    assert settings.JWT_SECRET is not None
+    assert settings.JWT_SECRET.get_secret_value() != weak
+    assert len(settings.JWT_SECRET.get_secret_value()) >= 32
+    assert settings.jwt_secret_generated
+    assert settings.jwt_secret_problem is not None
+    assert "JWT_SECRET" in settings.jwt_secret_problem
+
+
 def test_defaults_are_loopback_8080_and_embedded_sqlite() -> None:
     settings = _settings(ENVIRONMENT="development")
     assert (settings.HOST, settings.PORT) == ("127.0.0.1", 8080)
