@@ -87,6 +87,7 @@ _HIGH = "60000000"  # per minute: the highest a rule accepts (window_s * 1e6); n
 BASELINE_ENV = {
     "LOG_LEVEL": "WARNING",
     "METRICS_ENABLED": "false",
+    "USAGE_ENABLED": "false",
     "REQUIRE_AUTH": "false",
     "RATE_LIMIT_REQUESTS": "0",
     **{f"RATE_LIMIT_{t}_{w}": "0" for t in _TIERS for w in ("PER_MINUTE", "PER_HOUR")},
@@ -99,6 +100,7 @@ _LIMITS_ON = {
     **{f"RATE_LIMIT_{t}_TOKENS_PER_MINUTE": _HIGH for t in _TIERS},
 }
 _LOGGING_ON = {"LOG_LEVEL": "INFO", "LOG_FORMAT": "json"}
+_USAGE_ON = {"USAGE_ENABLED": "true"}
 _METRICS_ON = {"METRICS_ENABLED": "true"}
 # Each built feature is measured as a gateway with these overrides vs the baseline.
 FEATURES = (
@@ -106,11 +108,12 @@ FEATURES = (
     Feature("auth", {"REQUIRE_AUTH": "true"}, api_key=True, note="a premium user's API key"),
     Feature("limits", _LIMITS_ON, note="request + token limits, local limiter, never hit"),
     Feature("metrics", _METRICS_ON, note="Prometheus series per request (/metrics)"),
+    Feature("usage", _USAGE_ON, note="a usage row per request, batched into SQLite"),
     Feature(
         "all built",
-        {**_LOGGING_ON, "REQUIRE_AUTH": "true", **_LIMITS_ON, **_METRICS_ON},
+        {**_LOGGING_ON, "REQUIRE_AUTH": "true", **_LIMITS_ON, **_METRICS_ON, **_USAGE_ON},
         api_key=True,
-        note="logging + auth + limits + metrics",
+        note="logging + auth + limits + metrics + usage",
     ),
 )
 

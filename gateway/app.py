@@ -28,7 +28,12 @@ from gateway.limits.factory import build_limiters
 from gateway.logging import configure_logging, get_logger
 from gateway.meta.docs import install_docs
 from gateway.meta.router import router as meta_router
-from gateway.metrics import BackgroundMetrics, count_limiter_fallback, mark_process_stopped
+from gateway.metrics import (
+    BackgroundMetrics,
+    count_limiter_fallback,
+    mark_process_stopped,
+    remove_dead_processes,
+)
 from gateway.metrics.router import router as metrics_router
 from gateway.middleware import RequestContextMiddleware
 from gateway.models_api.router import router as models_router
@@ -114,6 +119,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         session_factory,
         flush_interval_s=settings.USAGE_FLUSH_INTERVAL_S,
         batch_size=settings.USAGE_BATCH_SIZE,
+        enabled=settings.USAGE_ENABLED,
     )
     relay_session = create_relay_session(
         connect_timeout_s=settings.UPSTREAM_CONNECT_TIMEOUT_S,
@@ -146,6 +152,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.background.add(sweeper)
     scheduler.start()
     usage.start()
+    remove_dead_processes()  # live gauges a killed worker left behind (multiprocess mode)
     background_metrics = BackgroundMetrics(models, gpu_interval_s=settings.METRICS_GPU_INTERVAL_S)
     if settings.METRICS_ENABLED:
         # GPU readings on an interval and engine events: never work done per scrape.

@@ -127,6 +127,8 @@ class Settings(BaseSettings):
     LIMITER_FALLBACK_WARN_INTERVAL_S: float = Field(default=60.0, gt=0)
 
     # Usage records are written in batches off the request path.
+    # False: no usage rows (no /admin/api/usage figures); token limits are counted regardless.
+    USAGE_ENABLED: bool = True
     USAGE_FLUSH_INTERVAL_S: float = Field(default=1.0, gt=0)
     USAGE_BATCH_SIZE: int = Field(default=500, ge=1)
 

@@ -61,6 +61,7 @@ class UsageRecorder:
         flush_interval_s: float,
         batch_size: int,
         max_pending: int | None = None,
+        enabled: bool = True,
     ) -> None:
         if flush_interval_s <= 0 or batch_size < 1:
             raise ValueError("flush_interval_s must be > 0 and batch_size >= 1")
@@ -79,6 +80,8 @@ class UsageRecorder:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        # USAGE_ENABLED=false: no rows at all (token limits still count, in the limiter).
+        self.enabled = enabled
 
     # -- counters ----------------------------------------------------------------------------
 
@@ -119,6 +122,8 @@ class UsageRecorder:
         created_at: datetime | None = None,
     ) -> None:
         """Buffer one proxied request's usage; O(1), never awaits, never raises on bad input."""
+        if not self.enabled:
+            return
         if self._closed:
             self._dropped += 1
             return

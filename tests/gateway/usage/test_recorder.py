@@ -124,6 +124,17 @@ async def test_aclose_writes_everything_left_and_later_records_are_counted_as_dr
     assert recorder.pending == 0
 
 
+async def test_a_disabled_recorder_keeps_and_writes_nothing(sessions: Sessions) -> None:
+    recorder = UsageRecorder(sessions, flush_interval_s=3600, batch_size=1, enabled=False)
+    recorder.start()
+    _record(recorder, 5)
+    assert recorder.pending == 0
+    await recorder.aclose()
+    assert recorder.written == 0
+    assert recorder.dropped == 0
+    assert await _rows(sessions) == []
+
+
 async def test_bad_values_are_sanitised_not_fatal(sessions: Sessions) -> None:
     recorder = UsageRecorder(sessions, flush_interval_s=3600, batch_size=100)
     user, key = uuid.uuid4(), uuid.uuid4()
