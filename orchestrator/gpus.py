@@ -85,6 +85,10 @@ class NvmlReader:
         return GpuInventory(gpus=gpus, source="nvml", driver_version=driver)
 
 
+class SnapshotError(ValueError):
+    """The GPU snapshot file (GPU_SNAPSHOT) is missing, unreadable or not an inventory."""
+
+
 class SnapshotReader:
     """Reads a recorded inventory from a JSON file (tests, demos, planning elsewhere)."""
 
@@ -92,10 +96,31 @@ class SnapshotReader:
         self.path = path
 
     def read(self) -> GpuInventory:
-        """Load the snapshot file."""
-        return inventory_from_dict(
-            json.loads(self.path.read_text()), source=f"snapshot:{self.path}"
-        )
+        """Load the snapshot file; SnapshotError naming the file if it cannot be used.
+
+        A configured snapshot that is wrong is a mistake to report, not zero GPUs: planning for
+        no GPUs would quietly pick CPU or simulator engines instead.
+        """
+        where = f"GPU snapshot {self.path} (GPU_SNAPSHOT)"
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            raise SnapshotError(f"{where}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SnapshotError(f"{where}: cannot be read: {exc}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SnapshotError(
+                f"{where}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            ) from None
+        if not isinstance(data, dict):
+            raise SnapshotError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        try:
+            return inventory_from_dict(data, source=f"snapshot:{self.path}")
+        except (TypeError, ValueError, AttributeError) as exc:
+            # e.g. an unknown or missing GPU field, or "gpus" that is not a list of objects.
+            raise SnapshotError(f"{where}: not a GPU inventory: {exc}") from None
 
 
 def inventory_from_dict(data: dict[str, Any], *, source: str) -> GpuInventory:

@@ -414,35 +414,68 @@ class VLLMModelManager:
 
     async def _run_switch(self, job: SwitchJob) -> None:
         job.status = JobStatus.RUNNING
+        try:
+            async with self._lock:
+                await self._switch_locked(job)
+        except asyncio.CancelledError:
+            # Shutdown (aclose): the job still gets an outcome, so nobody waits on it forever.
+            if not job.done:
+                self._finish(job, JobStatus.FAILED, "switch cancelled")
+            raise
+        except Exception as exc:
+            # A bug or an unforeseen error must not leave the job "running": that would refuse
+            # every later switch with 409 until a restart. The lock is already released here.
+            log.exception("switch_crashed", job=job.id, profile=job.profile_id)
+            self._settle_after_crash(f"{type(exc).__name__}: {exc}")
+            if not job.done:
+                self._finish(job, JobStatus.FAILED, f"switch failed: {_reason(exc)}")
+
+    async def _switch_locked(self, job: SwitchJob) -> None:
         previous = self._spec if self._state is EngineState.READY else None
-        async with self._lock:
-            try:
-                spec = self._spec_factory(job.profile_id)
-                runtime = self._runtime_for(spec)
-            except (RuntimeError_, ValueError, KeyError) as exc:
-                self._finish(job, JobStatus.FAILED, f"cannot build engine: {exc}")
-                return
-            await self._stop_locked()
-            await self._start_locked(runtime, spec)
-            if self._is_ready():
-                self._finish(job, JobStatus.SUCCEEDED, None)
-                return
-            job.logs = self.logs_tail(50) or job.logs
-            reason = self._error or "engine failed to start"
-            if previous is None:
-                self._finish(job, JobStatus.FAILED, reason)
-                return
-            self._emit(f"rolling back to {previous.profile_id}: {reason}")
-            await self._stop_locked()
-            try:
-                rollback = self._spec_factory(previous.profile_id)
-            except (RuntimeError_, ValueError, KeyError):
-                rollback = previous
-            await self._start_locked(self._runtime_for(rollback), rollback)
-            if self._is_ready():
-                self._finish(job, JobStatus.ROLLED_BACK, reason)
-            else:
-                self._finish(job, JobStatus.FAILED, f"{reason}; rollback failed: {self._error}")
+        try:
+            spec = self._spec_factory(job.profile_id)
+            runtime = self._runtime_for(spec)
+        except Exception as exc:
+            # Any factory error (the gateway's raises ProfileNotFound, ProfileDoesNotFit, ...):
+            # nothing was stopped yet, so the current engine keeps serving.
+            self._finish(job, JobStatus.FAILED, f"cannot build engine: {_reason(exc)}")
+            return
+        await self._stop_locked()
+        await self._start_locked(runtime, spec)
+        if self._is_ready():
+            self._finish(job, JobStatus.SUCCEEDED, None)
+            return
+        job.logs = self.logs_tail(50) or job.logs
+        reason = self._error or "engine failed to start"
+        if previous is None:
+            self._finish(job, JobStatus.FAILED, reason)
+            return
+        self._emit(f"rolling back to {previous.profile_id}: {reason}")
+        await self._stop_locked()
+        try:
+            rollback = self._spec_factory(previous.profile_id)
+            rollback_runtime = self._runtime_for(rollback)
+        except Exception:
+            # The profile may have changed or no longer fit; what ran before is the best bet.
+            rollback, rollback_runtime = previous, self._runtime_for(previous)
+        await self._start_locked(rollback_runtime, rollback)
+        if self._is_ready():
+            self._finish(job, JobStatus.ROLLED_BACK, reason)
+        else:
+            self._finish(job, JobStatus.FAILED, f"{reason}; rollback failed: {self._error}")
+
+    def _settle_after_crash(self, reason: str) -> None:
+        """Leave a state from which the next start or switch can proceed (FAILED, not mid-step)."""
+        if self._state in (EngineState.IDLE, EngineState.READY, EngineState.FAILED):
+            return
+        self._error = reason
+        if EngineState.FAILED in ALLOWED_TRANSITIONS[self._state]:
+            self._enter(EngineState.FAILED, reason)
+        else:
+            # DRAINING has no edge to FAILED; the engine may still run, so FAILED (which is
+            # stopped before anything else starts) is the only safe state to record.
+            self._state, self._since = EngineState.FAILED, time.time()
+            self._emit(reason)
 
     def _is_ready(self) -> bool:
         # A method, not an inline check: the state changes across the awaits above.
@@ -481,6 +514,12 @@ class VLLMModelManager:
             raise
         except (RuntimeError_, TimeoutError, httpx.HTTPError, OSError) as exc:
             await self._abort_start(runtime, str(exc) or type(exc).__name__)
+            return
+        except Exception as exc:
+            # Anything else (a runtime bug, a library's own error type) still fails the start
+            # cleanly: FAILED with the reason, so a switch can roll back.
+            log.exception("engine_start_crashed", profile=spec.profile_id)
+            await self._abort_start(runtime, f"{type(exc).__name__}: {exc}")
             return
         self._enter(EngineState.READY, f"{spec.served_model_name} is ready")
 
@@ -549,8 +588,9 @@ class VLLMModelManager:
             runtime = self._runtimes[self._handle.runtime]
             try:
                 await runtime.stop(self._handle)
-            except (RuntimeError_, OSError) as exc:
-                self._error = f"stop failed: {exc}"
+            except Exception as exc:
+                # Any error: FAILED keeps the handle, so the next stop or switch tries again.
+                self._error = f"stop failed: {_reason(exc)}"
                 self._enter(EngineState.FAILED, self._error)
                 return
             self._handle = None
@@ -581,3 +621,8 @@ class VLLMModelManager:
         for queue in self._subscribers:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(event)
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as a job's error text (some, like a bare LookupError(), have no message)."""
+    return str(exc) or type(exc).__name__

@@ -25,6 +25,7 @@ import re
 import signal
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,39 @@ _POLL_S = 0.05
 # How long a SIGKILLed process may take to disappear before stop() gives up.
 _KILL_GRACE_S = 10.0
 _FILE_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+# What an engine inherits from the gateway's environment: an allow-list, because the gateway's
+# own secrets (JWT_SECRET, ADMIN_API_KEY, OPENAI_API_KEY, DATABASE_URL, ...) must never reach an
+# engine (its logs, its crash dumps, whatever code a model repo runs). Everything else an engine
+# needs comes through spec.env (orchestrator/specs.py builds it from the profile and settings).
+INHERITED_ENV = frozenset(
+    {
+        # Locating programs, the user and the locale.
+        "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM",
+        "TMPDIR", "TEMP", "TMP",
+        # The interpreter (the simulator runs as `python -m orchestrator.simulator`).
+        "PYTHONPATH", "VIRTUAL_ENV", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
+        # Shared libraries of a CUDA install outside the default search path.
+        "LD_LIBRARY_PATH",
+        # Caches (vLLM, torch and Hugging Face put theirs under XDG_CACHE_HOME).
+        "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_RUNTIME_DIR",
+        # Model downloads behind a proxy or a private CA.
+        "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+        "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+        # CPU threading of torch / tokenizers (the vLLM CPU build).
+        "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM",
+        "TRANSFORMERS_OFFLINE", "TRANSFORMERS_CACHE",
+    }
+)  # fmt: skip
+INHERITED_ENV_PREFIXES = (
+    "LC_",  # locale categories
+    "HF_",  # Hugging Face: HF_HOME, HF_TOKEN, HF_HUB_OFFLINE, HF_ENDPOINT, ...
+    "CUDA_",
+    "NVIDIA_",
+    "VLLM_",
+    "TORCH_",
+    "SIMULATOR_",  # the simulator's options (SIMULATOR_TOKENS_PER_SECOND, ...)
+)
 
 
 @dataclass
@@ -151,7 +185,7 @@ class ProcessRuntime:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                env={**os.environ, **spec.env},
+                env=engine_environment(spec.env),
                 # Its own group, so stop() also ends the engine's worker processes.
                 start_new_session=True,
             )
@@ -186,12 +220,12 @@ class ProcessRuntime:
     def _start_detached(self, spec: EngineSpec, log_path: Path) -> RuntimeHandle:
         argv = list(spec.command)
         try:
-            pid = _spawn(argv, {**os.environ, **spec.env}, log_path)
+            pid = _spawn(argv, engine_environment(spec.env), log_path)
         except OSError as exc:
             raise RuntimeError_(f"cannot start {argv[0]!r}: {exc}") from exc
-        # posix_spawn returns after the exec: /proc shows the command line as the kernel ran it
-        # (a script's interpreter included), which is what adoption compares against later.
-        cmdline = _proc_cmdline(pid) or argv
+        # /proc shows the command line as the kernel ran it (a script's interpreter included),
+        # which is what adoption compares against later.
+        cmdline = _settled_cmdline(pid) or argv
         base_url = f"http://127.0.0.1:{spec.port}"
         detached = _Detached(
             pid=pid,
@@ -293,6 +327,23 @@ class ProcessRuntime:
 # -- helpers -----------------------------------------------------------------------------------
 
 
+def engine_environment(
+    spec_env: Mapping[str, str], base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """An engine's environment: the allow-listed part of `base` (the gateway's), then `spec_env`.
+
+    `base` defaults to os.environ. The profile's and the gateway's choices (spec.env) win.
+    """
+    base = os.environ if base is None else base
+    env = {
+        key: value
+        for key, value in base.items()
+        if key in INHERITED_ENV or key.startswith(INHERITED_ENV_PREFIXES)
+    }
+    env.update(spec_env)
+    return env
+
+
 def _file_stem(profile_id: str) -> str:
     """The profile id, made safe as a file name in the state dir."""
     stem = _FILE_UNSAFE.sub("_", profile_id)
@@ -343,6 +394,21 @@ def _proc_cmdline(pid: int) -> list[str]:
     except OSError:
         return []
     return [arg.decode(errors="surrogateescape") for arg in raw.split(b"\0")[:-1]]
+
+
+def _settled_cmdline(pid: int, within_s: float = 1.0) -> list[str]:
+    """The command line of a just-spawned process, once the kernel has set it up.
+
+    posix_spawn (vfork) returns as soon as the child has swapped in its new memory, a moment
+    before the kernel has put the new argv (and environ) there: read at once, /proc may show
+    an empty command line. Empty if the process exits or never shows one within `within_s`.
+    """
+    deadline = time.monotonic() + within_s
+    while True:
+        cmdline = _proc_cmdline(pid)
+        if cmdline or not _pid_alive(pid) or time.monotonic() >= deadline:
+            return cmdline
+        time.sleep(0.001)
 
 
 def _proc_stat_fields(pid: int) -> list[str]:

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.gpus import NvmlReader, SnapshotReader, gpu_reader, inventory_from_dict
+from orchestrator.gpus import (
+    NvmlReader,
+    SnapshotError,
+    SnapshotReader,
+    gpu_reader,
+    inventory_from_dict,
+)
 
 SNAPSHOT = Path(__file__).parent.parent / "fixtures" / "gpu" / "dual_rtx3090.json"
 MIB = 1024 * 1024
@@ -36,6 +42,34 @@ def test_inventory_round_trips_through_its_json_form() -> None:
 def test_gpu_reader_picks_snapshot_when_configured() -> None:
     assert isinstance(gpu_reader(SNAPSHOT), SnapshotReader)
     assert isinstance(gpu_reader(None), NvmlReader)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "no such file"),
+        ('{"gpus": [', "not valid JSON: Expecting value at line 1 column 11"),
+        ("[]", "expected a JSON object, got list"),
+        ('{"gpus": [{"index": 0, "name": "RTX"}]}', "not a GPU inventory"),
+        ('{"gpus": 2}', "not a GPU inventory"),
+    ],
+    ids=["missing", "truncated", "not-an-object", "missing-fields", "gpus-not-a-list"],
+)
+def test_a_bad_snapshot_file_is_a_clear_error_naming_it(
+    tmp_path: Path, content: str | None, problem: str
+) -> None:
+    path = tmp_path / "snapshot.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SnapshotError) as caught:
+        SnapshotReader(path).read()
+    message = str(caught.value)
+    assert message.startswith(f"GPU snapshot {path} (GPU_SNAPSHOT): ")
+    assert problem in message
+    # Reported as ours alone: no FileNotFoundError / JSONDecodeError chained into the traceback.
+    error = caught.value
+    assert error.__cause__ is None
+    assert error.__context__ is None or error.__suppress_context__
 
 
 def test_nvml_without_driver_is_zero_gpus_with_reason() -> None:

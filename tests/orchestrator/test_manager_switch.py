@@ -22,7 +22,28 @@ PROFILES = {
 }
 
 
+# Profile ids whose factory call fails the way the gateway's ModelControl.spec_for can:
+# ProfileNotFound is a LookupError, ProfileDoesNotFit a plain Exception.
+FACTORY_ERRORS: dict[str, Exception] = {
+    "vanished": LookupError("no profile 'vanished'"),
+    "too-big": Exception("profile 'too-big' does not fit: needs 48 GiB, 24 GiB free"),
+}
+# A spec the process runtime cannot even spawn: a NUL byte in argv raises ValueError, not OSError.
+NUL_PROFILE = "nul-byte"
+
+
 def _spec(profile_id: str) -> EngineSpec:
+    if profile_id in FACTORY_ERRORS:
+        raise FACTORY_ERRORS[profile_id]
+    if profile_id == NUL_PROFILE:
+        return EngineSpec(
+            profile_id=profile_id,
+            served_model_name="nul-model",
+            runtime="process",
+            command=(sys.executable, "-c", "pass\0"),
+            port=free_port(),
+            startup_timeout_s=5,
+        )
     if profile_id not in PROFILES:
         raise KeyError(profile_id)
     port = free_port()
@@ -179,3 +200,49 @@ async def test_unknown_profile_job_fails_with_reason(manager: VLLMModelManager) 
     assert job.status is JobStatus.FAILED
     assert job.error
     assert "cannot build engine" in job.error
+
+
+@pytest.mark.parametrize("profile_id", sorted(FACTORY_ERRORS))
+async def test_any_factory_error_fails_the_job_and_frees_switching(
+    manager: VLLMModelManager, profile_id: str
+) -> None:
+    await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
+    job = await manager.wait_job(manager.request_switch(profile_id).id, timeout_s=5)
+    assert job.status is JobStatus.FAILED
+    assert job.error == f"cannot build engine: {FACTORY_ERRORS[profile_id]}"
+    assert manager.current_job is None
+    # Nothing was stopped: the engine that ran keeps serving.
+    assert manager.state is EngineState.READY
+    assert await _chat(manager) == "alpha-model"
+    # The one-switch lock is free again: the next switch is accepted and runs.
+    again = await manager.wait_job(manager.request_switch("beta").id, timeout_s=30)
+    assert again.status is JobStatus.SUCCEEDED, again.error
+    assert await _chat(manager) == "beta-model"
+
+
+async def test_an_unexpected_start_error_rolls_back_and_frees_switching(
+    manager: VLLMModelManager,
+) -> None:
+    await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
+    job = await manager.wait_job(manager.request_switch(NUL_PROFILE).id, timeout_s=30)
+    assert job.status is JobStatus.ROLLED_BACK
+    assert job.error
+    assert "ValueError" in job.error
+    assert "null byte" in job.error
+    assert manager.state is EngineState.READY
+    assert manager.status().profile_id == "alpha"
+    assert await _chat(manager) == "alpha-model"
+    again = await manager.wait_job(manager.request_switch("beta").id, timeout_s=30)
+    assert again.status is JobStatus.SUCCEEDED, again.error
+
+
+async def test_an_unexpected_first_start_error_fails_and_frees_switching(
+    manager: VLLMModelManager,
+) -> None:
+    job = await manager.wait_job(manager.request_switch(NUL_PROFILE).id, timeout_s=30)
+    assert job.status is JobStatus.FAILED
+    assert job.error
+    assert "null byte" in job.error
+    assert manager.state is EngineState.FAILED
+    again = await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
+    assert again.status is JobStatus.SUCCEEDED, again.error

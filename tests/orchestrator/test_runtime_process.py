@@ -112,6 +112,11 @@ def sleeper() -> Iterator[int]:
     import subprocess
 
     proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    # Popen returns a moment before the kernel shows the new command line in /proc; the tests
+    # compare against it, so wait until it is there.
+    deadline = time.monotonic() + 5
+    while not Path(f"/proc/{proc.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.001)
     try:
         yield proc.pid
     finally:
@@ -267,3 +272,118 @@ async def test_a_reused_pid_is_not_adopted(tmp_path: Path, sleeper: int) -> None
     assert time.monotonic() - started < 5  # sleep dies of SIGTERM at once
     assert not _alive(sleeper)
     assert not matching.exists()
+
+
+# Secrets of the gateway that no engine may see (settings of gateway/settings.py).
+GATEWAY_SECRETS = (
+    "JWT_SECRET",
+    "ADMIN_API_KEY",
+    "OPENAI_API_KEY",
+    "DATABASE_URL",
+    "ADMIN_PASSWORD",
+)
+
+
+async def _proc_environ(pid: int) -> dict[str, str]:
+    """The environment the process was started with (as the kernel shows it)."""
+    path = Path(f"/proc/{pid}/environ")
+    # Empty for a moment right after the spawn, until the kernel has set up the new image.
+    for _ in range(500):
+        raw = path.read_bytes()
+        if raw:
+            break
+        await asyncio.sleep(0.01)
+    pairs = (item.decode().partition("=") for item in raw.split(b"\0") if item)
+    return {key: value for key, _, value in pairs}
+
+
+def _command_spec(command: tuple[str, ...], log_path: Path | None, **env: str) -> EngineSpec:
+    """A `command` engine: any program (it need not serve HTTP for these tests)."""
+    return EngineSpec(
+        profile_id="cmd",
+        served_model_name="cmd-model",
+        runtime="process",
+        command=command,
+        env=env,
+        port=free_port(),
+        log_path=log_path,
+    )
+
+
+async def _wait_log_line(
+    runtime: ProcessRuntime, handle: RuntimeHandle, prefix: str, within_s: float = 10.0
+) -> str:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        for line in runtime.logs_tail(handle, 20):
+            if line.startswith(prefix):
+                return line[len(prefix) :]
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"no {prefix!r} line: {runtime.logs_tail(handle, 20)}")
+
+
+@pytest.mark.parametrize("detached", [False, True], ids=["piped", "detached"])
+async def test_an_engine_inherits_only_the_allow_listed_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, detached: bool
+) -> None:
+    for name in GATEWAY_SECRETS:
+        monkeypatch.setenv(name, f"secret-{name.lower()}")
+    monkeypatch.setenv("HF_TOKEN", "hf_allowed")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+    spec = _command_spec(
+        ("sleep", "30"),
+        tmp_path / "cmd.log" if detached else None,
+        CUDA_DEVICE_ORDER="PCI_BUS_ID",
+        ENGINE_ONLY="1",
+    )
+    runtime = ProcessRuntime(instance=_instance())
+    handle = await runtime.start(spec)
+    try:
+        env = await _proc_environ(int(handle.id))
+    finally:
+        await runtime.stop(handle, timeout_s=5)
+    for name in GATEWAY_SECRETS:
+        assert name not in env
+    assert not any(value.startswith("secret-") for value in env.values())
+    assert env["PATH"] == os.environ["PATH"]
+    assert env["HF_TOKEN"] == "hf_allowed"
+    assert env["LC_ALL"] == "C.UTF-8"
+    # The spec's env is added and wins over what is inherited.
+    assert env["ENGINE_ONLY"] == "1"
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+# Ignores SIGTERM (and so does its child, which inherits the ignored disposition): only SIGKILL
+# of the whole group ends both.
+_STUBBORN = ("sh", "-c", 'trap "" TERM; sleep 300 & echo "child=$!"; wait')
+
+
+@pytest.mark.parametrize("detached", [False, True], ids=["piped", "detached"])
+async def test_stop_escalates_to_sigkill_and_kills_the_whole_group(
+    tmp_path: Path, detached: bool
+) -> None:
+    runtime = ProcessRuntime(instance=_instance())
+    handle = await runtime.start(_command_spec(_STUBBORN, tmp_path / "s.log" if detached else None))
+    leader = int(handle.id)
+    child = int(await _wait_log_line(runtime, handle, "child="))
+    try:
+        assert _alive(leader)
+        assert _alive(child)
+        assert os.getpgid(child) == leader  # the grandchild is in the engine's group
+        started = time.monotonic()
+        await runtime.stop(handle, timeout_s=1.0)
+        elapsed = time.monotonic() - started
+        # SIGTERM was ignored for the whole timeout, then SIGKILL ended it at once.
+        assert 0.9 <= elapsed < 4.0, elapsed
+        assert not _alive(leader)
+        assert not await runtime.is_running(handle)
+        for _ in range(100):  # a SIGKILLed process may take a moment to disappear
+            if not _alive(child):
+                break
+            await asyncio.sleep(0.02)
+        assert not _alive(child)
+    finally:
+        _kill_group(leader)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
