@@ -203,7 +203,8 @@ def _looks_like_ours(token: str, settings: Settings) -> bool:
 
 
 async def admin_principal(request: Request, settings: Settings, session: AsyncSession) -> Principal:
-    """An admin caller; 401 without credentials (whatever REQUIRE_AUTH says), 403 otherwise."""
+    """An admin caller; 401 without credentials (whatever REQUIRE_AUTH says), 403 otherwise;
+    then the per-caller admin limit: 429 when over, 503 while the shared limiter is down."""
     try:
         principal = await resolve_principal(request, settings, session)
     except GatewayError as exc:
@@ -228,6 +229,12 @@ async def admin_principal(request: Request, settings: Settings, session: AsyncSe
         raise missing_credentials()
     if not principal.is_admin:
         raise admin_required()
+    # Every admin route (the admin API, the model API) resolves its caller here, so the limit
+    # lives here too. Imported here: gateway.limits.enforce builds on this module.
+    from gateway.limits.enforce import check_admin
+
+    resources = request.app.state.resources
+    await check_admin(limiter=resources.limiters.strict, settings=settings, principal=principal)
     return principal
 
 

@@ -17,7 +17,7 @@ from gateway.auth.schemas import (
 )
 from gateway.deps import PrincipalDep, SessionDep, SettingsDep, StateDep
 from gateway.errors import GatewayError
-from gateway.limits.enforce import check_login
+from gateway.limits.enforce import check_login, check_session
 from gateway.responses import JSONResponse
 from gateway.users import service
 from gateway.users.models import Role
@@ -29,12 +29,18 @@ router = APIRouter(tags=["auth"])
 MAX_LOGIN_BODY_BYTES = 16 * 1024
 
 
-# RFC 6749 5.1: responses that carry tokens must not be cached.
 async def login_rate_limit(request: Request, state: StateDep) -> None:
     """Per-IP login attempts (fails closed with 503 while the shared limiter is down)."""
     await check_login(limiter=state.limiters.strict, settings=state.settings, request=request)
 
 
+async def session_rate_limit(request: Request, state: StateDep) -> None:
+    """Per-IP refreshes and logouts (fails closed with 503 while the shared limiter is down):
+    both are public and each costs database writes."""
+    await check_session(limiter=state.limiters.strict, settings=state.settings, request=request)
+
+
+# RFC 6749 5.1: responses that carry tokens must not be cached.
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 _AUTH_ERRORS: dict[int | str, dict[str, str]] = {
     400: {"description": "Malformed request"},
@@ -66,7 +72,12 @@ async def admin_login(request: Request, settings: SettingsDep, session: SessionD
     return await _login(request, settings, session, admin_only=True)
 
 
-@router.post("/api/auth/refresh", response_model=TokenResponse, responses=_AUTH_ERRORS)
+@router.post(
+    "/api/auth/refresh",
+    response_model=TokenResponse,
+    responses=_AUTH_ERRORS,
+    dependencies=[Depends(session_rate_limit)],
+)
 async def refresh(body: RefreshRequest, settings: SettingsDep, session: SessionDep) -> JSONResponse:
     """Exchange a refresh token for a new pair; each refresh token works once."""
     pair = await service.refresh(
@@ -75,7 +86,12 @@ async def refresh(body: RefreshRequest, settings: SettingsDep, session: SessionD
     return _token_response(pair)
 
 
-@router.post("/api/auth/logout", status_code=204, responses=_AUTH_ERRORS)
+@router.post(
+    "/api/auth/logout",
+    status_code=204,
+    responses=_AUTH_ERRORS,
+    dependencies=[Depends(session_rate_limit)],
+)
 async def logout(
     request: Request,
     settings: SettingsDep,

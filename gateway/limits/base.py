@@ -70,6 +70,14 @@ class Limiter(Protocol):
         """Would ``hit`` with this cost be allowed now? Counts nothing."""
         ...
 
+    async def gated_hit(
+        self, key: str, gate: Sequence[Rule], rules: Sequence[Rule], cost: int = 1
+    ) -> tuple[Decision, Decision]:
+        """``peek`` the ``gate`` rules and, only if they allow, ``hit`` the others, atomically in
+        one call (one round trip to Redis). Returns (the gate's decision, the others'); when the
+        gate denies, nothing is counted and the second decision is what a peek would say."""
+        ...
+
     async def add(self, key: str, rules: Sequence[Rule], amount: int) -> None:
         """Count ``amount`` in every rule even past the limit (usage known only afterwards)."""
         ...

@@ -9,7 +9,14 @@ from fastapi import Request
 from gateway.auth.principal import Principal
 from gateway.errors import GatewayError
 from gateway.limits.base import Decision, Limiter, LimiterUnavailable
-from gateway.limits.rules import Rule, ip_rules, login_rules, tier_rules
+from gateway.limits.rules import (
+    Rule,
+    admin_rules,
+    ip_rules,
+    login_rules,
+    session_rules,
+    tier_rules,
+)
 from gateway.metrics import count_rate_limited
 from gateway.settings import Settings
 
@@ -70,13 +77,13 @@ async def check_inference(
     tokens = rules.tokens
     # Without credentials (REQUIRE_AUTH off) a client is its IP, under the per-IP limit.
     requests = ip_rules(settings) if principal.via == "anonymous" else rules.requests
-    # The token budget first: a request refused for tokens must not spend a request unit too
-    # (a client retrying through a token wait would otherwise burn its hourly requests).
-    budget = await limiter.peek(key, tokens)
+    # The token budget gates the request count, in one atomic call (one Redis round trip):
+    # a request refused for tokens must not spend a request unit too (a client retrying
+    # through a token wait would otherwise burn its hourly requests).
+    budget, decision = await limiter.gated_hit(key, tokens, requests)
     if not budget.allowed:
         count_rate_limited(_tier_label(principal), "tokens")
         raise _denied(budget, "tokens per minute", "token_rate_limit_exceeded")
-    decision = await limiter.hit(key, requests)
     if not decision.allowed:
         count_rate_limited(_tier_label(principal), "requests")
         raise _denied(decision, "requests", "rate_limit_exceeded")
@@ -86,13 +93,38 @@ async def check_inference(
 async def check_login(*, limiter: Limiter, settings: Settings, request: Request) -> None:
     """Per-IP limit on login; fails closed (503) when the shared limiter is down."""
     key = f"login:{client_ip(request, settings)}"
+    await _strict(limiter, key, login_rules(settings), "login attempts", "login")
+
+
+async def check_session(*, limiter: Limiter, settings: Settings, request: Request) -> None:
+    """Per-IP limit on refresh and logout (one budget for both); fails closed (503) when the
+    shared limiter is down."""
+    key = f"session:{client_ip(request, settings)}"
+    await _strict(limiter, key, session_rules(settings), "token refreshes and logouts", "session")
+
+
+async def check_admin(*, limiter: Limiter, settings: Settings, principal: Principal) -> None:
+    """Per-caller limit on the admin API; fails closed (503) when the shared limiter is down."""
+    if principal.key_id is not None:
+        key = f"admin:key:{principal.key_id}"
+    elif principal.user_id is not None:
+        key = f"admin:user:{principal.user_id}"
+    else:  # the ADMIN_API_KEY: one caller, wherever it calls from
+        key = f"admin:{principal.via}"
+    await _strict(limiter, key, admin_rules(settings), "admin requests", "admin")
+
+
+async def _strict(
+    limiter: Limiter, key: str, rules: tuple[Rule, ...], what: str, label: str
+) -> None:
+    """One ``hit`` on the strict limiter: 429 when over, 503 when it cannot be asked."""
     try:
-        decision = await limiter.hit(key, login_rules(settings))
+        decision = await limiter.hit(key, rules)
     except LimiterUnavailable as exc:
         raise _unavailable(exc) from None
     if not decision.allowed:
-        count_rate_limited("none", "login")
-        raise _denied(decision, "login attempts", "rate_limit_exceeded")
+        count_rate_limited("none", label)
+        raise _denied(decision, what, "rate_limit_exceeded")
 
 
 def _tier_label(principal: Principal) -> str:

@@ -46,8 +46,11 @@ class LocalLimiter:
     def _call(self, op: Op, key: str, rules: Sequence[Rule], cost: int) -> Decision:
         return to_decision(self._apply(op, key, rules, cost), rules)
 
-    def _apply(self, op: Op, key: str, rules: Sequence[Rule], cost: int) -> Outcome:
-        now = monotonic_us()
+    def _apply(
+        self, op: Op, key: str, rules: Sequence[Rule], cost: int, now: int | None = None
+    ) -> Outcome:
+        if now is None:
+            now = monotonic_us()
         names = [f"{self._prefix}{key}:{rule.name}" for rule in rules]
         outcome = apply(op, now, [self._tats.get(name, 0) for name in names], rules, cost)
         if writes(op, outcome):
@@ -85,6 +88,21 @@ class LocalLimiter:
         """Whether ``hit`` with this cost would be allowed now; counts nothing."""
         check_call(rules, cost, Op.PEEK)
         return self._call(Op.PEEK, key, rules, cost) if rules else ALLOW_UNLIMITED
+
+    async def gated_hit(
+        self, key: str, gate: Sequence[Rule], rules: Sequence[Rule], cost: int = 1
+    ) -> tuple[Decision, Decision]:
+        """Peek ``gate`` and, only if it allows, hit ``rules`` (atomic: nothing awaits)."""
+        check_call((*gate, *rules), cost, Op.HIT)
+        # One clock reading for both, as the Lua script reads TIME once.
+        now = monotonic_us()
+        opened = self._apply(Op.PEEK, key, gate, cost, now) if gate else None
+        if not rules:
+            counted = ALLOW_UNLIMITED
+        else:
+            op = Op.HIT if opened is None or opened.allowed else Op.PEEK
+            counted = to_decision(self._apply(op, key, rules, cost, now), rules)
+        return (ALLOW_UNLIMITED if opened is None else to_decision(opened, gate)), counted
 
     async def add(self, key: str, rules: Sequence[Rule], amount: int) -> None:
         """Count ``amount`` in every rule, even past the limit."""

@@ -103,6 +103,12 @@ class FallbackLimiter:
         """``peek`` on Redis, or on the local limiter while Redis is down."""
         return await self._call(lambda limiter: limiter.peek(key, rules, cost), "peek")
 
+    async def gated_hit(
+        self, key: str, gate: Sequence[Rule], rules: Sequence[Rule], cost: int = 1
+    ) -> tuple[Decision, Decision]:
+        """``gated_hit`` on Redis, or on the local limiter while Redis is down."""
+        return await self._call(lambda limiter: limiter.gated_hit(key, gate, rules, cost), "hit")
+
     async def add(self, key: str, rules: Sequence[Rule], amount: int) -> None:
         """``add`` on Redis, or on the local limiter while Redis is down."""
         await self._call(lambda limiter: limiter.add(key, rules, amount), "add")
@@ -113,8 +119,8 @@ class FallbackLimiter:
 
 
 class FailClosedLimiter:
-    """For login and admin routes: if Redis cannot be asked, refuse (LimiterUnavailable → 503)
-    rather than open a brute-force window."""
+    """For login, refresh, logout and admin routes: if Redis cannot be asked, refuse
+    (LimiterUnavailable → 503) rather than open a brute-force window."""
 
     def __init__(self, primary: Limiter) -> None:
         """Wrap ``primary`` (a RedisLimiter)."""
@@ -133,6 +139,12 @@ class FailClosedLimiter:
     async def peek(self, key: str, rules: Sequence[Rule], cost: int = 1) -> Decision:
         """``peek`` on Redis; LimiterUnavailable when Redis is down."""
         return await self._call(self.primary.peek(key, rules, cost))
+
+    async def gated_hit(
+        self, key: str, gate: Sequence[Rule], rules: Sequence[Rule], cost: int = 1
+    ) -> tuple[Decision, Decision]:
+        """``gated_hit`` on Redis; LimiterUnavailable when Redis is down."""
+        return await self._call(self.primary.gated_hit(key, gate, rules, cost))
 
     async def add(self, key: str, rules: Sequence[Rule], amount: int) -> None:
         """``add`` on Redis; LimiterUnavailable when Redis is down."""

@@ -101,3 +101,13 @@ def ip_rules(settings: Settings) -> tuple[Rule, ...]:
 def login_rules(settings: Settings) -> tuple[Rule, ...]:
     """Per-IP rule for login attempts: LOGIN_RATE_LIMIT_PER_MINUTE per minute."""
     return _rules(("minute", settings.LOGIN_RATE_LIMIT_PER_MINUTE, 60))
+
+
+def session_rules(settings: Settings) -> tuple[Rule, ...]:
+    """Per-IP rule for token refreshes and logouts: SESSION_RATE_LIMIT_PER_MINUTE per minute."""
+    return _rules(("minute", settings.SESSION_RATE_LIMIT_PER_MINUTE, 60))
+
+
+def admin_rules(settings: Settings) -> tuple[Rule, ...]:
+    """Per-caller rule for the admin API: ADMIN_RATE_LIMIT_PER_MINUTE per minute."""
+    return _rules(("minute", settings.ADMIN_RATE_LIMIT_PER_MINUTE, 60))

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.limits import LocalLimiter, Rule, TierRules, ip_rules, login_rules, tier_rules
+from gateway.limits import (
+    LocalLimiter,
+    Rule,
+    TierRules,
+    admin_rules,
+    ip_rules,
+    login_rules,
+    session_rules,
+    tier_rules,
+)
 from gateway.users.models import Tier
 from tests.gateway.conftest import make_settings
 
@@ -47,6 +56,13 @@ def test_ip_and_login_rules() -> None:
     assert ip_rules(make_settings(RATE_LIMIT_WINDOW=900)) == (Rule("window", 100, 900),)
     assert login_rules(make_settings()) == (Rule("minute", 10, 60),)
     assert login_rules(make_settings(LOGIN_RATE_LIMIT_PER_MINUTE=3)) == (Rule("minute", 3, 60),)
+
+
+def test_session_and_admin_rules() -> None:
+    assert session_rules(make_settings()) == (Rule("minute", 60, 60),)
+    assert session_rules(make_settings(SESSION_RATE_LIMIT_PER_MINUTE=5)) == (Rule("minute", 5, 60),)
+    assert admin_rules(make_settings()) == (Rule("minute", 600, 60),)
+    assert admin_rules(make_settings(ADMIN_RATE_LIMIT_PER_MINUTE=7)) == (Rule("minute", 7, 60),)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""Redis down: /v1 stays up and bounded per process, login fails closed, readiness says so;
-everything recovers when Redis is back."""
+"""Redis down: /v1 stays up and bounded per process, login, refresh, logout and the admin API
+fail closed, readiness says so; everything recovers when Redis is back."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tests.gateway.proxy.conftest import eventually
 from tests.infra.redis import RedisServer
 
 from .conftest import (
+    ADMIN,
     ADMIN_PASSWORD,
     bearer,
     chat,
@@ -63,7 +64,10 @@ async def test_inference_falls_back_per_process_and_login_fails_closed(
         assert await _readiness(http) == (
             200, {"database": "up", "redis": "up", "engine": "up"},
         )  # fmt: skip
-        assert (await _admin_login(http)).status_code == 200
+        signed_in = await _admin_login(http)
+        assert signed_in.status_code == 200
+        refresh_token = signed_in.json()["refresh_token"]
+        admin_jwt = bearer(signed_in.json()["access_token"])
         before = await chat(http, key)
         assert before.status_code == 200, before.text
         assert remaining(before) == LIMIT - 1
@@ -89,14 +93,27 @@ async def test_inference_falls_back_per_process_and_login_fails_closed(
         assert await _readiness(http) == (
             503, {"database": "up", "redis": "down", "engine": "up"},
         )  # fmt: skip
-        # Login is closed rather than unlimited.
-        closed = await _admin_login(http)
-        assert closed.status_code == 503, closed.text
-        assert error_code(closed) == "limiter_unavailable"
-        assert int(closed.headers["Retry-After"]) >= 1
+        # Login, refresh, logout and the admin API (the model API included) are closed rather
+        # than unlimited.
+        refresh = {"refresh_token": refresh_token}
+        for closed in (
+            await _admin_login(http),
+            await http.post("/api/auth/refresh", json=refresh),
+            await http.post("/api/auth/logout", json=refresh),
+            await http.get("/admin/api/users", headers=ADMIN),
+            await http.get("/admin/api/keys", headers=admin_jwt),
+            await http.get("/api/models/status", headers=ADMIN),
+        ):
+            assert closed.status_code == 503, (closed.request.url, closed.text)
+            assert error_code(closed) == "limiter_unavailable"
+            assert int(closed.headers["Retry-After"]) >= 1
 
         await asyncio.to_thread(private_redis.start)
         assert (await _admin_login(http)).status_code == 200
+        # The refresh token was never used while closed: it still works, once.
+        assert (await http.post("/api/auth/refresh", json=refresh)).status_code == 200
+        assert (await http.get("/admin/api/users", headers=admin_jwt)).status_code == 200
+        assert (await http.get("/api/models/status", headers=ADMIN)).status_code == 200
         assert (await _readiness(http))[0] == 200
 
         # Within a second inference asks Redis again; it came back empty, so the budget is full.

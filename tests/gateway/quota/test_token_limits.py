@@ -3,11 +3,14 @@ stream's at its end), checked before the next request."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from gateway.limits.base import Decision
+from gateway.limits.ledger import TokenLedger
 from gateway.limits.rules import tier_rules
 from tests.gateway.proxy.conftest import eventually
 
@@ -99,3 +102,51 @@ async def test_usage_of_finished_requests_streams_included_spends_the_token_budg
 async def _refused(budget: Any) -> Decision | None:
     decision: Decision = await budget()
     return None if decision.allowed else decision
+
+
+async def _evalsha_calls(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@pytest.mark.redis
+async def test_one_script_call_checks_a_request_and_one_adds_its_tokens(
+    pg_url: str, redis_url: str
+) -> None:
+    settings = quota_settings(
+        pg_url,
+        REDIS_URL=redis_url,
+        RATE_LIMIT_FREE_PER_MINUTE=100,
+        RATE_LIMIT_FREE_PER_HOUR=1000,
+        RATE_LIMIT_FREE_TOKENS_PER_MINUTE=10_000,
+    )
+    async with quota_gateway(settings) as gw:
+        http = gw.http
+        redis = gw.app.state.resources.redis
+        ledger = gw.app.state.resources.limiters.tokens
+        # The admin API call runs the same script: loaded before counting starts (the first
+        # EVALSHA of a fresh Redis answers NOSCRIPT and is repeated).
+        key = bearer((await create_key(http, "round-trips", tier="free"))["key"])
+        before = await _evalsha_calls(redis)
+
+        replies = [await chat(http, key, stream=n == 1) for n in range(3)]
+        assert [r.status_code for r in replies] == [200] * 3
+        assert [remaining(r) for r in replies] == [99, 98, 97]
+
+        # Per request: one call checks the token budget and counts the request, atomically;
+        # one more adds the tokens it spent once it has finished (off the response path).
+        async def calls() -> int:
+            return await _evalsha_calls(redis) - before
+
+        await eventually(lambda: _at_least(calls, 2 * len(replies)))
+        await eventually(lambda: _idle(ledger))
+        assert await calls() == 2 * len(replies)
+
+
+async def _idle(ledger: TokenLedger) -> bool:
+    await ledger.aclose()  # applies what is queued; the ledger keeps working afterwards
+    return ledger.pending == 0
+
+
+async def _at_least(count: Callable[[], Awaitable[int]], expected: int) -> bool:
+    return await count() >= expected
