@@ -115,10 +115,13 @@ USER: dict[Key, str] = {
     ("GET", "/api/conversations"): "own conversations",
     ("POST", "/api/conversations"): "own conversations",
     ("POST", "/api/conversations/import"): "own conversations",
-    ("GET", "/api/conversations/{conversation_id}"): "own conversation (404 for others')",
-    ("PATCH", "/api/conversations/{conversation_id}"): "own conversation (404 for others')",
-    ("DELETE", "/api/conversations/{conversation_id}"): "own conversation (404 for others')",
-    ("GET", "/api/conversations/{conversation_id}/export"): "own conversation (404 for others')",
+    ("GET", "/api/conversations/{conversation_id:uuid}"): "own conversation (404 for others')",
+    ("PATCH", "/api/conversations/{conversation_id:uuid}"): "own conversation (404 for others')",
+    ("DELETE", "/api/conversations/{conversation_id:uuid}"): "own conversation (404 for others')",
+    (
+        "GET",
+        "/api/conversations/{conversation_id:uuid}/export",
+    ): "own conversation (404 for others')",
     ("POST", "/api/chat"): "chat in own conversations (inference)",
     ("POST", "/api/chat/completions"): "the same, at the OpenAI SDK's path",
 }
