@@ -8,7 +8,12 @@ use every one of them.
 from __future__ import annotations
 
 from gateway.metrics.background import BackgroundMetrics
-from gateway.metrics.exposition import mark_process_stopped, multiprocess_enabled, render_latest
+from gateway.metrics.exposition import (
+    mark_process_stopped,
+    multiprocess_enabled,
+    remove_dead_processes,
+    render_latest,
+)
 from gateway.metrics.recorders import (
     HTTP,
     ModelNames,
@@ -30,5 +35,6 @@ __all__ = [
     "count_rate_limited",
     "mark_process_stopped",
     "multiprocess_enabled",
+    "remove_dead_processes",
     "render_latest",
 ]

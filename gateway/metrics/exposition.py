@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess, values
+
+from gateway.logging import get_logger
+
+log = get_logger(__name__)
 
 
 def multiprocess_enabled() -> bool:
@@ -30,3 +35,46 @@ def mark_process_stopped() -> None:
     """Drop this process's live gauges from the shared files (multiprocess mode only)."""
     if multiprocess_enabled():
         multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process is there
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # there, but another user's
+    return True
+
+
+def remove_dead_processes(directory: str | None = None) -> list[int]:
+    """Drop the live gauges of processes that no longer exist; returns their pids, sorted.
+
+    A worker that exits cleanly removes its own live gauges (`mark_process_stopped`); one that
+    is killed (SIGKILL, out of memory) leaves them, and `/metrics` would keep adding its queue
+    depth, in-flight requests and slots to the live workers' forever. Run at startup, so a
+    worker that replaces a killed one clears what the killed one left. Counters and histograms
+    stay: Prometheus sees them continue instead of reset. Without `directory`, the
+    PROMETHEUS_MULTIPROC_DIR of multiprocess mode (nothing to do outside that mode).
+    """
+    if directory is None:
+        # (prometheus_client's deprecated lower-case spelling is not documented here.)
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") if multiprocess_enabled() else None
+        if directory is None:
+            return []
+    own = os.getpid()
+    dead: set[int] = set()
+    # Live gauges' files are named gauge_live<mode>_<pid>.db (prometheus_client's naming).
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid_text = path.stem.rsplit("_", 1)[-1]
+        if not pid_text.isdigit():
+            continue
+        pid = int(pid_text)
+        if pid > 0 and pid != own and pid not in dead and not _process_exists(pid):
+            dead.add(pid)
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+    if dead:
+        # A worker was killed: worth an operator's attention, whatever the log level.
+        log.warning("metrics_dead_processes_removed", pids=sorted(dead))
+    return sorted(dead)

@@ -42,7 +42,7 @@ UNMATCHED = "unmatched"
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _TIERS = frozenset({"free", "standard", "premium", "anonymous", "none"})
-_LIMITS = frozenset({"requests", "tokens", "login"})
+_LIMITS = frozenset({"requests", "tokens", "login", "session", "admin"})
 _CODE_SHAPE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 # Caches stop growing here; past it a label is still bounded, only no longer cached.
 _MAX_CACHED = 512

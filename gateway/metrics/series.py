@@ -120,7 +120,8 @@ LOCAL_SLOTS = Gauge(
 
 RATE_LIMITED = Counter(
     "gateway_rate_limit_rejections_total",
-    "Requests refused with 429, by tier and by the limit hit (requests, tokens, login).",
+    "Requests refused with 429, by tier and by the limit hit "
+    "(requests, tokens, login, session, admin).",
     ["tier", "limit"],
 )
 AUTH_FAILURES = Counter(

@@ -180,3 +180,115 @@ async def test_one_event_per_request_and_no_secrets_in_logs_or_metrics(
             assert reply not in text, f"a reply reached the {where}"
         assert "Bearer " not in text, where
         assert "argon2" not in text.lower(), where
+
+
+CHAT_CANARY = "chat-canary-Zr5Kp8Wq2Nd6"
+
+
+# DEBUG too: the database drivers log statements with their parameters there unless quieted.
+@pytest.mark.parametrize("log_level", ["INFO", "DEBUG"])
+async def test_chat_and_export_never_log_message_contents_or_credentials(
+    sqlite_url: str, capfd: pytest.CaptureFixture[str], log_level: str
+) -> None:
+    """The chat API (POST /api/chat, whole and streamed, with a JWT and with an API key) and
+    the conversation export (JSON and Markdown) carry message contents in both directions:
+    none of it, and neither the credentials used, may reach the logs."""
+    settings = make_settings(
+        DATABASE_URL=sqlite_url,
+        REQUIRE_AUTH=True,
+        ADMIN_PASSWORD=ADMIN_PASSWORD,
+        ENGINE="simulator",
+        # INFO is the default; DEBUG is the most the gateway ever logs.
+        LOG_LEVEL=log_level,
+    )
+    sent: list[str] = []
+    async with served_app(settings) as (_, base), httpx.AsyncClient(base_url=base) as http:
+        await wait_engine_ready(http)
+
+        async def call(method: str, path: str, **kwargs: Any) -> httpx.Response:
+            request_id = uuid.uuid4().hex
+            headers = {"X-Request-ID": request_id, **kwargs.pop("headers", {})}
+            response = await http.request(method, path, headers=headers, **kwargs)
+            assert response.status_code < 300, response.text
+            sent.append(request_id)
+            return response
+
+        login = await call(
+            "POST", "/api/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
+        )
+        token = login.json()["access_token"]
+        jwt_auth = {"Authorization": f"Bearer {token}"}
+        key = await call("POST", "/api/keys", json={"description": "chat"}, headers=jwt_auth)
+        api_key = key.json()["key"]
+        key_auth = {"Authorization": f"Bearer {api_key}"}
+
+        whole = await call(
+            "POST",
+            "/api/chat",
+            json={"model": "current", "message": f"{CHAT_CANARY} first", "max_tokens": 8},
+            headers=jwt_auth,
+        )
+        conversation_id = whole.headers["X-Conversation-Id"]
+        streamed = await call(
+            "POST",
+            "/api/chat",
+            json={
+                "conversation_id": conversation_id,
+                "model": "current",
+                "message": f"{CHAT_CANARY} second",
+                "max_tokens": 8,
+                "stream": True,
+            },
+            headers=jwt_auth,
+        )
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        assert "data: [DONE]" in streamed.text
+        # The same through an API key (another principal path), in a new conversation.
+        by_key = await call(
+            "POST",
+            "/api/chat",
+            json={"model": "current", "message": f"{CHAT_CANARY} third", "max_tokens": 8},
+            headers=key_auth,
+        )
+        reply = whole.json()["choices"][0]["message"]["content"]
+        assert reply
+
+        exported_json = await call(
+            "GET", f"/api/conversations/{conversation_id}/export", headers=jwt_auth
+        )
+        exported_md = await call(
+            "GET",
+            f"/api/conversations/{conversation_id}/export",
+            params={"format": "markdown"},
+            headers=jwt_auth,
+        )
+        # The exports really carry the contents (so their absence from the logs means something).
+        for export in (exported_json, exported_md):
+            assert f"{CHAT_CANARY} first" in export.text
+            assert f"{CHAT_CANARY} second" in export.text
+            assert reply in export.text
+        assert exported_md.headers["content-type"].startswith("text/markdown")
+        other = by_key.headers["X-Conversation-Id"]
+        assert other != conversation_id
+    captured = capfd.readouterr()
+    logs = captured.out + captured.err
+    events = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+
+    # The capture did see these requests: each one logged its single request event...
+    logged = {e["request_id"]: e for e in events if e.get("event") == "request"}
+    assert set(sent) <= set(logged), set(sent) - set(logged)
+    chat_events = [logged[r] for r in sent if logged[r]["path"] == "/api/chat"]
+    assert len(chat_events) == 3
+    assert all(e["usage"]["completion_tokens"] > 0 for e in chat_events)
+    # ...and none of the contents or credentials it handled.
+    assert CHAT_CANARY not in logs, "message content reached the logs"
+    assert reply not in logs, "a reply reached the logs"
+    for secret in (
+        ADMIN_PASSWORD,
+        TEST_SECRET,
+        token,
+        login.json()["refresh_token"],
+        api_key,
+    ):
+        assert secret not in logs, f"a credential reached the logs: {secret[:12]}..."
+    assert "Bearer " not in logs

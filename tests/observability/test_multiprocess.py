@@ -2,7 +2,8 @@
 values to files in that directory and /metrics (in any of them) merges every process's values.
 
 Two real gateway processes (`python -m gateway serve`) share one directory, each gets its own
-traffic, and one answers the scrape for both.
+traffic, and one answers the scrape for both. A worker killed with SIGKILL cannot clean up after
+itself: the next one to start removes the live gauges it left.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from gateway.metrics import remove_dead_processes
 from gateway.migrate import upgrade
 from tests.gateway.conftest import TEST_SECRET
 from tests.infra.ports import free_port
@@ -27,8 +29,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @asynccontextmanager
-async def gateway_process(multiproc_dir: Path, workdir: Path) -> AsyncIterator[httpx.AsyncClient]:
-    """`python -m gateway serve` in its own process; yields a client on it."""
+async def gateway_process(
+    multiproc_dir: Path, workdir: Path
+) -> AsyncIterator[tuple[httpx.AsyncClient, asyncio.subprocess.Process]]:
+    """`python -m gateway serve` in its own process; yields a client on it and the process."""
     port = free_port()
     database = workdir / f"gw-{port}.db"
     url = f"sqlite+aiosqlite:///{database}"
@@ -66,7 +70,7 @@ async def gateway_process(multiproc_dir: Path, workdir: Path) -> AsyncIterator[h
                     return False
 
             await wait_for(up, 60, 0.1)
-            yield client
+            yield client, process
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
@@ -77,8 +81,8 @@ async def test_two_processes_one_merged_scrape(tmp_path: Path) -> None:
     multiproc = tmp_path / "prometheus-multiproc"
     multiproc.mkdir()
     async with (
-        gateway_process(multiproc, tmp_path) as first,
-        gateway_process(multiproc, tmp_path) as second,
+        gateway_process(multiproc, tmp_path) as (first, _),
+        gateway_process(multiproc, tmp_path) as (second, _),
     ):
         # "/" is not what the startup probe polls: its count is exactly the traffic here.
         for _ in range(3):
@@ -112,3 +116,59 @@ async def test_two_processes_one_merged_scrape(tmp_path: Path) -> None:
     after = Scrape(generate_latest(registry).decode())
     assert after.value("gateway_local_slots") == 0
     assert after.value("gateway_http_requests_total", route="/", status="200") == 9
+
+
+def _pids(directory: Path, pattern: str) -> set[int]:
+    return {int(p.stem.rsplit("_", 1)[-1]) for p in directory.glob(pattern)}
+
+
+async def test_a_killed_workers_live_gauges_go_when_the_next_worker_starts(
+    tmp_path: Path,
+) -> None:
+    multiproc = tmp_path / "prometheus-multiproc"
+    multiproc.mkdir()
+    async with gateway_process(multiproc, tmp_path) as (killed, process):
+        for _ in range(2):
+            assert (await killed.get("/")).status_code == 200
+        assert (await scrape(killed)).value("gateway_local_slots") == 4
+        # SIGKILL: no lifespan shutdown, so no mark_process_dead of its own.
+        process.kill()
+        await asyncio.wait_for(process.wait(), 30)
+    dead = process.pid
+    # What the gap was: the killed worker's live gauges are still in the directory.
+    assert dead in _pids(multiproc, "gauge_live*_*.db")
+
+    async with gateway_process(multiproc, tmp_path) as (replacement, _):
+        merged = await scrape(replacement)
+        # Only the live worker's slots, not 4 + 4 from a process that is gone...
+        assert merged.value("gateway_local_slots") == 4
+        assert merged.value("gateway_build_info") == 1
+        # ...while the killed worker's counters stay (Prometheus sees them continue).
+        root = {"route": "/", "method": "GET", "status": "200"}
+        assert merged.value("gateway_http_requests_total", **root) == 2
+        assert dead not in _pids(multiproc, "gauge_live*_*.db")
+        assert dead in _pids(multiproc, "counter_*.db")
+
+
+async def test_remove_dead_processes_keeps_live_processes_and_other_files(
+    tmp_path: Path,
+) -> None:
+    finished = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await finished.wait()  # waited for: its pid is free, not a zombie
+    dead, own = finished.pid, os.getpid()
+    names = [
+        f"gauge_livesum_{dead}.db",
+        f"gauge_livemostrecent_{dead}.db",
+        f"counter_{dead}.db",
+        f"histogram_{dead}.db",
+        f"gauge_all_{dead}.db",  # not a live gauge: prometheus_client keeps it per pid
+        f"gauge_livesum_{own}.db",
+        "gauge_livesum_1.db",  # pid 1 always exists (and may be another user's)
+    ]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert remove_dead_processes(str(tmp_path)) == [dead]
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == set(names) - {f"gauge_livesum_{dead}.db", f"gauge_livemostrecent_{dead}.db"}
+    # Nothing more to do the second time.
+    assert remove_dead_processes(str(tmp_path)) == []

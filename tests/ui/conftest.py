@@ -117,6 +117,17 @@ class Gateway:
         headers = {"Authorization": f"Bearer {self.admin_token}"}
         return await self.client.request(method, path, headers=headers, **kwargs)
 
+    async def simulator_stats(self) -> dict[str, Any]:
+        """The running engine simulator's own counters (`GET /simulator/stats` on the engine,
+        not through the gateway): what the engine saw, whatever the gateway says."""
+        status = (await self.as_admin("GET", "/api/models/status")).json()
+        engine_url = status["engine"]["engine_url"]
+        assert engine_url, status
+        async with httpx.AsyncClient(base_url=engine_url, timeout=10, trust_env=False) as engine:
+            response = await engine.get("/simulator/stats")
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
 
 async def _login(client: httpx.AsyncClient, username: str, password: str) -> str:
     response = await client.post(

@@ -95,6 +95,7 @@ async def test_sign_in_send_see_it_stream_and_find_it_after_a_reload(
 async def test_stop_mid_stream_keeps_the_partial_reply(gateway: Gateway, ui: UI) -> None:
     page, _ = ui
     await sign_in_to_chat(page, gateway)
+    before = await gateway.simulator_stats()
     await page.get_by_role("textbox", name="Message").fill("Tell me a long story")
     await page.get_by_role("button", name="Send").click()
     reply = page.locator("article[data-role=assistant]")
@@ -124,6 +125,17 @@ async def test_stop_mid_stream_keeps_the_partial_reply(gateway: Gateway, ui: UI)
     assert last["status"] == "incomplete"
     assert last["content"].startswith(shown)
     assert len(last["content"].split()) < REPLY_WORDS
+    # The engine itself saw its client go away (the gateway cancelled the upstream request, it
+    # did not just stop forwarding): one more aborted request, none completed, none running.
+    for _ in range(100):
+        stats = await gateway.simulator_stats()
+        if stats["aborted_total"] > before["aborted_total"] and not stats["running"]:
+            break
+        await asyncio.sleep(0.05)
+    assert stats["aborted_total"] == before["aborted_total"] + 1, stats
+    assert stats["completed_total"] == before["completed_total"], stats
+    assert stats["running"] == 0, stats
+    assert time.monotonic() - stopped_at < 10
     # Nothing more arrives after the stop.
     await asyncio.sleep(0.5)
     assert (await content.inner_text()).strip() == shown
@@ -340,6 +352,59 @@ async def import_conversation(gateway: Gateway, title: str) -> str:
     )
     assert response.status_code == 201, response.text
     return str(response.json()["id"])
+
+
+CODE = 'print("copied from a code block")'
+REPLY_WITH_CODE = f"Run this:\n\n```python\n{CODE}\n```\n\nThen **check** the output."
+
+
+async def clipboard(page: Page) -> str:
+    """What the system clipboard holds, read through the page's clipboard API."""
+    return str(await page.evaluate("navigator.clipboard.readText()"))
+
+
+async def test_copy_buttons_put_the_reply_and_the_code_on_the_clipboard(
+    gateway: Gateway, ui: UI
+) -> None:
+    page, _ = ui
+    # The real clipboard, read back: 127.0.0.1 is a secure context, so the page takes the
+    # navigator.clipboard path (not the execCommand fallback kept for plain-HTTP LAN hosts).
+    await page.context.grant_permissions(
+        ["clipboard-read", "clipboard-write"], origin=gateway.base_url
+    )
+    imported = await gateway.as_user(
+        "POST",
+        "/api/conversations/import",
+        json={
+            "version": 1,
+            "conversation": {"title": "Copy me"},
+            "messages": [
+                {"role": "user", "content": "Show me some code"},
+                {"role": "assistant", "content": REPLY_WITH_CODE, "model": "sim-a"},
+            ],
+        },
+    )
+    assert imported.status_code == 201, imported.text
+    await sign_in_to_chat(page, gateway)
+    await page.locator("#conversations li[data-id] button.open").click()
+    reply = page.locator("article[data-role=assistant]")
+    await expect(reply.locator(".code-block code")).to_have_text(CODE)
+    assert await page.evaluate("window.isSecureContext") is True
+    # Something else on the clipboard first: a stale value cannot pass for a copy.
+    await page.evaluate("navigator.clipboard.writeText('not copied yet')")
+    assert await clipboard(page) == "not copied yet"
+
+    copy_code = reply.get_by_role("button", name="Copy code")
+    await copy_code.click()
+    await expect(copy_code).to_have_text("Copied")
+    assert await clipboard(page) == CODE
+    # The whole reply is copied as its Markdown source, not as the rendered text.
+    copy_reply = reply.get_by_role("button", name="Copy reply")
+    await copy_reply.click()
+    await expect(copy_reply).to_have_text("Copied")
+    assert await clipboard(page) == REPLY_WITH_CODE
+    # The label comes back, ready for the next copy.
+    await expect(copy_reply).to_have_text("Copy", timeout=5_000)
 
 
 async def test_search_rename_and_delete_conversations(gateway: Gateway, ui: UI) -> None:

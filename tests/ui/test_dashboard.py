@@ -188,14 +188,16 @@ async def test_a_normal_user_gets_no_admin_console(gateway: Gateway, browser: Br
 
 async def test_console_lists_users_and_usage(gateway: Gateway, ui: UI) -> None:
     page, _ = ui
-    # Some traffic to chart: two requests by alice.
+    # Some traffic to chart: two requests by alice with her login, one with an API key of hers.
+    chat = {"model": "current", "messages": [{"role": "user", "content": "hi"}]}
     for _ in range(2):
-        response = await gateway.as_user(
-            "POST",
-            "/v1/chat/completions",
-            json={"model": "current", "messages": [{"role": "user", "content": "hi"}]},
-        )
+        response = await gateway.as_user("POST", "/v1/chat/completions", json=chat)
         assert response.status_code == 200, response.text
+    key = (await gateway.as_user("POST", "/api/keys", json={"description": "usage"})).json()
+    response = await gateway.client.post(
+        "/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key['key']}"}
+    )
+    assert response.status_code == 200, response.text
     await sign_in_to_console(page, gateway)
     users = page.locator("#user-table tbody tr")
     await expect(users).to_have_count(2)
@@ -211,7 +213,7 @@ async def test_console_lists_users_and_usage(gateway: Gateway, ui: UI) -> None:
 
     for _ in range(100):  # usage is recorded in batches off the request path
         report = (await gateway.as_admin("GET", "/admin/api/usage?days=7")).json()
-        if report["totals"]["requests"] >= 2:
+        if report["totals"]["requests"] >= 3:
             break
         await asyncio.sleep(0.1)
     await page.get_by_label("Period").select_option("30")
@@ -219,6 +221,13 @@ async def test_console_lists_users_and_usage(gateway: Gateway, ui: UI) -> None:
     await expect(page.locator("#usage-days-chart svg rect.bar")).to_have_count(30)
     await expect(page.locator("#usage-models")).to_contain_text("sim-a")
     await expect(page.locator("#usage-users")).to_contain_text(gateway.user_name)
+    # Usage per key: the key's own row (its prefix, one request), apart from the login's two.
+    key_rows = page.locator("#usage-keys tbody tr")
+    key_row = key_rows.filter(has_text=key["prefix"] + "…")
+    await expect(key_row).to_have_count(1)
+    await expect(key_row.locator("td").nth(1)).to_have_text("1")
+    login_row = key_rows.filter(has_text="(login or none)")
+    await expect(login_row.locator("td").nth(1)).to_have_text("2")
     await page.locator("#usage").scroll_into_view_if_needed()
 
 

@@ -64,8 +64,18 @@ async def test_refresh_and_logout_share_one_limit_per_ip(sqlite_url: str) -> Non
         assert elsewhere.status_code == 200, elsewhere.text
 
 
+def _admin_rejections() -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "gateway_rate_limit_rejections_total", {"tier": "none", "limit": "admin"}
+    )
+    return value or 0.0
+
+
 async def test_admin_routes_are_limited_per_caller(sqlite_url: str) -> None:
     settings = auth_settings(sqlite_url, ADMIN_RATE_LIMIT_PER_MINUTE=3, ADMIN_API_KEY=ADMIN_KEY)
+    rejected_before = _admin_rejections()
     async with auth_app(settings) as (_, client):
         admin = bearer(str((await login(client, "admin", ADMIN_PASSWORD))["access_token"]))
         codes = [
@@ -80,6 +90,8 @@ async def test_admin_routes_are_limited_per_caller(sqlite_url: str) -> None:
         _assert_limited(
             await client.post("/api/models/switch", json={"profile_id": "x"}, headers=admin), 3
         )
+        # The rejections are counted under their own label (not "other").
+        assert _admin_rejections() - rejected_before == 3
 
         # Another caller (the admin key) has a budget of its own.
         await create_user(client, ADMIN_KEY, "limited-user")
