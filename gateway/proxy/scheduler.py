@@ -1,8 +1,10 @@
 """Admission: which upstream serves a request, and when.
 
 Local first, up to `max_local` concurrent requests (seed: max_queue_size). With a cloud upstream
-configured, a request overflows to it when local is saturated, down or switching, or when the
-predicted wait exceeds the SLO; without one it waits in a bounded queue for a bounded time.
+configured, a request overflows to it when local is down or switching, and when local is
+saturated: at once without OVERFLOW_SLO_S; with it, only when the request's predicted wait for a
+local slot exceeds the SLO or it has waited the SLO (`_overflows`). Without a cloud upstream it
+waits in a bounded queue for a bounded time.
 Requests for a model that is loading wait for it; with AUTO_SWITCH a request for a model that is
 not loaded starts the switch, and waiters for the loaded model are served first (no thrash).
 """
@@ -10,6 +12,7 @@ not loaded starts the switch, and waiters for the loaded model are served first 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -126,12 +129,18 @@ class Scheduler:
         """Requests waiting for a slot or a model."""
         return sum(self._waiting.values())
 
-    def predicted_wait_s(self) -> float:
-        """Rough wait of the next local request: queue ahead * mean service time / slots."""
+    def predicted_wait_s(self, ahead: int | None = None) -> float:
+        """Predicted wait for a local slot of a request with `ahead` requests queued before it
+        (default: all that wait now, i.e. the next request to arrive).
+
+        0 while a slot is free; else it needs ahead + 1 slots to free up, and the busy slots
+        free one every mean service time / slots: (ahead + 1) * mean service time / slots.
+        """
         if self.local_in_flight < self.config.max_local:
             return 0.0
-        ahead = self.queue_depth + 1
-        return ahead * self._service_time_s / max(self.config.max_local, 1)
+        if ahead is None:
+            ahead = self.queue_depth
+        return (ahead + 1) * self._service_time_s / max(self.config.max_local, 1)
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -139,8 +148,9 @@ class Scheduler:
         """Wait (bounded) until the request may go to the local engine or the cloud."""
         if self.queue_depth >= self.config.max_waiting:
             # A full queue refuses only requests that would wait: one that can go now (a free
-            # local slot, or the cloud) still goes. QUEUE_MAX_WAITING=0 means no queue.
-            decision = self._decide(model)
+            # local slot, or the cloud) still goes. QUEUE_MAX_WAITING=0 means no queue. It
+            # cannot wait, so its SLO counts as spent: a full local overflows if it can.
+            decision = self._decide(model, waited_s=math.inf)
             if isinstance(decision, Lease):
                 self.metrics.admitted_now()
                 return decision
@@ -156,15 +166,22 @@ class Scheduler:
         self.metrics.queue_entered()
         started = time.monotonic()
         deadline = started + self.config.queue_timeout_s
+        slo = self.config.overflow_slo_s if self.config.cloud and self.config.enabled else None
         outcome = "cancelled"
+        # The first decision is the arrival's (its predicted wait, with the others queued
+        # ahead of it); later ones are a queued request's (the time it has waited).
+        arriving = True
         try:
             while True:
                 changed = self._changed
-                decision = self._decide(model)
+                now = time.monotonic()
+                waited_s = None if arriving else now - started
+                arriving = False
+                decision = self._decide(model, ahead=self.queue_depth - 1, waited_s=waited_s)
                 if isinstance(decision, Lease):
                     outcome = "admitted"
                     return decision
-                remaining = deadline - time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
                     outcome = "timeout"
                     raise GatewayError(
@@ -173,6 +190,9 @@ class Scheduler:
                         code="engine_busy",
                         headers=_RETRY_AFTER,
                     )
+                if slo is not None and now - started < slo:
+                    # Wake when the SLO is spent, to overflow if no slot freed meanwhile.
+                    remaining = min(remaining, started + slo - now)
                 try:
                     await asyncio.wait_for(changed.wait(), remaining)
                 except TimeoutError:
@@ -209,20 +229,22 @@ class Scheduler:
             self._service_time_s = 0.8 * self._service_time_s + 0.2 * elapsed
         self._notify()
 
-    def _decide(self, model: str | None) -> Lease | _Wait:
+    def _decide(
+        self, model: str | None, *, ahead: int = 0, waited_s: float | None = None
+    ) -> Lease | _Wait:
+        """Local, cloud or wait for a request with `ahead` queued before it, arriving
+        (waited_s None) or queued for waited_s."""
         manager = self._control.manager
         status = manager.status()
         job = manager.current_job
         wanted = self._wanted_profile(model, status)
         if status.state is EngineState.READY and wanted == status.profile_id:
-            saturated = self.local_in_flight >= self.config.max_local
-            slo = self.config.overflow_slo_s
-            too_slow = slo is not None and self.predicted_wait_s() > slo
-            if not saturated and not (too_slow and self.config.cloud):
+            if self.local_in_flight < self.config.max_local:
                 return self._local(model, status)
-            lease = self._overflow(model)
-            if lease is not None:
-                return lease
+            if self._overflows(ahead, waited_s):
+                lease = self._overflow(model)
+                if lease is not None:
+                    return lease
             return _Wait(f"all {self.config.max_local} local slots are busy")
         if (
             wanted is not None
@@ -244,6 +266,21 @@ class Scheduler:
                 headers=_RETRY_AFTER,
             )
         return _Wait(f"the engine is {status.state.value}")
+
+    def _overflows(self, ahead: int, waited_s: float | None) -> bool:
+        """Whether a request that finds every local slot busy goes to the cloud (if any) now.
+
+        Without OVERFLOW_SLO_S: at once. With it, an arriving request queues when its predicted
+        wait is within the SLO and overflows when it is over; a queued one overflows once it
+        has waited the SLO (the prediction was wrong), so none waits longer than the SLO for a
+        local slot while the cloud could take it.
+        """
+        slo = self.config.overflow_slo_s
+        if slo is None:
+            return True
+        if waited_s is None:
+            return self.predicted_wait_s(ahead) > slo
+        return waited_s >= slo
 
     def _other_model(self, wanted: str, model: str | None, status: EngineStatus) -> Lease | _Wait:
         """A model that is not the loaded one: switch to it (AUTO_SWITCH) and/or overflow."""

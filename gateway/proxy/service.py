@@ -15,6 +15,7 @@ from gateway.auth.principal import Principal
 from gateway.errors import GatewayError
 from gateway.limits.enforce import check_inference
 from gateway.limits.rules import Rule
+from gateway.proxy.body import read_capped_body
 from gateway.proxy.scheduler import CURRENT, Lease, Scheduler
 from gateway.proxy.upstream import Outcome, RelayResponse
 from gateway.proxy.validation import Limits, ProxyRequest, Route, parse_request
@@ -51,8 +52,8 @@ async def relay(
     """Validate, check the caller's model scope and limits, admit (local, cloud or wait) and
     build the response that relays the request; usage is counted when it finishes."""
     settings = state.settings
-    _check_declared_length(request, settings.MAX_BODY_BYTES)
-    checked = parse_request(route, await request.body(), limits_from(settings))
+    body = await read_capped_body(request, settings.MAX_BODY_BYTES)
+    checked = parse_request(route, body, limits_from(settings))
     request.state.model = checked.model
     check_model_scope(principal, checked.model, state)
     admission = await admit(state=state, principal=principal, request=request)
@@ -118,7 +119,8 @@ async def relay_checked(
         usage = outcome.usage or {}
         total = int(usage.get("total_tokens") or 0)
         if total and token_rules:
-            # Tokens count when they are known (a stream's at its end), off the response path.
+            # Tokens count when they are known (a stream's at its end; estimated when it was
+            # cut off, see upstream.estimated_usage), off the response path.
             state.limiters.tokens.add(limit_key, token_rules, total)
         state.usage.record(
             user_id=principal.user_id,
@@ -151,17 +153,6 @@ async def relay_checked(
     except BaseException:
         lease.release()
         raise
-
-
-def _check_declared_length(request: Request, limit: int) -> None:
-    """Refuse a body that announces itself as too large before reading it."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise GatewayError(
-            413,
-            f"Request body is {declared} bytes; the limit is {limit}.",
-            code="body_too_large",
-        )
 
 
 async def _acquire_unless_gone(scheduler: Scheduler, model: str | None, request: Request) -> Lease:

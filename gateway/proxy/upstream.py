@@ -132,6 +132,27 @@ def _event_data(event: bytes) -> bytes | None:
     return b"\n".join(value[1:] if value.startswith(b" ") else value for value in values)
 
 
+def estimated_usage(request: ProxyRequest, deltas: int) -> dict[str, Any] | None:
+    """Usage of a stream that ended without the engine's usage chunk, from its `deltas` (the
+    choice chunks received); None when it produced nothing.
+
+    vLLM sends about one token per chunk, so chunks are a fair count of completion tokens, less
+    the one role chunk per choice that opens a chat stream (tool calls and multi-token chunks
+    are undercounted). Prompt tokens are not known without the engine's tokenizer: 0.
+    """
+    if request.route is Route.CHAT:
+        n = request.body.get("n")
+        deltas -= n if type(n) is int and n > 0 else 1
+    if deltas <= 0:
+        return None
+    return {
+        "prompt_tokens": 0,
+        "completion_tokens": deltas,
+        "total_tokens": deltas,
+        "estimated": True,
+    }
+
+
 def _error_bytes(message: str, *, error_type: str, code: str) -> bytes:
     return orjson.dumps(error_body(message, error_type=error_type, code=code))
 
@@ -314,6 +335,7 @@ class RelayResponse(Response):
         wants_usage = self._request.client_wants_usage
         decoder = SSEDecoder()
         finished = False
+        deltas = 0  # choice chunks received: the fallback token count (estimated_usage)
         try:
             async for chunk in response.content.iter_any():
                 relayed: list[bytes] = []
@@ -330,6 +352,8 @@ class RelayResponse(Response):
                         # The extra usage chunk was asked for by the gateway, not the client.
                         if not wants_usage and not parsed.get("choices"):
                             continue
+                    else:
+                        deltas += 1
                     relayed.append(data)
                 if relayed:
                     await _send_more(send, _sse(*relayed))
@@ -345,6 +369,11 @@ class RelayResponse(Response):
                 "upstream_disconnected", "service_unavailable_error",
             )  # fmt: skip
             return
+        finally:
+            # A stream cut short (client gone, engine stalled, died or failed) never gets the
+            # usage chunk; the tokens it produced still count, estimated from what came.
+            if self.outcome.usage is None:
+                self.outcome.usage = estimated_usage(self._request, deltas)
         if not finished and self.outcome.error is None:
             await self._stream_error(
                 send, "The engine ended the stream without finishing it.",

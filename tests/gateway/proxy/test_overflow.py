@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -28,6 +29,7 @@ CLOUD_KEY = "CLOUDKEY"
 SLOW = ("--tokens-per-second", "20")
 # 20 tokens at 20 tokens/s: about one second per request.
 SLOW_BODY = {"messages": HELLO, "max_tokens": 20, "ignore_eos": True}
+SHORT_BODY = {"messages": HELLO, "max_tokens": 2}
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,71 @@ async def test_saturated_local_overflows_to_the_cloud(cloud: str) -> None:
     assert after["current_requests"] == 0
     # The cloud got exactly the overflow, with the gateway's key (it answers 401 without it).
     assert await _cloud_requests(cloud) == cloud_before + 2
+
+
+@asynccontextmanager
+async def _local_slot_held(gw: Gateway) -> AsyncIterator[None]:
+    """A 20 s local stream holds the only local slot until the block ends (its client leaves)."""
+    body = {**SLOW_BODY, "max_tokens": 400, "stream": True}
+    async with gw.http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.headers["x-gateway-route"] == "local"
+        yield
+
+
+async def _lb_is(gw: Gateway, **expected: int) -> bool:
+    lb = await gw.lb()
+    return all(lb[name] == value for name, value in expected.items())
+
+
+# No local request has finished yet in these gateways, so the mean service time is its seed,
+# 1 s: with one slot, a request's predicted wait is (requests queued ahead of it + 1) * 1 s.
+
+
+async def test_within_the_slo_a_full_local_queues_instead_of_overflowing(cloud: str) -> None:
+    settings = _cloud_settings(cloud, {"sim": sim_profile("sim", *SLOW)}, "sim", OVERFLOW_SLO_S=30)
+    cloud_before = await _cloud_requests(cloud)
+    async with gateway(settings) as gw:
+        async with _local_slot_held(gw):
+            # Predicted 1 s, within the SLO: it waits for the local slot.
+            queued = asyncio.create_task(gw.http.post("/v1/chat/completions", json=SHORT_BODY))
+            await eventually(lambda: _lb_is(gw, local_requests=1, queue_depth=1))
+            during = await gw.lb()
+        response = await queued
+        after = await gw.lb()
+    assert response.status_code == 200, response.text
+    assert response.headers["x-gateway-route"] == "local"
+    assert response.json()["model"] == "sim"
+    assert during["cloud_requests"] == 0
+    # The next arrival would have one request ahead of it.
+    assert during["predicted_wait_s"] == 2.0
+    assert after["overflow_count"] == 0
+    assert await _cloud_requests(cloud) == cloud_before
+
+
+async def test_over_the_slo_a_full_local_overflows(cloud: str) -> None:
+    settings = _cloud_settings(cloud, {"sim": sim_profile("sim", *SLOW)}, "sim", OVERFLOW_SLO_S=1.5)
+    async with gateway(settings) as gw:
+        async with _local_slot_held(gw):
+            # Predicted 1 s, within the SLO: it waits for the local slot.
+            queued_at = time.monotonic()
+            queued = asyncio.create_task(gw.http.post("/v1/chat/completions", json=SHORT_BODY))
+            await eventually(lambda: _lb_is(gw, local_requests=1, queue_depth=1))
+            # Predicted 2 s with that one ahead of it, over the SLO: to the cloud at once.
+            over = await gw.http.post("/v1/chat/completions", json=SHORT_BODY)
+            during = await gw.lb()
+            # The slot stays busy past the first one's prediction: once it has waited the SLO,
+            # it overflows too.
+            late = await queued
+            late_after = time.monotonic() - queued_at
+        after = await gw.lb()
+    assert over.status_code == 200, over.text
+    assert over.headers["x-gateway-route"] == "cloud"
+    assert over.json()["model"] == "cloud-model"
+    assert during["queue_depth"] == 1
+    assert late.status_code == 200, late.text
+    assert late.headers["x-gateway-route"] == "cloud"
+    assert 1.5 <= late_after < 3.5
+    assert after["overflow_count"] == 2
 
 
 async def test_switching_or_idle_engine_overflows_to_the_cloud(cloud: str) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
 import pytest
+from prometheus_client import REGISTRY
 
 from .conftest import HELLO, Gateway, gateway, gateway_settings, sim_profile
 
@@ -148,6 +151,50 @@ async def test_huge_header_is_431(gw: Gateway) -> None:
     assert response.status_code == 431
     assert response.json()["error"]["code"] == "headers_too_large"
     assert after["requests_total"] == before["requests_total"]
+
+
+def _answered_413() -> float:
+    """How many chat requests the gateway (in this process) has answered with 413."""
+    labels = {"route": CHAT, "method": "POST", "status": "413"}
+    return REGISTRY.get_sample_value("gateway_http_requests_total", labels) or 0.0
+
+
+async def test_chunked_body_over_the_cap_is_413_as_soon_as_it_is_over(gw: Gateway) -> None:
+    # No Content-Length: the gateway must count the body as it comes and answer once it is
+    # over the cap, while the client is still sending, instead of reading it all first.
+    answered_before = _answered_413()
+    answered_while_sending = False
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal answered_while_sending
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(MAX_BODY_BYTES // 1024 + 2):
+            yield b"x" * 1024
+        # Over the cap: hold the body open until the gateway has answered (or 5 s).
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not answered_while_sending:
+            await asyncio.sleep(0.02)
+            answered_while_sending = _answered_413() > answered_before
+        yield b'"}]}'
+
+    before = await gw.sim_stats()
+    response = await gw.http.post(
+        CHAT, content=body(), headers={"content-type": "application/json"}
+    )
+    assert "content-length" not in response.request.headers
+    assert response.request.headers["transfer-encoding"] == "chunked"
+    assert response.status_code == 413, response.text
+    assert answered_while_sending
+    error = response.json()["error"]
+    assert error["code"] == "body_too_large"
+    assert error["type"] == "invalid_request_error"
+    assert str(MAX_BODY_BYTES) in error["message"]
+    assert response.headers["x-error-source"] == "gateway"
+    # The gateway is fine afterwards: healthy, and the next request is served.
+    assert (await gw.http.get("/health")).status_code == 200
+    ok = await gw.http.post(CHAT, json=_chat())
+    assert ok.status_code == 200, ok.text
+    assert (await gw.sim_stats())["requests_total"] == before["requests_total"] + 1
 
 
 async def test_the_sdk_sees_the_field_in_param(gw: Gateway) -> None:
