@@ -531,35 +531,45 @@ class VLLMModelManager:
         while True:
             if not await runtime.is_running(self._handle):
                 raise RuntimeError_(f"engine exited during startup: {self._last_log_line()}")
-            names = await self._served_names_if_healthy(spec)
+            names, why_not = await self._served_names_if_healthy(spec)
             if names is not None:
                 self._served_names = names
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"engine not serving after {spec.startup_timeout_s:g}s")
+                # The last probe's reason goes with the error: "healthy but serves another
+                # name" (a wrong --served-model-name) is fixed differently than "still loading".
+                raise TimeoutError(
+                    f"engine not serving after {spec.startup_timeout_s:g}s: {why_not}"
+                )
             # Poll fast at first (small engines are up in well under a second), then back off.
             await asyncio.sleep(interval)
             interval = min(interval * 1.5, self._poll_interval_s)
 
-    async def _served_names_if_healthy(self, spec: EngineSpec) -> tuple[str, ...] | None:
+    async def _served_names_if_healthy(
+        self, spec: EngineSpec
+    ) -> tuple[tuple[str, ...] | None, str]:
+        """The served names once the engine serves the profile's name, else None and why not."""
         assert self._handle is not None
         headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else None
         try:
             health = await self._http.get(self._handle.base_url + spec.health_path, timeout=2.0)
             if health.status_code != 200:
-                return None
+                return None, f"{spec.health_path} returned {health.status_code}"
             models = await self._http.get(
                 self._handle.base_url + "/v1/models", headers=headers, timeout=5.0
             )
             if models.status_code != 200:
-                return None
+                return None, f"/v1/models returned {models.status_code}"
             names = tuple(str(m["id"]) for m in models.json().get("data", []))
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
-            return None
+        except httpx.HTTPError as exc:
+            return None, f"unreachable: {_reason(exc)}"
+        except (ValueError, KeyError, TypeError) as exc:
+            return None, f"unreadable /v1/models: {_reason(exc)}"
         # External engines are whatever they serve; ours must serve the profile's name.
         if spec.runtime == "external" or spec.served_model_name in names:
-            return names
-        return None
+            return names, "serving"
+        listed = ", ".join(names) or "no models"
+        return None, f"/v1/models lists {listed}, not {spec.served_model_name}"
 
     def _last_log_line(self) -> str:
         tail = self.logs_tail(5)
@@ -579,11 +589,21 @@ class VLLMModelManager:
     async def _stop_locked(self) -> None:
         if self._state is EngineState.IDLE:
             return
+        stopping = "stopping engine"
         if self._state is EngineState.READY:
             self._enter(EngineState.DRAINING, f"draining {self._in_flight} in-flight request(s)")
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._idle.wait(), self._drain_timeout_s)
-        self._enter(EngineState.STOPPING, "stopping engine")
+            except TimeoutError:
+                # Bounded on purpose: a stuck client must not block a switch forever. The event
+                # says so, since the requests still held are cut off by the stop.
+                left = self._in_flight
+                log.warning("engine_drain_timeout", in_flight=left, after_s=self._drain_timeout_s)
+                stopping = (
+                    f"drain timed out after {self._drain_timeout_s:g}s with {left} request(s) "
+                    "in flight; stopping engine"
+                )
+        self._enter(EngineState.STOPPING, stopping)
         if self._handle is not None:
             runtime = self._runtimes[self._handle.runtime]
             try:

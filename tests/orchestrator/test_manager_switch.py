@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
@@ -19,7 +21,11 @@ PROFILES = {
     "beta": (),
     "slow": ("--startup-delay", "1.5"),
     "broken": ("--startup-delay", "0.3", "--fail-at-start"),
+    # Healthy, but serving another name than the profile's (a wrong --served-model-name).
+    "misnamed": ("--served-model-name", "someone-else"),
 }
+# Startup timeouts shorter than the default 30 s, for profiles that are meant to time out.
+STARTUP_TIMEOUT_S = {"misnamed": 6.0}
 
 
 # Profile ids whose factory call fails the way the gateway's ModelControl.spec_for can:
@@ -65,24 +71,31 @@ def _spec(profile_id: str) -> EngineSpec:
         runtime="process",
         command=command,
         port=port,
-        startup_timeout_s=30,
+        startup_timeout_s=STARTUP_TIMEOUT_S.get(profile_id, 30),
     )
 
 
-@pytest.fixture
-async def manager() -> AsyncIterator[VLLMModelManager]:
+@asynccontextmanager
+async def _running_manager(drain_timeout_s: float) -> AsyncIterator[VLLMModelManager]:
+    """A manager of simulator processes, closed (engine stopped) afterwards."""
     async with httpx.AsyncClient() as http:
         mgr = VLLMModelManager(
             http=http,
             runtimes={"process": ProcessRuntime(), "external": ExternalRuntime()},
             spec_factory=_spec,
-            drain_timeout_s=5.0,
+            drain_timeout_s=drain_timeout_s,
             poll_interval_s=0.05,
         )
         try:
             yield mgr
         finally:
             await mgr.aclose()
+
+
+@pytest.fixture
+async def manager() -> AsyncIterator[VLLMModelManager]:
+    async with _running_manager(drain_timeout_s=5.0) as mgr:
+        yield mgr
 
 
 async def _chat(manager: VLLMModelManager) -> str:
@@ -246,3 +259,96 @@ async def test_an_unexpected_first_start_error_fails_and_frees_switching(
     assert manager.state is EngineState.FAILED
     again = await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
     assert again.status is JobStatus.SUCCEEDED, again.error
+
+
+async def test_drain_wait_is_bounded_by_drain_timeout() -> None:
+    """A slot that is never given back delays the switch by drain_timeout_s, not forever."""
+    drain_timeout_s = 0.6
+    async with _running_manager(drain_timeout_s=drain_timeout_s) as manager:
+        await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
+        # A request that hangs: it takes a slot and does not give it back during the switch.
+        assert manager.acquire_slot()
+        try:
+            started = time.monotonic()
+            job = manager.request_switch("beta")
+            done = await manager.wait_job(job.id, timeout_s=30)
+            elapsed = time.monotonic() - started
+        finally:
+            manager.release_slot()
+        assert done.status is JobStatus.SUCCEEDED, done.error
+        assert manager.status().profile_id == "beta"
+        assert await _chat(manager) == "beta-model"
+        # The stop waited the whole drain timeout (the slot was held), and then went ahead.
+        assert elapsed >= drain_timeout_s
+        draining, stopping = done.events[0], done.events[1]
+        assert (draining.state, stopping.state) == (EngineState.DRAINING, EngineState.STOPPING)
+        assert draining.message == "draining 1 in-flight request(s)"
+        assert stopping.message == (
+            f"drain timed out after {drain_timeout_s:g}s with 1 request(s) in flight; "
+            "stopping engine"
+        )
+        waited = stopping.at - draining.at
+        assert drain_timeout_s - 0.05 <= waited < drain_timeout_s + 2.0, waited
+
+
+async def test_drain_that_finishes_in_time_does_not_report_a_timeout(
+    manager: VLLMModelManager,
+) -> None:
+    """Without in-flight requests the stop follows the drain at once, with the plain message."""
+    await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
+    done = await manager.wait_job(manager.request_switch("beta").id, timeout_s=30)
+    assert done.status is JobStatus.SUCCEEDED, done.error
+    draining, stopping = done.events[0], done.events[1]
+    assert draining.message == "draining 0 in-flight request(s)"
+    assert stopping.message == "stopping engine"
+    assert stopping.at - draining.at < 1.0
+
+
+async def test_an_engine_serving_another_name_never_becomes_ready(
+    manager: VLLMModelManager,
+) -> None:
+    """/health 200 is not enough: /v1/models must list the profile's name, else roll back."""
+    await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
+    started = time.monotonic()
+    job = manager.request_switch("misnamed")
+    seen_healthy = False
+    misnamed_url: str | None = None
+    async with httpx.AsyncClient() as client:
+        while not job.done:
+            status = manager.status()
+            # While it loads, the engine really is up: healthy, and serving the other name.
+            if status.profile_id == "misnamed" and status.base_url and not seen_healthy:
+                misnamed_url = status.base_url
+                try:
+                    health = await client.get(f"{misnamed_url}/health")
+                    models = (await client.get(f"{misnamed_url}/v1/models")).json()
+                except httpx.TransportError:
+                    pass  # still binding its port
+                else:
+                    assert health.status_code == 200
+                    assert [m["id"] for m in models["data"]] == ["someone-else"]
+                    seen_healthy = True
+            assert not (status.profile_id == "misnamed" and status.state is EngineState.READY)
+            await asyncio.sleep(0.05)
+    elapsed = time.monotonic() - started
+    assert seen_healthy, "the misnamed engine never answered /health"
+    assert job.status is JobStatus.ROLLED_BACK, job.error
+    assert job.error == (
+        f"engine not serving after {STARTUP_TIMEOUT_S['misnamed']:g}s: "
+        "/v1/models lists someone-else, not misnamed-model"
+    )
+    # It failed at the profile's startup timeout (not the 30 s default, not at once).
+    assert STARTUP_TIMEOUT_S["misnamed"] <= elapsed < STARTUP_TIMEOUT_S["misnamed"] + 20
+    misnamed_events = [e for e in job.events if e.profile_id == "misnamed"]
+    assert EngineState.LOADING in [e.state for e in misnamed_events]
+    assert EngineState.READY not in [e.state for e in misnamed_events]
+    assert EngineState.FAILED in [e.state for e in misnamed_events]
+    # Rolled back: the previous engine runs and serves again; the misnamed one is gone.
+    assert manager.state is EngineState.READY
+    assert manager.status().profile_id == "alpha"
+    assert manager.status().served_names == ("alpha-model",)
+    assert await _chat(manager) == "alpha-model"
+    assert misnamed_url is not None
+    with pytest.raises(httpx.ConnectError):
+        async with httpx.AsyncClient() as client:
+            await client.get(f"{misnamed_url}/health")

@@ -51,6 +51,21 @@ async def _chat(engine_url: str, model: str) -> Any:
         )
 
 
+async def _chat_through_gateway(client: httpx.AsyncClient, model: str) -> dict[str, Any]:
+    """POST /v1/chat/completions to the gateway: it routes to whatever engine now serves."""
+    response = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 6,
+            "ignore_eos": True,
+        },
+    )
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
 async def test_simulator_to_tiny_vllm_and_back(
     sqlite_url: str, tmp_path: Path, vllm_install: tuple[Path, Path]
 ) -> None:
@@ -79,6 +94,14 @@ async def test_simulator_to_tiny_vllm_and_back(
             assert completion.model == model
             assert completion.usage is not None
             assert completion.usage.completion_tokens == 6
+            # The same through the gateway: the switch changed what /v1 routes to, too.
+            proxied = await _chat_through_gateway(client, model)
+            assert proxied["model"] == model
+            assert proxied["choices"][0]["message"]["role"] == "assistant"
+            usage = proxied["usage"]
+            assert usage["completion_tokens"] == 6
+            assert usage["prompt_tokens"] > 0
+            assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
             served.append((profile_id, status["engine_url"]))
         # The vLLM engine is gone once the simulator took over again.
         async with httpx.AsyncClient() as direct:
