@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import secrets
 from enum import StrEnum
+from functools import cached_property
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -205,6 +208,35 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+    @field_validator("TRUSTED_PROXIES")
+    @classmethod
+    def _proxy_networks(cls, value: list[str]) -> list[str]:
+        """Each entry is an address or a network (CIDR); anything else is an error, not an
+        entry that silently never matches."""
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"TRUSTED_PROXIES entry {entry!r} is not an IP address or network"
+                ) from None
+        return value
+
+    @cached_property
+    def trusted_proxy_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        """TRUSTED_PROXIES parsed once."""
+        return tuple(ipaddress.ip_network(entry, strict=False) for entry in self.TRUSTED_PROXIES)
+
+    def is_trusted_proxy(self, address: str) -> bool:
+        """True when `address` is one of TRUSTED_PROXIES or inside one of its networks."""
+        if not self.TRUSTED_PROXIES:
+            return False
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(parsed in network for network in self.trusted_proxy_networks)
 
     @field_validator("OPENAI_BASE_URL")
     @classmethod

@@ -24,12 +24,12 @@ from gateway.settings import Settings
 def client_ip(request: Request, settings: Settings) -> str:
     """The caller's address; X-Forwarded-For is believed only from a trusted proxy."""
     peer = request.client.host if request.client else "unknown"
-    if peer not in settings.TRUSTED_PROXIES:
+    if not settings.is_trusted_proxy(peer):
         return peer
     forwarded = request.headers.get("x-forwarded-for", "")
     # The right-most address not added by one of our proxies is the client.
     for hop in reversed([part.strip() for part in forwarded.split(",") if part.strip()]):
-        if hop in settings.TRUSTED_PROXIES:
+        if settings.is_trusted_proxy(hop):
             continue
         try:
             return str(ipaddress.ip_address(hop))

@@ -64,7 +64,7 @@ def check_scrape_access(request: Request, settings: Settings) -> None:
 def _direct_loopback(request: Request, settings: Settings) -> bool:
     """A peer on the loopback that is not relaying someone else's request."""
     peer = request.client.host if request.client else ""
-    if peer in settings.TRUSTED_PROXIES:
+    if settings.is_trusted_proxy(peer):
         return False
     try:
         loopback = ipaddress.ip_address(peer).is_loopback

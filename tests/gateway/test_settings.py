@@ -144,3 +144,19 @@ def test_cli_accepts_valid_configuration() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "configuration is valid (production)" in result.stdout
+
+
+def test_trusted_proxies_take_addresses_and_networks() -> None:
+    settings = _settings(ENVIRONMENT="development", TRUSTED_PROXIES="10.0.0.0/8, 127.0.0.1, ::1")
+    assert settings.is_trusted_proxy("10.20.30.40")
+    assert settings.is_trusted_proxy("127.0.0.1")
+    assert settings.is_trusted_proxy("::1")
+    assert not settings.is_trusted_proxy("11.0.0.1")
+    assert not settings.is_trusted_proxy("not-an-ip")
+    assert not _settings(ENVIRONMENT="development").is_trusted_proxy("127.0.0.1")
+
+
+def test_a_trusted_proxy_that_is_no_address_is_refused() -> None:
+    with pytest.raises(ValidationError) as info:
+        _settings(ENVIRONMENT="development", TRUSTED_PROXIES="proxy.internal")
+    assert "proxy.internal" in str(info.value)
