@@ -45,6 +45,9 @@ USER_PASSWORD = "alice-Pass-for-ui-tests-8c3f"
 # sim-a streams 60 words at 25 words/s (a reply takes ~2.4 s: long enough to watch it arrive
 # and to stop it); sim-b takes a second to start so that a switch has progress to show.
 REPLY_WORDS = 60
+# A vLLM profile that does not fit the recorded GPUs (see ui_profiles).
+BIG_PROFILE = "llama-3-70b"
+GPU_SNAPSHOT = REPO_ROOT / "tests" / "fixtures" / "gpu" / "dual_rtx3090.json"
 
 
 def ui_profiles() -> dict[str, Any]:
@@ -86,6 +89,26 @@ def ui_profiles() -> dict[str, Any]:
                 "served_model_name": "sim-broken",
                 "command": simulator("sim-broken", "--fail-at-start"),
                 "startup_timeout_s": 30,
+            },
+            # A real vLLM profile far too big for the recorded 2 x 24 GiB GPUs (131 GiB of bf16
+            # weights): the planner calls it "does not fit", so it is never started here.
+            BIG_PROFILE: {
+                "display_name": "Llama 3 70B (too big)",
+                "engine": "vllm",
+                "runtime": "docker",
+                "image": "vllm/vllm-openai:v0.9.2",
+                "model": "meta-llama/Meta-Llama-3-70B-Instruct",
+                "served_model_name": BIG_PROFILE,
+                "architecture": {
+                    "params_b": 70.554,
+                    "layers": 80,
+                    "attention_heads": 64,
+                    "kv_heads": 8,
+                    "head_dim": 128,
+                    "hidden_size": 8192,
+                    "max_context": 8192,
+                },
+                "vllm": {"dtype": "bfloat16"},
             },
         },
     }
@@ -151,7 +174,7 @@ async def gateway(postgres_url: str, tmp_path: Path) -> AsyncIterator[Gateway]:
         ENGINE="auto",
         MODEL_PROFILES=str(profiles),
         # A recorded dual RTX 3090 host: the console shows GPU cards on a machine without GPUs.
-        GPU_SNAPSHOT=str(REPO_ROOT / "tests" / "fixtures" / "gpu" / "dual_rtx3090.json"),
+        GPU_SNAPSHOT=str(GPU_SNAPSHOT),
     )
     async with (
         served_app(settings) as (_, base_url),

@@ -9,9 +9,19 @@ import re
 import time
 from typing import Any
 
-from playwright.async_api import Browser, Page, Route, expect
+import pytest
+from playwright.async_api import Browser, Dialog, Page, Route, expect
+from playwright.async_api import Error as PlaywrightError
 
-from tests.ui.conftest import REPLY_WORDS, Gateway, PageProblems, new_page, screenshot, sign_in
+from tests.ui.conftest import (
+    BIG_PROFILE,
+    REPLY_WORDS,
+    Gateway,
+    PageProblems,
+    new_page,
+    screenshot,
+    sign_in,
+)
 
 UI = tuple[Page, PageProblems]
 
@@ -471,6 +481,168 @@ async def test_admin_loads_another_model_from_the_chat(
         await expect(user_picker).to_have_value("sim-b")
         await expect(user_picker.locator("option[value=sim-a]")).to_be_disabled()
         await expect(other.get_by_role("button", name="Load model")).to_be_hidden()
+    finally:
+        await context.close()
+    assert not problems.errors
+
+
+HIGHLIGHTED_SOURCE = '# greet someone\ndef greet(name):\n    return "Hello, " + name * 2'
+PLAIN_OUTPUT = "if this and that return 2 then done"
+RAW_HTML = "<img src=x onerror=alert(1)> and <script>alert(2)</script>"
+REPLY_WITH_HIGHLIGHTING = (
+    f"Some code:\n\n```python\n{HIGHLIGHTED_SOURCE}\n```\n\n"
+    f"Raw HTML outside a block: {RAW_HTML}\n\n"
+    f"```html\n{RAW_HTML}\n```\n\n"
+    f"```text\n{PLAIN_OUTPUT}\n```\n"
+)
+
+
+async def import_reply(gateway: Gateway, title: str, reply: str) -> None:
+    """A stored conversation of alice's whose assistant reply is exactly `reply` (the
+    simulator's own text is random, so a known reply comes in through the import API)."""
+    imported = await gateway.as_user(
+        "POST",
+        "/api/conversations/import",
+        json={
+            "version": 1,
+            "conversation": {"title": title},
+            "messages": [
+                {"role": "user", "content": "Show me"},
+                {"role": "assistant", "content": reply, "model": "sim-a"},
+            ],
+        },
+    )
+    assert imported.status_code == 201, imported.text
+
+
+async def test_code_blocks_are_highlighted_and_raw_html_stays_text(
+    gateway: Gateway, ui: UI
+) -> None:
+    page, _ = ui
+    dialogs: list[str] = []
+
+    async def on_dialog(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        await dialog.dismiss()
+
+    # An alert() that ran would open a dialog: none may, whatever the CSP would also block.
+    page.on("dialog", on_dialog)
+    await import_reply(gateway, "Highlighting", REPLY_WITH_HIGHLIGHTING)
+    await sign_in_to_chat(page, gateway)
+    await page.locator("#conversations li[data-id] button.open").click()
+    reply = page.locator("article[data-role=assistant] .content")
+    python = reply.locator(".code-block code.language-python")
+    # The code text is intact, and it is split into highlighted tokens, not left as one string.
+    await expect(python).to_have_text(HIGHLIGHTED_SOURCE)
+    await expect(python.locator("span.tok-comment")).to_have_text(["# greet someone"])
+    await expect(python.locator("span.tok-keyword")).to_have_text(["def", "return"])
+    await expect(python.locator("span.tok-string")).to_have_text(['"Hello, "'])
+    await expect(python.locator("span.tok-number")).to_have_text(["2"])
+    await expect(reply.locator(".code-block .code-lang").first).to_have_text("python")
+    # The classes are styled: a keyword is drawn unlike plain code.
+    keyword_color = await python.locator("span.tok-keyword").first.evaluate(
+        "el => getComputedStyle(el).color"
+    )
+    assert keyword_color != await python.evaluate("el => getComputedStyle(el).color")
+
+    # Raw HTML, in a paragraph and in a code block, is text: no element, no handler, no dialog.
+    await expect(reply.locator("p").filter(has_text="Raw HTML")).to_contain_text(RAW_HTML)
+    html = reply.locator(".code-block code.language-html")
+    await expect(html).to_have_text(RAW_HTML)
+    # Programming keywords mean nothing in markup ("and" here), nor anything in plain output.
+    await expect(html.locator("span.tok-keyword")).to_have_count(0)
+    plain = reply.locator(".code-block code.language-text")
+    await expect(plain).to_have_text(PLAIN_OUTPUT)
+    await expect(plain.locator("span")).to_have_count(0)
+    for selector in ("img", "script", "[onerror]"):
+        assert await page.locator(f"#messages {selector}").count() == 0, selector
+    await page.wait_for_timeout(300)  # an onerror would fire as soon as the image failed
+    assert dialogs == []
+
+
+async def test_picker_marks_a_model_that_does_not_fit_and_refuses_it(
+    gateway: Gateway, ui: UI, browser: Browser
+) -> None:
+    page, _ = ui
+    listed = (await gateway.as_user("GET", "/v1/models")).json()["data"]
+    assert {m["id"]: m["state"] for m in listed}[BIG_PROFILE] == "does_not_fit"
+    # Neither an admin (who may load other models) nor a normal user can pick it.
+    await sign_in(page, gateway, "/chat", "admin", gateway.admin_password)
+    context, other, problems = await new_page(browser)
+    try:
+        await sign_in_to_chat(other, gateway)
+        for who in (page, other):
+            picker = who.get_by_role("combobox", name="Model")
+            await expect(picker).to_have_value("sim-a")
+            big = picker.locator(f"option[value='{BIG_PROFILE}']")
+            await expect(big).to_have_text(f"{BIG_PROFILE} — does not fit")
+            await expect(big).to_have_attribute("data-state", "does_not_fit")
+            await expect(big).to_be_disabled()
+            # The other states are shown next to it.
+            await expect(picker.locator("option[value=sim-a]")).to_have_text("sim-a — ready")
+            await expect(picker.locator("option[value=sim-b]")).to_have_text("sim-b — not loaded")
+            # Choosing it does nothing: the browser refuses a disabled option, the value stays.
+            with pytest.raises(PlaywrightError):
+                await picker.select_option(BIG_PROFILE, timeout=1_000)
+            await expect(picker).to_have_value("sim-a")
+            await expect(who.get_by_role("button", name="Load model")).to_be_hidden()
+        await screenshot(other, "chat_picker_does_not_fit_as_a_user")
+    finally:
+        await context.close()
+    assert not problems.errors
+    # The server refuses it too, whatever a page sends.
+    switch = await gateway.as_admin("POST", "/api/models/switch", json={"profile_id": BIG_PROFILE})
+    assert switch.status_code == 409, switch.text
+    assert switch.json()["error"]["code"] == "profile_does_not_fit"
+
+
+WIDE_REPLY = (
+    "A long unbroken word: " + "x" * 300 + "\n\n"
+    "```text\n" + "wide code line " * 40 + "\n```\n\n"
+    "| a | b | c | d | e | f |\n|---|---|---|---|---|---|\n"
+    + "| "
+    + " | ".join(["a-rather-long-cell-value"] * 6)
+    + " |\n\n"
+    "https://example.org/" + "very-long-path-" * 20 + "\n"
+)
+
+
+async def assert_fits_the_phone(page: Page) -> None:
+    """No sideways scroll, and the message box and the send button on screen."""
+    widths = await page.evaluate(
+        "[document.documentElement.scrollWidth, document.body.scrollWidth, window.innerWidth]"
+    )
+    assert widths[0] <= widths[2], widths
+    assert widths[1] <= widths[2], widths
+    for control in (
+        page.get_by_role("textbox", name="Message"),
+        page.get_by_role("button", name="Send"),
+    ):
+        await expect(control).to_be_visible()
+        await expect(control).to_be_in_viewport(ratio=1)
+
+
+async def test_phone_width_has_no_sideways_scroll_and_keeps_send_in_view(
+    gateway: Gateway, browser: Browser
+) -> None:
+    context, page, problems = await new_page(browser, width=390, height=844)
+    try:
+        # A reply full of things that push a page sideways: a long word, a wide code block,
+        # a wide table and a long link. They must scroll inside their own boxes (or wrap).
+        await import_reply(gateway, "Wide things", WIDE_REPLY)
+        await sign_in(page, gateway, "/chat", gateway.user_name, gateway.user_password)
+        await expect(page.get_by_role("textbox", name="Message")).to_be_visible()
+        await assert_fits_the_phone(page)
+        await page.get_by_role("button", name="Chats").click()
+        await page.locator("#conversations li[data-id] button.open").click()
+        reply = page.locator("article[data-role=assistant] .content")
+        await expect(reply.locator(".code-block")).to_have_count(1)
+        await expect(reply.locator("table")).to_have_count(1)
+        await assert_fits_the_phone(page)
+        await screenshot(page, "chat_phone_width_wide_reply")
+        # A long message typed in the box does not widen the page either.
+        await page.get_by_role("textbox", name="Message").fill("y" * 500)
+        await assert_fits_the_phone(page)
     finally:
         await context.close()
     assert not problems.errors

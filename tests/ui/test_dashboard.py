@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from playwright.async_api import Browser, Page, Request, expect
 
-from tests.ui.conftest import Gateway, PageProblems, new_page, screenshot, sign_in
+from tests.ui.conftest import (
+    BIG_PROFILE,
+    GPU_SNAPSHOT,
+    Gateway,
+    PageProblems,
+    new_page,
+    screenshot,
+    sign_in,
+)
 from tests.ui.test_chat import unnamed_controls
 
 UI = tuple[Page, PageProblems]
@@ -32,7 +42,7 @@ async def test_admin_switches_the_model_and_sees_progress_reach_ready(
     await expect(engine.locator("[data-state]")).to_have_text("ready")
     # Profiles with their fit verdicts; the GPU section says why it is empty here.
     rows = page.locator("#profile-table tbody tr")
-    await expect(rows).to_have_count(3)
+    await expect(rows).to_have_count(4)
     await expect(page.locator("tr[data-profile=sim-b]")).to_contain_text("fits")
     # GPU cards from the recorded dual RTX 3090 snapshot: memory and utilization meters.
     cards = page.locator("#gpu-cards article")
@@ -236,7 +246,7 @@ async def test_console_fits_a_phone(gateway: Gateway, browser: Browser) -> None:
     try:
         await sign_in_to_console(page, gateway)
         await expect(page.locator("#gpu-cards article")).to_have_count(2)
-        await expect(page.locator("#profile-table tbody tr")).to_have_count(3)
+        await expect(page.locator("#profile-table tbody tr")).to_have_count(4)
         await expect(page.locator("#user-table tbody tr")).to_have_count(2)
         # Wide tables scroll inside their section; the page itself does not scroll sideways.
         assert await page.evaluate("document.documentElement.scrollWidth") <= 390
@@ -245,3 +255,92 @@ async def test_console_fits_a_phone(gateway: Gateway, browser: Browser) -> None:
     finally:
         await context.close()
     assert not problems.errors
+
+
+def format_bytes(value: int) -> str:
+    """common.js formatBytes: GiB with one decimal from 1 GiB up, else whole MiB."""
+    gib = value / 1024**3
+    return f"{gib:.1f} GiB" if gib >= 1 else f"{value / 1024**2:.0f} MiB"
+
+
+def js_round(value: float) -> int:
+    """JavaScript's Math.round (half up), not Python's round (half to even)."""
+    return math.floor(value + 0.5)
+
+
+async def test_gpu_cards_show_memory_utilization_temperature_and_power(
+    gateway: Gateway, ui: UI
+) -> None:
+    page, _ = ui
+    snapshot = json.loads(GPU_SNAPSHOT.read_text())
+    await sign_in_to_console(page, gateway)
+    cards = page.locator("#gpu-cards article")
+    await expect(cards).to_have_count(len(snapshot["gpus"]))
+    assert len(snapshot["gpus"]) == 2
+    source = page.locator("#gpu-source")
+    await expect(source).to_contain_text(f"2 GPU(s), read from snapshot:{GPU_SNAPSHOT}")
+    await expect(source).to_contain_text(f"driver {snapshot['driver_version']}")
+    for gpu in snapshot["gpus"]:
+        card = page.get_by_role("article", name=f"GPU {gpu['index']}", exact=True)
+        await expect(card.get_by_role("heading")).to_have_text(
+            f"GPU {gpu['index']} · {gpu['name']}"
+        )
+        used, total = gpu["memory_used_bytes"], gpu["memory_total_bytes"]
+        await expect(card).to_contain_text(f"Memory {format_bytes(used)} of {format_bytes(total)}")
+        memory = card.get_by_role("meter", name="Memory")
+        assert await memory.evaluate("el => [el.value, el.max]") == [used, total]
+        await expect(card).to_contain_text(f"Utilization {gpu['utilization_percent']}%")
+        utilization = card.get_by_role("meter", name="Utilization")
+        assert await utilization.evaluate("el => el.value") == gpu["utilization_percent"]
+        figures = card.locator("dl div")
+        await expect(figures.filter(has_text="Temperature").locator("dd")).to_have_text(
+            f"{gpu['temperature_c']} °C"
+        )
+        power = f"{js_round(gpu['power_draw_w'])} / {js_round(gpu['power_limit_w'])} W"
+        await expect(figures.filter(has_text="Power").locator("dd")).to_have_text(power)
+        await expect(figures.filter(has_text="Processes").locator("dd")).to_have_text(
+            str(len(gpu["processes"]))
+        )
+    # The profile too big for these two cards says so, with why, and cannot be switched to.
+    big = page.locator(f"tr[data-profile='{BIG_PROFILE}']")
+    await expect(big.locator(".fit-does_not_fit")).to_have_text("does not fit")
+    await expect(big).to_contain_text("GiB")
+    switch = big.get_by_role("button", name="Switch to Llama 3 70B (too big)")
+    await expect(switch).to_be_disabled()
+    # Its long reasons do not squeeze the button's label onto several lines.
+    one_line = await page.get_by_role("button", name="Create key").bounding_box()
+    squeezed = await switch.bounding_box()
+    assert one_line is not None
+    assert squeezed is not None
+    assert squeezed["height"] <= one_line["height"] + 2, (squeezed, one_line)
+    await page.locator("#gpu-cards").scroll_into_view_if_needed()
+
+
+async def test_a_key_created_with_an_expiry_shows_it_in_the_list(gateway: Gateway, ui: UI) -> None:
+    page, _ = ui
+    # The list shows the UTC date of expires_at (the form sends the end of that UTC day).
+    expires = (datetime.now(UTC).date() + timedelta(days=30)).isoformat()
+    await sign_in_to_console(page, gateway)
+    await page.get_by_label("User or service").fill(gateway.user_name)
+    await page.get_by_label("Description").fill("expiring key")
+    await page.get_by_label("Expires (optional)").fill(expires)
+    await page.get_by_role("button", name="Create key").click()
+    await expect(page.locator("#new-key")).to_be_visible()
+    listed = (await gateway.as_admin("GET", "/admin/api/keys")).json()["data"]
+    assert len(listed) == 1
+    assert listed[0]["expires_at"].startswith(expires), listed[0]
+    name = listed[0]["prefix"] + "…"
+    row = page.locator("#key-table tbody tr").filter(has_text="expiring key")
+    expiry = row.get_by_label(f"Expiry of key {name}")
+    await expect(expiry).to_have_value(expires)
+    await expect(expiry).to_be_visible()
+    await expect(row).to_contain_text("active")
+    # Changed from the list, the new expiry is stored and shown after a reload.
+    later = (datetime.now(UTC).date() + timedelta(days=90)).isoformat()
+    await expiry.fill(later)
+    await expect(page.locator("#status-line")).to_contain_text("updated")
+    await page.reload()
+    await expect(row.get_by_label(f"Expiry of key {name}")).to_have_value(later)
+    stored = (await gateway.as_admin("GET", "/admin/api/keys")).json()["data"][0]
+    assert stored["expires_at"].startswith(later), stored
+    await page.locator("#keys").scroll_into_view_if_needed()

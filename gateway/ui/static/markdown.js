@@ -114,7 +114,17 @@
   ]);
   const TOKEN = /(\/\*[\s\S]*?\*\/|\/\/[^\n]*|--[^\n]*|#[^\n]*)|("""[\s\S]*?"""|'''[\s\S]*?'''|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|`(?:[^`\\]|\\.)*`)|(\b\d[\d_]*(?:\.\d+)?(?:e[+-]?\d+)?\b|\b0x[\da-f]+\b)|([A-Za-z_][\w]*)/gi;
 
+  // Prose and logs have no syntax: a highlighted "if" or "and" in them would be noise.
+  const PLAIN = new Set(["text", "txt", "plaintext", "plain", "log", "output", "console"]);
+  // Markup is tags and attribute strings: the programming keywords above mean nothing in it.
+  const MARKUP = new Set(["html", "htm", "xhtml", "xml", "svg", "markdown", "md"]);
+
   function highlight(code, text, lang) {
+    if (PLAIN.has(lang)) {
+      code.textContent = text;
+      return;
+    }
+    const keywords = !MARKUP.has(lang);
     const hashComments = HASH_COMMENT.has(lang);
     const sqlComments = lang === "sql" || lang === "lua" || lang === "haskell";
     let last = 0;
@@ -133,7 +143,7 @@
         }
       } else if (m[2] !== undefined) kind = "tok-string";
       else if (m[3] !== undefined) kind = "tok-number";
-      else if (m[4] !== undefined && KEYWORDS.has(m[4])) kind = "tok-keyword";
+      else if (m[4] !== undefined && keywords && KEYWORDS.has(m[4])) kind = "tok-keyword";
       if (!kind) continue;
       if (m.index > last) code.append(document.createTextNode(text.slice(last, m.index)));
       code.append(node("span", kind, m[0]));
