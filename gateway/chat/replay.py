@@ -41,7 +41,9 @@ async def replay_earlier(
         message = (
             await session.execute(select(Message).where(Message.id == found.assistant_message_id))
         ).scalar_one_or_none()
-    if message is None:
+    # A regenerated or edited reply is deleted and its key repointed at the user message it
+    # answered (gateway.chat.service._apply_action); None only if a row was removed otherwise.
+    if message is None or message.role != "assistant":
         raise GatewayError(
             409,
             "The reply of the request with this Idempotency-Key was replaced since.",

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 from fastapi import Request
-from sqlalchemy import delete
+from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
@@ -160,7 +160,16 @@ async def _apply_action(
             409, "The last reply is still being written; stop it first.", code="reply_in_progress"
         )
     if replies:
-        await session.execute(delete(Message).where(Message.id.in_([m.id for m in replies])))
+        replaced = [m.id for m in replies]
+        # The keys of the requests that made these replies would go with them (the foreign key
+        # cascades), and a retry would then be answered as a new request: a second conversation.
+        # They point at the user message instead, which stays; replay reads that as "replaced".
+        await session.execute(
+            update(ChatIdempotency)
+            .where(ChatIdempotency.assistant_message_id.in_(replaced))
+            .values(assistant_message_id=last_user.id)
+        )
+        await session.execute(delete(Message).where(Message.id.in_(replaced)))
     if body.action == "edit" and new_text is not None:
         last_user.content = new_text
         last_user.updated_at = utcnow()

@@ -93,6 +93,8 @@ class ChatIdempotency(Base):
     conversation_id: Mapped[uuid.UUID] = mapped_column(
         Uuid, ForeignKey("conversations.id", ondelete="CASCADE")
     )
+    # The reply the request made; once that reply is regenerated or edited away, the user
+    # message it answered (the key must outlive the reply, see gateway.chat.replay).
     assistant_message_id: Mapped[uuid.UUID] = mapped_column(
         Uuid, ForeignKey("messages.id", ondelete="CASCADE")
     )

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.gateway.quota.conftest import bearer, pg_url  # noqa: F401 - the fixture
+from tests.gateway.conftest import TEST_SECRET
+from tests.gateway.quota.conftest import ADMIN_KEY, bearer, pg_url  # noqa: F401 - the fixture
 
-__all__ = ["bearer", "chat", "conversation", "messages", "stream_text"]
+__all__ = [
+    "bearer",
+    "chat",
+    "conversation",
+    "engine_ready",
+    "gateway_process",
+    "messages",
+    "stop_process",
+    "stream_text",
+]
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 async def chat(
@@ -49,3 +65,59 @@ def stream_text(response: httpx.Response) -> tuple[str, list[Any]]:
         for choice in event.get("choices", [])
     )
     return text, events
+
+
+def gateway_process(
+    database_url: str, state_dir: Path, port: int, profiles: Path, **env: str
+) -> subprocess.Popen[bytes]:
+    """`python -m gateway serve` on `port` with auth on, the simulator `sim-a` of `profiles`
+    and no standard-tier limits; `env` adds or overrides variables."""
+    values = {
+        "PATH": os.environ.get("PATH", ""),
+        "ENVIRONMENT": "production",
+        "JWT_SECRET": TEST_SECRET,
+        "DATABASE_URL": database_url,
+        "ADMIN_API_KEY": ADMIN_KEY,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "STATE_DIR": str(state_dir),
+        "MODEL_PROFILES": str(profiles),
+        "DEFAULT_PROFILE": "sim-a",
+        "ENGINE": "auto",
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "WARNING",
+        "CHAT_SAVE_INTERVAL_S": "0.2",
+        "RATE_LIMIT_STANDARD_PER_MINUTE": "0",
+        "RATE_LIMIT_STANDARD_PER_HOUR": "0",
+        "RATE_LIMIT_STANDARD_TOKENS_PER_MINUTE": "0",
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve"],
+        env=values,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM a process started here (SIGKILL when it lingers); nothing when it is gone."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+async def engine_ready(http: httpx.AsyncClient) -> bool:
+    """True once the gateway behind `http` answers and its engine is ready."""
+    try:
+        reply = await http.get("/api/models/status", headers=bearer(ADMIN_KEY))
+    except httpx.TransportError:
+        return False
+    return reply.status_code == 200 and reply.json()["engine"]["state"] == "ready"

@@ -325,10 +325,16 @@ async def test_nul_characters_are_refused_naming_the_field(pg_url: str) -> None:
 
 
 async def test_database_down_is_a_503_before_any_engine_call(
-    pg_url: str, postgres_server: Any
+    pg_url: str, postgres_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from gateway.keys.service import KEY_CACHE
     from tests.gateway.quota.conftest import create_key
 
+    # An API key is checked from the key cache without the database (a JWT's user is loaded
+    # from it on every request): with the key cached, the 503 is /api/chat's own, never the
+    # auth_unavailable of an expired cache entry. A long TTL and a fresh lookup just before the
+    # database stops keep the entry for the whole test.
+    monkeypatch.setattr(KEY_CACHE, "ttl_s", 300.0)
     async with quota_gateway(quota_settings(pg_url, profiles=PROFILES)) as gw:
         http = gw.http
         await create_user(http, "alice")
@@ -336,15 +342,29 @@ async def test_database_down_is_a_503_before_any_engine_call(
         warm = await chat(http, key, message="warm the key cache")
         assert warm.status_code == 200
         engine_calls = (await gw.sim_stats())["requests_total"]
+        KEY_CACHE.clear()
+        listed = await http.get("/api/conversations", headers=bearer(key))
+        assert listed.status_code == 200
+        assert len(KEY_CACHE) == 1
         await asyncio.to_thread(postgres_server.pause)
         try:
-            down = await chat(http, key, message="is anyone there?", stream=True)
-            assert down.status_code == 503, down.text
-            assert error_code(down) in ("database_unavailable", "auth_unavailable")
-            assert down.headers["X-Error-Source"] == "gateway"
-            assert down.headers["Retry-After"]
+            for stream in (True, False):
+                down = await chat(http, key, message="is anyone there?", stream=stream)
+                assert down.status_code == 503, down.text
+                assert error_code(down) == "database_unavailable"
+                assert down.headers["X-Error-Source"] == "gateway"
+                assert int(down.headers["Retry-After"]) > 0
+            # An idempotent request cannot even look up its key: the same 503.
+            keyed = await chat(
+                http, key, message="is anyone there?", headers={"Idempotency-Key": "down-1"}
+            )
+            assert keyed.status_code == 503, keyed.text
+            assert error_code(keyed) == "database_unavailable"
             listed = await http.get("/api/conversations", headers=bearer(key))
             assert listed.status_code == 503
+            assert error_code(listed) == "database_unavailable"
+            # The engine saw nothing of the failed requests.
+            assert (await gw.sim_stats())["requests_total"] == engine_calls
         finally:
             await asyncio.to_thread(postgres_server.resume)
         assert (await gw.sim_stats())["requests_total"] == engine_calls

@@ -8,17 +8,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.gateway.conftest import TEST_SECRET
 from tests.gateway.proxy.conftest import eventually, sim_profile, write_profiles
 from tests.gateway.quota.conftest import (
-    ADMIN_KEY,
     bearer,
     create_user,
     login,
@@ -27,7 +24,7 @@ from tests.gateway.quota.conftest import (
 )
 from tests.infra.ports import free_port
 
-from .conftest import chat, messages, stream_text
+from .conftest import chat, engine_ready, gateway_process, messages, stream_text
 
 pytestmark = pytest.mark.postgres
 
@@ -197,46 +194,6 @@ async def _finished(http: httpx.AsyncClient, token: str, conversation_id: str) -
 # -- kill -9 -----------------------------------------------------------------------------------
 
 
-def _gateway_process(
-    pg_url: str, state_dir: Path, port: int, profiles: Path
-) -> subprocess.Popen[bytes]:
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "ENVIRONMENT": "production",
-        "JWT_SECRET": TEST_SECRET,
-        "DATABASE_URL": pg_url,
-        "ADMIN_API_KEY": ADMIN_KEY,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "STATE_DIR": str(state_dir),
-        "MODEL_PROFILES": str(profiles),
-        "DEFAULT_PROFILE": "sim-a",
-        "ENGINE": "auto",
-        "LOG_FORMAT": "json",
-        "LOG_LEVEL": "WARNING",
-        "CHAT_SAVE_INTERVAL_S": "0.2",
-        "RATE_LIMIT_STANDARD_PER_MINUTE": "0",
-        "RATE_LIMIT_STANDARD_PER_HOUR": "0",
-        "RATE_LIMIT_STANDARD_TOKENS_PER_MINUTE": "0",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve"],
-        env=env,
-        cwd=Path(__file__).resolve().parents[3],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-
-async def _engine_ready(http: httpx.AsyncClient) -> bool:
-    try:
-        reply = await http.get("/api/models/status", headers=bearer(ADMIN_KEY))
-    except httpx.TransportError:
-        return False
-    return reply.status_code == 200 and reply.json()["engine"]["state"] == "ready"
-
-
 async def test_rows_left_streaming_by_a_killed_gateway_are_marked_interrupted(
     pg_url: str, tmp_path: Path
 ) -> None:
@@ -245,11 +202,11 @@ async def test_rows_left_streaming_by_a_killed_gateway_are_marked_interrupted(
         "sim-a",
     )
     port = free_port()
-    first = _gateway_process(pg_url, tmp_path, port, profiles)
+    first = gateway_process(pg_url, tmp_path, port, profiles)
     second: subprocess.Popen[bytes] | None = None
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            await eventually(lambda: _engine_ready(http), 60, 0.2)
+            await eventually(lambda: engine_ready(http), 60, 0.2)
             await create_user(http, "alice")
             token = await login(http, "alice")
             async with http.stream(
@@ -266,9 +223,9 @@ async def test_rows_left_streaming_by_a_killed_gateway_are_marked_interrupted(
                 await eventually(lambda: _partial_saved(http, token, conversation_id), 5)
                 os.kill(first.pid, signal.SIGKILL)
                 first.wait(10)
-        second = _gateway_process(pg_url, tmp_path, port, profiles)
+        second = gateway_process(pg_url, tmp_path, port, profiles)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            await eventually(lambda: _engine_ready(http), 60, 0.2)
+            await eventually(lambda: engine_ready(http), 60, 0.2)
             token = await login(http, "alice")
             saved = await _last_reply(http, token, conversation_id)
             assert saved["status"] == "interrupted", saved

@@ -6,18 +6,23 @@ The model's text is noise: assertions are on statuses, token counts and what was
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
 from gateway.migrate import upgrade
-from tests.gateway.proxy.conftest import Gateway, gateway, write_profiles
-from tests.gateway.quota.conftest import create_user, login, quota_settings
+from tests.gateway.proxy.conftest import Gateway, eventually, gateway, write_profiles
+from tests.gateway.quota.conftest import bearer, create_user, login, quota_settings
 from tests.infra.postgres import PostgresServer
+from tests.infra.vllm_engine import VLLMEngine
 
 from .conftest import chat, messages, stream_text
 
@@ -99,3 +104,80 @@ async def test_a_message_longer_than_the_context_is_refused_before_the_engine(
     listed = await http.get("/api/conversations", headers={"Authorization": f"Bearer {token}"})
     titles: list[Any] = [c["title"] for c in listed.json()["data"]]
     assert not any(title.startswith("xxx") for title in titles)
+
+
+# -- the engine killed mid-stream ------------------------------------------------------------
+
+
+@pytest.fixture
+async def doomed_engine(vllm_install: tuple[Path, Path]) -> AsyncIterator[VLLMEngine]:
+    """A vLLM of this test alone (the test kills it), with room for a long reply."""
+    vllm_python, model_dir = vllm_install
+    engine = VLLMEngine(model_dir, python=vllm_python, max_model_len=512)
+    await asyncio.to_thread(engine.start)
+    try:
+        yield engine
+    finally:
+        await asyncio.to_thread(engine.stop)
+
+
+async def _settled(http: httpx.AsyncClient, token: str, conversation_id: str) -> Any:
+    last = (await messages(http, token, conversation_id))[-1]
+    return last if last["status"] != "streaming" else None
+
+
+async def test_engine_killed_mid_stream_saves_exactly_the_delivered_text(
+    doomed_engine: VLLMEngine, pg_url: str
+) -> None:
+    settings = quota_settings(pg_url, ENGINE="external", VLLM_BASE_URL=doomed_engine.base_url)
+    async with gateway(settings) as gw:
+        http = gw.http
+        await create_user(http, "alice")
+        token = await login(http, "alice")
+        events: list[Any] = []
+        text = ""
+        killed = False
+        async with http.stream(
+            "POST",
+            "/api/chat",
+            # Greedy and long: the reply is still being generated when the engine dies.
+            json={"message": "hello", "stream": True, "max_tokens": 480, "temperature": 0},
+            headers=bearer(token),
+            timeout=60,
+        ) as response:
+            assert response.status_code == 200
+            conversation_id = response.headers["X-Conversation-Id"]
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: ") :]
+                event = data if data == "[DONE]" else json.loads(data)
+                events.append(event)
+                if isinstance(event, dict):
+                    for choice in event.get("choices", []):
+                        text += choice["delta"].get("content") or ""
+                        assert choice.get("finish_reason") is None, "the reply ended first"
+                if not killed and text:
+                    # The API server and its engine core: the whole process group, at once.
+                    assert doomed_engine.proc is not None
+                    os.killpg(doomed_engine.proc.pid, signal.SIGKILL)
+                    killed = True
+        assert killed
+        assert text
+        # Deltas, then the gateway's error event; no [DONE] for a reply that did not finish.
+        assert "[DONE]" not in events
+        assert isinstance(events[-1], dict)
+        assert "error" in events[-1], events[-1]
+        assert events[-1]["error"]["message"]
+        assert events[-1]["error"]["code"] == "upstream_disconnected"
+        assert any(isinstance(e, dict) and e.get("choices") for e in events[:-1])
+        saved = await eventually(lambda: _settled(http, token, conversation_id), 10)
+        assert saved["id"] == response.headers["X-Message-Id"]
+        assert saved["status"] == "incomplete"
+        assert saved["content"] == text  # exactly what the client received
+        assert saved["error"]
+        stored = await messages(http, token, conversation_id)
+        assert [(m["role"], m["status"]) for m in stored] == [
+            ("user", "complete"),
+            ("assistant", "incomplete"),
+        ]
