@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from gateway.engine import EXTERNAL_PROFILE, ModelControl, ProfileDoesNotFit
+from gateway.engine import EXTERNAL_PROFILE, ModelControl, ProfileDoesNotFit, ProfileNotFound
 from gateway.errors import GatewayError
 from gateway.metrics import ModelNames, ProxyMetrics
 from gateway.proxy.upstream import Target
@@ -24,6 +24,8 @@ from orchestrator.manager import EngineBusy, EngineState, EngineStatus
 
 CURRENT = "current"
 _RETRY_AFTER = {"Retry-After": "5"}
+# The waiters' key of requests for "current" (no profile id has angle brackets).
+_CURRENT_KEY = "<current>"
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ class Scheduler:
         self.config = config
         self.cloud_in_flight = 0
         self.overflow_count = 0
-        self._waiting: dict[str, int] = {}
+        # Waiters per wanted profile id (None: none, a cloud model; _CURRENT_KEY: "current").
+        self._waiting: dict[str | None, int] = {}
         self._changed = asyncio.Event()
         self._service_time_s = 1.0  # moving average of a local request's duration
         self._follower: asyncio.Task[None] | None = None
@@ -161,7 +164,14 @@ class Scheduler:
                 code="queue_full",
                 headers=_RETRY_AFTER,
             )
-        key = model or CURRENT
+        # Waiters count per profile, so a request under an alias counts for its model (the
+        # no-thrash check in _not_loaded); resolved once, here, off the fast path. "current"
+        # stays apart: it means whatever is loaded when it is served, not at arrival.
+        key = (
+            _CURRENT_KEY
+            if model is None or model == CURRENT
+            else self._wanted_profile(model, self._control.manager.status())
+        )
         self._waiting[key] = self._waiting.get(key, 0) + 1
         self.metrics.queue_entered()
         started = time.monotonic()
@@ -267,6 +277,33 @@ class Scheduler:
             )
         return _Wait(f"the engine is {status.state.value}")
 
+    def loading(self, model: str | None) -> str | None:
+        """The model that a request for `model`, waiting, waits to be loaded (a switch or a
+        start in progress); None when it waits for something else, such as a free slot.
+
+        The requested name when it is the model loading, else the loading profile's name (a
+        request for another model waits for this switch before its own).
+        """
+        manager = self._control.manager
+        job = manager.current_job
+        if job is not None:
+            loading: str | None = job.profile_id
+        else:
+            status = manager.status()
+            if status.state not in (EngineState.STARTING, EngineState.LOADING):
+                return None
+            loading = status.profile_id
+        if loading is None:
+            return None
+        if model and model != CURRENT:
+            profile = self._control.profiles.by_served_name(model)
+            if profile is not None and profile.id == loading:
+                return model
+        try:
+            return self._control.profile(loading).served_model_name
+        except ProfileNotFound:  # the profiles were reloaded without it: its id will do
+            return loading
+
     def _overflows(self, ahead: int, waited_s: float | None) -> bool:
         """Whether a request that finds every local slot busy goes to the cloud (if any) now.
 
@@ -330,10 +367,12 @@ class Scheduler:
                 code="model_not_loaded",
                 param="model",
             )
-        # No thrash: requests for the loaded model go first; the switch waits for them.
+        # No thrash: requests for the loaded model (by any of its names, or "current") go
+        # first; the switch waits for them.
+        waiting = self._waiting
         if status.state is EngineState.READY and (
-            self._waiting.get(status.served_model_name or "", 0)
-            or self._waiting.get(CURRENT, 0)
+            waiting.get(status.profile_id, 0)
+            or waiting.get(_CURRENT_KEY, 0)
             or self.local_in_flight
         ):
             return _Wait(f"waiting for requests to {status.served_model_name} before switching")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,11 +15,16 @@ from gateway.errors import GatewayError
 from gateway.limits.enforce import check_inference
 from gateway.limits.rules import Rule
 from gateway.proxy.body import read_capped_body
+from gateway.proxy.loading import LoadingRelay, abandon, drop
 from gateway.proxy.scheduler import CURRENT, Lease, Scheduler
 from gateway.proxy.upstream import Outcome, RelayResponse
 from gateway.proxy.validation import Limits, ProxyRequest, Route, parse_request
 from gateway.settings import Settings
 from gateway.state import AppState
+
+# A streamed request that has waited this long for a model that is loading gets its 200 and a
+# loading comment, then another as often: proxies commonly give up after 60 s of silence.
+LOADING_NOTICE_S = 2.0
 
 
 def limits_from(settings: Settings) -> Limits:
@@ -106,69 +110,95 @@ async def relay_checked(
         admission.token_rules,
         admission.headers,
     )
-    lease = scheduler.try_acquire(checked.model) or await _acquire_unless_gone(
-        scheduler, checked.model, request
-    )
     request_id = str(request.scope.get("state", {}).get("request_id", ""))
 
-    def finished(outcome: Outcome) -> None:
-        lease.release()
-        scheduler.metrics.finished(
-            lease.target.model, lease.target.route_name, outcome, stream=checked.stream
-        )
-        usage = outcome.usage or {}
-        total = int(usage.get("total_tokens") or 0)
-        if total and token_rules:
-            # Tokens count when they are known (a stream's at its end; estimated when it was
-            # cut off, see upstream.estimated_usage), off the response path.
-            state.limiters.tokens.add(limit_key, token_rules, total)
-        state.usage.record(
-            user_id=principal.user_id,
-            key_id=principal.key_id,
-            endpoint=endpoint or route.value,
-            model=lease.target.model,
-            status_code=outcome.status or 499,
-            duration_ms=round((time.perf_counter() - outcome.started) * 1000),
-            usage=usage,
-            route=lease.target.route_name,
-            request_id=request_id,
-        )
-        request.state.upstream = lease.target.route_name
-        request.state.usage = outcome.usage
+    def build(lease: Lease) -> RelayResponse:
+        """The relay of the request on this lease (which it releases when it finishes)."""
 
-    try:
-        return response_factory(
-            session=state.relay_session,
-            request=checked,
-            target=lease.target,
-            timeout_s=route_timeout(settings, route),
-            idle_timeout_s=settings.STREAM_IDLE_TIMEOUT_S,
-            connect_timeout_s=settings.UPSTREAM_CONNECT_TIMEOUT_S,
-            on_finish=finished,
-            extra_headers=limit_headers,
-            on_unreachable=(
-                state.manager.report_unreachable if lease.target.route_name == "local" else None
-            ),
-        )
-    except BaseException:
-        lease.release()
-        raise
+        def finished(outcome: Outcome) -> None:
+            lease.release()
+            scheduler.metrics.finished(
+                lease.target.model, lease.target.route_name, outcome, stream=checked.stream
+            )
+            usage = outcome.usage or {}
+            total = int(usage.get("total_tokens") or 0)
+            if total and token_rules:
+                # Tokens count when they are known (a stream's at its end; estimated when it
+                # was cut off, see upstream.estimated_usage), off the response path.
+                state.limiters.tokens.add(limit_key, token_rules, total)
+            state.usage.record(
+                user_id=principal.user_id,
+                key_id=principal.key_id,
+                endpoint=endpoint or route.value,
+                model=lease.target.model,
+                status_code=outcome.status or 499,
+                duration_ms=round((time.perf_counter() - outcome.started) * 1000),
+                usage=usage,
+                route=lease.target.route_name,
+                request_id=request_id,
+            )
+            request.state.upstream = lease.target.route_name
+            request.state.usage = outcome.usage
+
+        try:
+            return response_factory(
+                session=state.relay_session,
+                request=checked,
+                target=lease.target,
+                timeout_s=route_timeout(settings, route),
+                idle_timeout_s=settings.STREAM_IDLE_TIMEOUT_S,
+                connect_timeout_s=settings.UPSTREAM_CONNECT_TIMEOUT_S,
+                on_finish=finished,
+                extra_headers=limit_headers,
+                on_unreachable=(
+                    state.manager.report_unreachable if lease.target.route_name == "local" else None
+                ),
+            )
+        except BaseException:
+            lease.release()
+            raise
+
+    lease = scheduler.try_acquire(checked.model)
+    if lease is not None:
+        return build(lease)
+    acquiring = asyncio.ensure_future(scheduler.acquire(checked.model))
+    # A stream that waits for a model that is loading starts with comments (loading.py); not
+    # /api/chat's (a custom factory), which reports a wait that fails on its stored reply.
+    notices = checked.stream and response_factory is RelayResponse
+    patience = LOADING_NOTICE_S if notices else None
+    while (lease := await _lease_unless_gone(acquiring, request, patience)) is None:
+        if scheduler.loading(checked.model) is not None:
+            return LoadingRelay(
+                acquiring=acquiring,
+                build=build,
+                loading=lambda: scheduler.loading(checked.model),
+                interval_s=LOADING_NOTICE_S,
+                extra_headers=limit_headers,
+            )
+    return build(lease)
 
 
-async def _acquire_unless_gone(scheduler: Scheduler, model: str | None, request: Request) -> Lease:
-    """Wait for a lease, but give up the place in the queue if the client leaves meanwhile."""
-    acquiring = asyncio.ensure_future(scheduler.acquire(model))
+async def _lease_unless_gone(
+    acquiring: asyncio.Future[Lease], request: Request, patience: float | None
+) -> Lease | None:
+    """The lease once `acquiring` has it; None while it still waits after `patience` seconds.
+
+    The client leaving meanwhile gives up the place in the queue (499).
+    """
     gone = asyncio.ensure_future(_client_gone(request))
+    either: set[asyncio.Future[Any]] = {acquiring, gone}
     try:
-        await asyncio.wait({acquiring, gone}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(either, timeout=patience, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        abandon(acquiring)
+        raise
     finally:
         gone.cancel()
-    if acquiring.done():
+    if acquiring in done:
         return acquiring.result()
-    acquiring.cancel()
-    with contextlib.suppress(asyncio.CancelledError, GatewayError):
-        lease = await acquiring
-        lease.release()
+    if gone not in done:
+        return None
+    await drop(acquiring)
     raise GatewayError(
         499, "The client closed the request while it was queued.", code="client_gone"
     )

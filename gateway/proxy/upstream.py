@@ -297,12 +297,14 @@ class RelayResponse(Response):
     async def _relay_stream(self, send: Send) -> None:
         # sock_read is per read: a stream that stalls for idle_timeout_s ends (its headers
         # too must come within it, as with httpx's read timeout before). The route timeout
-        # bounds the wait for the response to start, not the stream.
+        # bounds the wait for the first event (engines send their headers before the first
+        # token, so the headers alone say little), not the stream.
         timeouts = aiohttp.ClientTimeout(
             total=None, connect=self._connect_timeout_s, sock_read=self._idle_timeout_s
         )
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout_at(deadline):
                 response = await self._post(timeouts)
                 # An error answer is read whole, still before anything reached the client
                 # (aiohttp closes the response should that fail).
@@ -317,14 +319,16 @@ class RelayResponse(Response):
             await self._send_whole(send, response, content, upstream_error=True)
             return
         try:
-            await self._relay_events(response, send)
+            await self._relay_events(response, send, deadline)
         finally:
             if response.content.at_eof():
                 response.release()  # read to its end: the connection goes back to the pool
             else:
                 response.close()  # cut short (stall, loss, client gone): the engine sees it
 
-    async def _relay_events(self, response: aiohttp.ClientResponse, send: Send) -> None:
+    async def _relay_events(
+        self, response: aiohttp.ClientResponse, send: Send, first_event_by: float
+    ) -> None:
         headers = [
             *self._response_headers(b"text/event-stream", False),
             (b"cache-control", b"no-cache"),
@@ -336,28 +340,38 @@ class RelayResponse(Response):
         decoder = SSEDecoder()
         finished = False
         deltas = 0  # choice chunks received: the fallback token count (estimated_usage)
+        first_event = asyncio.timeout_at(first_event_by)  # lifted at the first event
         try:
-            async for chunk in response.content.iter_any():
-                relayed: list[bytes] = []
-                for data in decoder.feed(chunk):
-                    if self.outcome.first_byte_s is None:
-                        self.outcome.first_byte_s = time.perf_counter() - self.outcome.started
-                    if data == _DONE:
-                        finished = True
-                    elif data.startswith(b'{"error"'):
-                        self.outcome.error = "upstream sent an error event"
-                    elif b'"usage":{' in data:
-                        parsed = orjson.loads(data)
-                        self.outcome.usage = parsed.get("usage")
-                        # The extra usage chunk was asked for by the gateway, not the client.
-                        if not wants_usage and not parsed.get("choices"):
-                            continue
-                    else:
-                        deltas += 1
-                    relayed.append(data)
-                if relayed:
-                    await _send_more(send, _sse(*relayed))
-        except TimeoutError:  # sock_read: nothing came for idle_timeout_s
+            async with first_event:
+                async for chunk in response.content.iter_any():
+                    relayed: list[bytes] = []
+                    for data in decoder.feed(chunk):
+                        if self.outcome.first_byte_s is None:
+                            self.outcome.first_byte_s = time.perf_counter() - self.outcome.started
+                            first_event.reschedule(None)
+                        if data == _DONE:
+                            finished = True
+                        elif data.startswith(b'{"error"'):
+                            self.outcome.error = "upstream sent an error event"
+                        elif b'"usage":{' in data:
+                            parsed = orjson.loads(data)
+                            self.outcome.usage = parsed.get("usage")
+                            # The extra usage chunk was asked for by the gateway, not the client.
+                            if not wants_usage and not parsed.get("choices"):
+                                continue
+                        else:
+                            deltas += 1
+                        relayed.append(data)
+                    if relayed:
+                        await _send_more(send, _sse(*relayed))
+        except TimeoutError:
+            if first_event.expired():  # the route timeout, before the engine's first event
+                await self._stream_error(
+                    send, f"The {self._target.route_name} engine did not answer in time.",
+                    "upstream_timeout", "timeout_error",
+                )  # fmt: skip
+                return
+            # sock_read: nothing came for idle_timeout_s
             await self._stream_error(
                 send, f"The engine sent nothing for {self._idle_timeout_s:g}s; stream ended.",
                 "upstream_stalled", "timeout_error",

@@ -10,11 +10,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
+import orjson
 import pytest
 from sqlalchemy import select
 
 from gateway.db import create_engine, create_session_factory
+from gateway.proxy.service import route_timeout
+from gateway.proxy.validation import Route
 from gateway.usage.models import UsageRecord
+from tests.gateway.conftest import make_settings
 
 from .conftest import HELLO, Gateway, eventually, gateway, gateway_settings, sim_profile
 
@@ -301,3 +305,57 @@ async def test_client_leaving_while_queued_gives_up_its_place() -> None:
 async def _lb_is(gw: Gateway, **expected: int) -> bool:
     lb = await gw.lb()
     return all(lb[name] == value for name, value in expected.items())
+
+
+# -- per-route upstream timeouts -----------------------------------------------------------------
+
+
+def _events(lines: list[str]) -> list[Any]:
+    """The data of an SSE stream's events, read line by line ([DONE] as is)."""
+    data = [line[6:] for line in lines if line.startswith("data: ")]
+    return [value if value == "[DONE]" else orjson.loads(value) for value in data]
+
+
+async def test_route_timeouts_apply_per_route_and_bound_the_first_event() -> None:
+    # Prefill takes 2 s: over the chat timeout, within the completions one.
+    settings = _one_profile(
+        "--first-token-delay", "2", CHAT_TIMEOUT_S=0.5, COMPLETIONS_TIMEOUT_S=30
+    )
+    chat = {"model": "sim", "messages": HELLO, "max_tokens": 3}
+    async with gateway(settings) as gw:
+        engine_url = await gw.wait_ready()
+        started = time.monotonic()
+        whole = await gw.http.post("/v1/chat/completions", json=chat)
+        whole_s = time.monotonic() - started
+        # A stream's headers come at once (as from vLLM, before prefill): the route timeout
+        # bounds the wait for its first event, which ends it with an error event.
+        started = time.monotonic()
+        async with gw.http.stream(
+            "POST", "/v1/chat/completions", json={**chat, "stream": True}
+        ) as streamed:
+            lines = [line async for line in streamed.aiter_lines()]
+        stream_s = time.monotonic() - started
+        completion = await gw.http.post(
+            "/v1/completions", json={"model": "sim", "prompt": "hello", "max_tokens": 3}
+        )
+        # The gateway hung up on both timed-out requests; the engine counts them as aborted.
+        stats = await _aborted_and_released(gw, engine_url, 2)
+    assert whole.status_code == 504, whole.text
+    assert whole.headers["x-error-source"] == "gateway"
+    assert whole.json()["error"]["code"] == "upstream_timeout"
+    assert whole.json()["error"]["type"] == "timeout_error"
+    assert 0.4 < whole_s < 1.5
+    assert streamed.status_code == 200
+    events = _events(lines)
+    assert [event["error"]["code"] for event in events] == ["upstream_timeout"]
+    assert events[0]["error"]["type"] == "timeout_error"
+    assert 0.4 < stream_s < 1.5
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["usage"]["completion_tokens"] >= 1
+    assert stats["completed_total"] == 1
+
+
+def test_each_route_has_its_own_timeout() -> None:
+    settings = make_settings(CHAT_TIMEOUT_S=1, COMPLETIONS_TIMEOUT_S=2, EMBEDDINGS_TIMEOUT_S=3)
+    timeouts = {route: route_timeout(settings, route) for route in Route}
+    assert timeouts == {Route.CHAT: 1, Route.COMPLETIONS: 2, Route.EMBEDDINGS: 3}

@@ -8,9 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import openai
+import orjson
 import pytest
 
-from .conftest import HELLO, Gateway, eventually, gateway, gateway_settings, sim_profile
+from gateway.proxy.service import LOADING_NOTICE_S
+
+from .conftest import AUTH, HELLO, Gateway, eventually, gateway, gateway_settings, sim_profile
 
 IGNORE_EOS = {"ignore_eos": True}
 TOKENS = 10
@@ -26,8 +29,9 @@ class Served:
     failures: list[str] = field(default_factory=list)
 
 
-async def _client_loop(sdk: openai.AsyncOpenAI, stream: bool, until: asyncio.Event) -> Served:
-    served = Served()
+async def _client_loop(
+    sdk: openai.AsyncOpenAI, stream: bool, until: asyncio.Event, served: Served
+) -> Served:
     while not until.is_set():
         started = time.monotonic()
         try:
@@ -66,15 +70,26 @@ async def test_switch_under_steady_load_fails_no_request() -> None:
     profiles = {"sim-a": sim_profile("sim-a", *PACE), "sim-b": sim_profile("sim-b", *PACE)}
     async with gateway(gateway_settings(profiles, "sim-a")) as gw, gw.sdk(timeout=30) as sdk:
         stop = asyncio.Event()
+        records = [Served() for _ in range(4)]
         loops = [
-            asyncio.create_task(_client_loop(sdk, stream, stop))
-            for stream in (False, True, False, True)
+            asyncio.create_task(_client_loop(sdk, stream, stop, record))
+            for stream, record in zip((False, True, False, True), records, strict=True)
         ]
-        await asyncio.sleep(1.0)
+
+        def each_loop_has(count: int, since: float = 0.0) -> Any:
+            # Wait on progress, not on the clock: a loaded machine serves fewer per second.
+            async def check() -> bool:
+                return all(
+                    sum(start > since for start, _, _ in r.results) >= count for r in records
+                )
+
+            return check
+
+        await eventually(each_loop_has(3), timeout_s=30)
         switch_started = time.monotonic()
         job = await gw.switch("sim-b")
         switch_done = time.monotonic()
-        await asyncio.sleep(max(0.5, 3.0 - (switch_done - switch_started) - 1.0))
+        await eventually(each_loop_has(3, since=switch_done), timeout_s=30)
         stop.set()
         served = await asyncio.gather(*loops)
         lb = await gw.lb()
@@ -199,13 +214,44 @@ async def test_auto_switch_serves_the_loaded_model_first(auto: Gateway) -> None:
         second = [asyncio.create_task(ask("sim-b")) for _ in range(3)]
         served = await asyncio.gather(*first, *second)
     jobs = _jobs(auto)[jobs_before:]
+    # The same for requests that name the loaded model by an alias, even queued after one for
+    # another model: with one local slot busy, a request for sim-b queues, then three for
+    # sim-a's alias; they go first, then one switch serves sim-b.
+    profiles = {
+        "sim-a": sim_profile("sim-a", *PACE, aliases=("alias-a",)),
+        "sim-b": sim_profile("sim-b", *PACE),
+    }
+    settings = gateway_settings(profiles, "sim-a", AUTO_SWITCH=True, MAX_QUEUE_SIZE=1)
+    async with gateway(settings) as one_slot, one_slot.sdk(timeout=30) as sdk:
+        jobs_before = len(_jobs(one_slot))
+        running = asyncio.create_task(_ask(sdk, "sim-a", 100))
+        await eventually(lambda: _in_flight(one_slot, 1))
+        other = asyncio.create_task(_ask(sdk, "sim-b", 3))
+        await eventually(lambda: _queued(one_slot, 1))
+        aliased = [asyncio.create_task(_ask(sdk, "alias-a", 3)) for _ in range(3)]
+        await eventually(lambda: _queued(one_slot, 4))
+        served_aliased = await asyncio.gather(running, *aliased, other)
+        jobs_aliased = [job.profile_id for job in _jobs(one_slot)[jobs_before:]]
     assert served == ["sim-a"] * 3 + ["sim-b"] * 3
     assert [job.profile_id for job in jobs] == ["sim-b"]
+    assert served_aliased == ["sim-a", "alias-a", "alias-a", "alias-a", "sim-b"]
+    assert jobs_aliased == ["sim-b"]
     assert (await auto.engine_status())["profile_id"] == "sim-b"
+
+
+async def _ask(sdk: openai.AsyncOpenAI, model: str, tokens: int) -> str:
+    completion = await sdk.chat.completions.create(
+        model=model, messages=HELLO, max_tokens=tokens, extra_body=IGNORE_EOS
+    )
+    return completion.model
 
 
 async def _in_flight(gw: Gateway, count: int) -> bool:
     return bool((await gw.lb())["local_requests"] == count)
+
+
+async def _queued(gw: Gateway, count: int) -> bool:
+    return bool((await gw.lb())["queue_depth"] == count)
 
 
 async def test_auto_switch_does_not_act_on_unknown_models(auto: Gateway) -> None:
@@ -215,3 +261,73 @@ async def test_auto_switch_does_not_act_on_unknown_models(auto: Gateway) -> None
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "model_not_found"
     assert (await eventually(auto.engine_status))["profile_id"] == "sim-a"
+
+
+# -- loading comments ----------------------------------------------------------------------------
+
+
+async def _read_stream(gw: Gateway, body: dict[str, Any]) -> tuple[int, list[str]]:
+    """A streamed chat request, raw: its status and every line it sent."""
+    async with gw.http.stream("POST", "/v1/chat/completions", json=body) as response:
+        return response.status_code, [line async for line in response.aiter_lines()]
+
+
+async def _switch_started(gw: Gateway, profile_id: str) -> None:
+    accepted = await gw.http.post(
+        "/api/models/switch", json={"profile_id": profile_id}, headers=AUTH
+    )
+    assert accepted.status_code == 202, accepted.text
+
+
+async def test_stream_waiting_for_a_loading_model_gets_loading_comments() -> None:
+    # The switch takes over LOADING_NOTICE_S (process start + 3 s): a streamed request for the
+    # model hears it is loading, then gets the normal stream; other clients see no difference.
+    profiles = {
+        "sim-a": sim_profile("sim-a", *PACE),
+        "slow": sim_profile("slow", "--startup-delay", "3", *PACE),
+    }
+    body = {"model": "slow", "messages": HELLO, "max_tokens": 3, "stream": True}
+    async with gateway(gateway_settings(profiles, "sim-a")) as gw, gw.sdk(timeout=30) as sdk:
+        await _switch_started(gw, "slow")
+        started = time.monotonic()
+        raw, whole, sdk_stream = await asyncio.gather(
+            _read_stream(gw, body),
+            gw.http.post("/v1/chat/completions", json={**body, "stream": False}),
+            sdk.chat.completions.create(
+                model="slow", messages=HELLO, max_tokens=3, stream=True, extra_body=IGNORE_EOS
+            ),
+        )
+        deltas = [chunk.choices[0].delta.content async for chunk in sdk_stream if chunk.choices]
+        waited = time.monotonic() - started
+    status, lines = raw
+    assert status == 200
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    comments = [line for line in lines[:first_data] if line]
+    assert comments
+    assert set(comments) == {": model slow is loading"}
+    assert not [line for line in lines[first_data:] if line.startswith(":")]
+    assert lines[first_data:][-2:] == ["data: [DONE]", ""]
+    chunks = [orjson.loads(line[6:]) for line in lines[first_data:-2] if line.startswith("data:")]
+    assert {chunk["model"] for chunk in chunks} == {"slow"}
+    assert whole.status_code == 200, whole.text
+    assert whole.headers["content-type"].startswith("application/json")
+    assert whole.json()["model"] == "slow"
+    assert "".join(d or "" for d in deltas)
+    assert waited > LOADING_NOTICE_S
+
+
+async def test_stream_that_times_out_after_loading_comments_ends_with_an_error_event() -> None:
+    # The queue timeout comes after the stream started: too late for a 503, so an error event.
+    profiles = {
+        "sim-a": sim_profile("sim-a", *PACE),
+        "slow": sim_profile("slow", "--startup-delay", "6", *PACE),
+    }
+    body = {"model": "slow", "messages": HELLO, "max_tokens": 3, "stream": True}
+    settings = gateway_settings(profiles, "sim-a", QUEUE_TIMEOUT_S=LOADING_NOTICE_S + 1)
+    async with gateway(settings) as gw:
+        await _switch_started(gw, "slow")
+        status, lines = await asyncio.wait_for(_read_stream(gw, body), 10)
+    assert status == 200
+    assert lines[0] == ": model slow is loading"
+    events = [orjson.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert [event["error"]["code"] for event in events] == ["engine_busy"]
