@@ -12,11 +12,12 @@ from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from gateway.auth.passwords import MAX_PASSWORD_CHARS
 from gateway.errors import GatewayError
+from gateway.text import NoNul
 from gateway.users.models import Role, Tier
 from gateway.users.schemas import Email, NewPassword
 
 MAX_TOKEN_CHARS = 4096
-Token = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TOKEN_CHARS)]
+Token = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TOKEN_CHARS), NoNul]
 
 # OAuth2 password-grant fields a client may send besides username and password (RFC 6749 4.3).
 _OAUTH2_EXTRA_FIELDS = frozenset({"grant_type", "scope", "client_id", "client_secret"})
@@ -27,7 +28,7 @@ class LoginRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    username: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    username: Annotated[str, StringConstraints(min_length=1, max_length=64), NoNul]
     password: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PASSWORD_CHARS)]
 
 

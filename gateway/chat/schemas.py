@@ -7,7 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StringConstraints
 
-from gateway.conversations.schemas import NoNul, Text
+from gateway.conversations.schemas import Text
+from gateway.text import NoNul
 
 StrictNumber = Annotated[float, Strict()]
 

@@ -6,26 +6,18 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints
-from pydantic_core import PydanticCustomError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+)
 
 from gateway.conversations.models import Conversation, Message
+from gateway.text import NoNul
 
-
-def reject_nul(value: str) -> str:
-    """`value` unchanged, or a validation error (a 400 naming the field) when it has a NUL.
-
-    Postgres text columns cannot store U+0000; refused here, it is the client's error with
-    the field named, instead of a database error after the conversation was locked.
-    """
-    if "\x00" in value:
-        raise PydanticCustomError(
-            "nul_character", "Text must not contain the NUL character (\\u0000)."
-        )
-    return value
-
-
-NoNul = AfterValidator(reject_nul)
 # Message text (the chat request's and an import's), up to about a megabyte.
 Text = Annotated[str, StringConstraints(max_length=1_000_000), NoNul]
 Title = Annotated[str, StringConstraints(max_length=200), NoNul]
@@ -130,8 +122,9 @@ class ImportMessage(_Body):
     model: ModelName | None = None
     status: Literal["complete", "streaming", "incomplete", "error", "interrupted"] = "complete"
     # Bounded to what an INTEGER column holds on every database (an unbounded int was a 500).
-    prompt_tokens: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
-    completion_tokens: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    # Strict: "12" or 12.5 is an error in a document that claims to be an export.
+    prompt_tokens: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
+    completion_tokens: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
 
 
 class ImportConversation(BaseModel):
@@ -141,7 +134,7 @@ class ImportConversation(BaseModel):
 
     title: Title = ""
     model: ModelName | None = None
-    archived: bool = False
+    archived: StrictBool = False
 
 
 class ConversationImport(BaseModel):

@@ -6,16 +6,34 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic_core import PydanticCustomError
 
 from gateway.keys.models import ApiKey
 from gateway.keys.service import as_utc, key_status
+from gateway.text import NoNul
 from gateway.users.models import User
 
 TierName = Literal["free", "standard", "premium"]
-ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
+ModelName = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256), NoNul
+]
 ModelList = Annotated[list[ModelName], Field(max_length=64)]
-Description = Annotated[str, StringConstraints(max_length=500)]
+Description = Annotated[str, StringConstraints(max_length=500), NoNul]
+
+
+def _date_time_text(value: object) -> object:
+    # Lax pydantic reads a number as Unix seconds; an expiry is written as a date-time here
+    # ("2027-01-31T00:00:00Z"), so a number is a mistake to report, not to reinterpret.
+    if isinstance(value, int | float):
+        raise PydanticCustomError(
+            "datetime_type",
+            "Input should be an ISO 8601 date-time string such as 2027-01-31T00:00:00Z",
+        )
+    return value
+
+
+IsoDateTime = Annotated[datetime, BeforeValidator(_date_time_text)]
 
 
 class _Body(BaseModel):
@@ -28,7 +46,7 @@ class MyKeyCreate(_Body):
 
     tier: TierName | None = None
     description: Description = ""
-    expires_at: datetime | None = Field(default=None, description="None: never expires.")
+    expires_at: IsoDateTime | None = Field(default=None, description="None: never expires.")
     allowed_models: ModelList | None = Field(
         default=None, description="None: every model you may use."
     )
@@ -38,7 +56,9 @@ class AdminKeyCreate(MyKeyCreate):
     """A key for any user. `user_id` is a user's id or username; an unknown name creates a
     service account (no password) of that name."""
 
-    user_id: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+    user_id: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64), NoNul
+    ]
 
     model_config = ConfigDict(
         extra="forbid",
@@ -55,7 +75,7 @@ class AdminKeyUpdate(_Body):
 
     description: Description | None = None
     tier: TierName | None = None
-    expires_at: datetime | None = None
+    expires_at: IsoDateTime | None = None
     allowed_models: ModelList | None = None
 
 

@@ -16,6 +16,7 @@ from pydantic import (
 )
 
 from gateway.auth.passwords import MAX_PASSWORD_CHARS
+from gateway.text import NoNul
 from gateway.users.models import Role, Tier
 from gateway.users.service import MIN_PASSWORD_CHARS
 
@@ -25,7 +26,9 @@ Username = Annotated[
 NewPassword = Annotated[
     str, StringConstraints(min_length=MIN_PASSWORD_CHARS, max_length=MAX_PASSWORD_CHARS)
 ]
-Email = Annotated[str, StringConstraints(max_length=320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
+Email = Annotated[
+    str, StringConstraints(max_length=320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"), NoNul
+]
 
 
 class UserCreate(BaseModel):
