@@ -47,7 +47,8 @@
     await Promise.all([loadModels(), loadConversations()]);
     const fromHash = /^#c=(.+)$/.exec(location.hash);
     if (fromHash && UUID.test(fromHash[1])) await openConversation(fromHash[1]);
-    else newChat();
+    // A message sent while the lists were still loading is kept: no reset under the user.
+    else if (!state.current && !state.messages.length) newChat();
     state.modelTimer = setInterval(() => {
       if (!state.switching && document.visibilityState === "visible") loadModels().catch(() => {});
     }, 15000);
