@@ -15,6 +15,7 @@ from gateway.auth.schemas import (
     TokenResponse,
     parse_login,
 )
+from gateway.body import read_capped_body
 from gateway.deps import PrincipalDep, SessionDep, SettingsDep, StateDep
 from gateway.errors import GatewayError
 from gateway.limits.enforce import check_login, check_session
@@ -136,7 +137,10 @@ async def update_me(body: MeUpdate, principal: PrincipalDep, session: SessionDep
 async def _login(
     request: Request, settings: SettingsDep, session: SessionDep, *, admin_only: bool
 ) -> JSONResponse:
-    credentials = parse_login(request.headers.get("content-type", ""), await _read_body(request))
+    credentials = parse_login(
+        request.headers.get("content-type", ""),
+        await read_capped_body(request, MAX_LOGIN_BODY_BYTES),
+    )
     user = await service.authenticate(
         session=session, username=credentials.username, password=credentials.password
     )
@@ -161,15 +165,6 @@ async def _me_view(principal: Principal, session: SessionDep) -> MeView:
         is_active=user.is_active if user is not None else True,
         via=principal.via,
     )
-
-
-async def _read_body(request: Request) -> bytes:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_LOGIN_BODY_BYTES:
-            raise GatewayError(413, "The login body is too large.", code="body_too_large")
-    return bytes(body)
 
 
 def _token_response(pair: TokenPair) -> JSONResponse:

@@ -11,10 +11,10 @@ from typing import Any
 from fastapi import Request
 
 from gateway.auth.principal import Principal
+from gateway.body import read_capped_body
 from gateway.errors import GatewayError
 from gateway.limits.enforce import check_inference
 from gateway.limits.rules import Rule
-from gateway.proxy.body import read_capped_body
 from gateway.proxy.loading import LoadingRelay, abandon, drop
 from gateway.proxy.scheduler import CURRENT, Lease, Scheduler
 from gateway.proxy.upstream import Outcome, RelayResponse

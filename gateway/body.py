@@ -1,4 +1,5 @@
-"""Reading a request body under a size cap, whether or not it declares its length."""
+"""Reading a request body under a size cap, whether or not it declares its length (the OpenAI
+routes and the login routes, which parse their bodies themselves)."""
 
 from __future__ import annotations
 
