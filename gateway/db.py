@@ -32,6 +32,17 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error (Postgres), from the driver's exception or its cause;
+    None when there is none (SQLite, or not a database error)."""
+    original = getattr(exc, "orig", None)
+    for candidate in (original, getattr(original, "__cause__", None)):
+        state = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(state, str):
+            return state
+    return None
+
+
 class UtcDateTime(TypeDecorator[datetime]):
     """A timestamp stored in UTC and always read back timezone-aware.
 

@@ -13,6 +13,7 @@ from pydantic import AfterValidator
 from pydantic_core import PydanticCustomError
 from sqlalchemy.exc import DBAPIError
 
+from gateway.db import sqlstate
 from gateway.errors import error_response
 from gateway.responses import JSONResponse
 
@@ -33,18 +34,9 @@ def reject_nul(value: str) -> str:
 NoNul = AfterValidator(reject_nul)
 
 
-def _sqlstate(exc: BaseException) -> str | None:
-    original = getattr(exc, "orig", None)
-    for candidate in (original, getattr(original, "__cause__", None)):
-        state = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
-        if isinstance(state, str):
-            return state
-    return None
-
-
 async def _database_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DBAPIError)
-    if _sqlstate(exc) in _TEXT_SQLSTATES:
+    if sqlstate(exc) in _TEXT_SQLSTATES:
         return error_response(
             400,
             "The request has text the database cannot store (the NUL character, \\u0000).",

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.auth.principal import Principal
 from gateway.conversations.models import Conversation, Message, MessageStatus
-from gateway.db import utcnow
+from gateway.db import sqlstate, utcnow
 from gateway.errors import GatewayError
 from gateway.logging import get_logger
 
@@ -60,8 +60,8 @@ def is_database_down(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated:
             return True
-        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-        return isinstance(sqlstate, str) and sqlstate.startswith(_DOWN_SQLSTATES)
+        state = sqlstate(exc)
+        return state is not None and state.startswith(_DOWN_SQLSTATES)
     return False
 
 
