@@ -36,7 +36,9 @@ ALLOWED_TRANSITIONS: Mapping[EngineState, frozenset[EngineState]] = {
     EngineState.STARTING: frozenset({EngineState.LOADING, EngineState.FAILED}),
     EngineState.LOADING: frozenset({EngineState.READY, EngineState.FAILED}),
     EngineState.READY: frozenset({EngineState.DRAINING, EngineState.FAILED}),
-    EngineState.DRAINING: frozenset({EngineState.STOPPING}),
+    # DRAINING -> FAILED: a switch that crashes mid-drain (the engine may still run; FAILED keeps
+    # its handle, so it is stopped before anything else starts).
+    EngineState.DRAINING: frozenset({EngineState.STOPPING, EngineState.FAILED}),
     EngineState.STOPPING: frozenset({EngineState.IDLE, EngineState.FAILED}),
     EngineState.FAILED: frozenset({EngineState.STARTING, EngineState.STOPPING}),
 }
@@ -469,13 +471,7 @@ class VLLMModelManager:
         if self._state in (EngineState.IDLE, EngineState.READY, EngineState.FAILED):
             return
         self._error = reason
-        if EngineState.FAILED in ALLOWED_TRANSITIONS[self._state]:
-            self._enter(EngineState.FAILED, reason)
-        else:
-            # DRAINING has no edge to FAILED; the engine may still run, so FAILED (which is
-            # stopped before anything else starts) is the only safe state to record.
-            self._state, self._since = EngineState.FAILED, time.time()
-            self._emit(reason)
+        self._enter(EngineState.FAILED, reason)
 
     def _is_ready(self) -> bool:
         # A method, not an inline check: the state changes across the awaits above.
