@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+import socket
+import sys
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import docker
 import httpx
@@ -14,6 +17,7 @@ import redis.asyncio as aioredis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from tests.infra import docker_engine
 from tests.infra.postgres import PostgresServer
 from tests.infra.simulator_container import run_simulator_container
 from tests.infra.vllm_engine import VLLMEngine
@@ -77,6 +81,26 @@ async def test_redis_url_set_get_and_lua(redis_url: str) -> None:
 
 
 @pytest.mark.docker
+@pytest.mark.parametrize("kind", ["missing", "stale"])
+def test_the_docker_probe_leaks_no_socket_when_nothing_listens(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh machine has no socket, or a dead dockerd's socket file that refuses connections;
+    probing either must return None without leaving an unclosed socket behind (the SDK's own
+    connect leaks one, which surfaced as an unraisable ResourceWarning in an unrelated test)."""
+    path = tmp_path / "docker.sock"
+    if kind == "stale":
+        bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound.bind(str(path))
+        bound.close()  # the file stays, nothing listens
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{path}")
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    assert docker_engine._client_if_up() is None
+    gc.collect()
+    assert [str(u.exc_value) for u in unraisable] == []
+
+
 def test_simulator_container_serves_models_on_loopback(
     docker_client: docker.DockerClient, test_image: str, repo_root: Path
 ) -> None:

@@ -197,7 +197,7 @@ class DockerRuntime:
                 # Checked first: the SDK leaks a socket when it cannot connect to a unix path
                 # (missing, or a dead daemon's socket file that refuses connections).
                 if url.startswith("unix://"):
-                    problem = _unix_socket_problem(url.removeprefix("unix://"))
+                    problem = unix_socket_problem(url.removeprefix("unix://"))
                     if problem is not None:
                         raise RuntimeError_(
                             f"no Docker engine is reachable: {url} {problem}; {hint}"
@@ -345,7 +345,7 @@ def _published_port(attrs: dict[str, Any]) -> int:
     raise RuntimeError_(f"no port published on 127.0.0.1 (bindings: {published})")
 
 
-def _unix_socket_problem(path: str) -> str | None:
+def unix_socket_problem(path: str) -> str | None:
     """Why nothing answers on a unix socket path, or None when a connection is accepted."""
     if not Path(path).exists():
         return "does not exist"

@@ -34,6 +34,8 @@ from typing import Any, Literal
 import docker
 from docker.errors import DockerException, ImageNotFound
 
+from orchestrator.runtimes.docker import unix_socket_problem
+
 from . import ServiceUnavailable
 
 BASE_IMAGE = "vcg-test-base:1"
@@ -44,9 +46,7 @@ DOCKER_SOCKET = "/var/run/docker.sock"
 # Set when this process started dockerd itself (it is left running for later sessions).
 dockerd_log: Path | None = None
 dockerd_started_in: float | None = None
-# The dockerd we started, kept referenced: a dropped Popen of a live process warns (ResourceWarning)
-# when it is garbage collected, and warnings are errors in this suite.
-dockerd_process: subprocess.Popen[bytes] | None = None
+dockerd_pid: int | None = None
 
 
 def test_labels() -> dict[str, str]:
@@ -58,12 +58,15 @@ def test_labels() -> dict[str, str]:
 def _client_if_up() -> docker.DockerClient | None:
     client: docker.DockerClient | None = None
     try:
+        # The SDK leaks its socket when a unix connect fails (a missing path, or a socket file
+        # that dockerd has not started listening on yet): probe such paths ourselves first.
+        url = os.environ.get("DOCKER_HOST") or f"unix://{DOCKER_SOCKET}"
+        if url.startswith("unix://") and unix_socket_problem(url.removeprefix("unix://")):
+            return None
         if os.environ.get("DOCKER_HOST"):
             client = docker.from_env(timeout=60)
-        elif Path(DOCKER_SOCKET).exists():
-            client = docker.DockerClient(base_url=f"unix://{DOCKER_SOCKET}", timeout=60)
         else:
-            return None
+            client = docker.DockerClient(base_url=url, timeout=60)
         client.ping()
         return client
     except (DockerException, OSError):
@@ -78,7 +81,7 @@ def ensure_docker(timeout: float = 30) -> docker.DockerClient:
     """A client for a running Docker engine. If none answers on /var/run/docker.sock (or
     ``$DOCKER_HOST``) and we are root with ``dockerd`` installed, start ``dockerd`` in the
     background (log in a temp file; it keeps running after the tests) and wait for it."""
-    global dockerd_log, dockerd_started_in, dockerd_process
+    global dockerd_log, dockerd_started_in, dockerd_pid
 
     client = _client_if_up()
     if client is not None:
@@ -101,15 +104,20 @@ def ensure_docker(timeout: float = 30) -> docker.DockerClient:
     t0 = time.monotonic()
     fd, log_name = tempfile.mkstemp(prefix="vcg-dockerd-", suffix=".log")
     log_path = Path(log_name)
-    with os.fdopen(fd, "wb") as log:
-        proc = subprocess.Popen(
-            [dockerd],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # survives the test session, like a system daemon
-        )
-    dockerd_process = proc
+    os.close(fd)
+    # Started through a shell that backgrounds it and exits: dockerd is then not our child, so
+    # no Popen of a still-running process is left to warn (ResourceWarning) at interpreter exit,
+    # and it outlives the test session like a system daemon.
+    started = subprocess.run(
+        ["/bin/sh", "-c", '"$0" >"$1" 2>&1 </dev/null & echo $!', dockerd, str(log_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+        start_new_session=True,
+    )
+    pid = int(started.stdout.strip())
+    dockerd_pid = pid
     deadline = t0 + timeout
     while True:
         client = _client_if_up()
@@ -117,13 +125,13 @@ def ensure_docker(timeout: float = 30) -> docker.DockerClient:
             dockerd_log = log_path
             dockerd_started_in = time.monotonic() - t0
             return client
-        if proc.poll() is not None:
+        if not _running(pid):
             # Another process may have won a race to start dockerd: use it if it answers.
             client = _client_if_up()
             if client is not None:
                 return client
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-            raise RuntimeError(f"dockerd exited with {proc.returncode}; log {log_path}:\n{tail}")
+            raise RuntimeError(f"dockerd (pid {pid}) exited; log {log_path}:\n{tail}")
         if time.monotonic() > deadline:
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
             raise TimeoutError(
@@ -297,6 +305,15 @@ def remove_test_containers(client: docker.DockerClient, *, only_mine: bool = Tru
         except DockerException:
             pass
     return removed
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie (an exited process nobody has reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def _pid_alive(pid: str) -> bool:
