@@ -133,7 +133,10 @@ async def test_client_disconnect_saves_what_was_delivered(pg_url: str) -> None:
             assert response.status_code == 200
             conversation_id = response.headers["X-Conversation-Id"]
             chunks = 0
-            async for line in response.aiter_lines():
+            # Held: a dropped line iterator is finalized soon after the break below, and its
+            # close closes the connection, so the reply would end before it is looked at.
+            lines = response.aiter_lines()
+            async for line in lines:
                 if line.startswith("data: {"):
                     event = json.loads(line[6:])
                     for choice in event.get("choices", []):
