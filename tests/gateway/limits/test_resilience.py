@@ -206,16 +206,18 @@ async def test_a_hung_redis_costs_one_deadline_not_one_per_request(hung_redis_ur
     try:
         started = time.monotonic()
         assert (await inference.hit("k", RULES)).allowed
-        assert 0.3 <= time.monotonic() - started < 1.0  # the limiter's deadline, not 2 s
+        # The limiter's deadline (0.3 s), not the client's 2 s socket timeout.
+        assert 0.3 <= time.monotonic() - started < 1.5
         assert inference.degraded
         started = time.monotonic()
         later = [await inference.hit("k", RULES) for _ in range(20)]
-        # Until the next probe (1 s) calls go straight to the local limiter, still bounded.
-        assert time.monotonic() - started < 0.1
+        # Until the next probe (1 s) calls go straight to the local limiter: all 20 together
+        # take less than one Redis deadline, so none of them waited for Redis.
+        assert time.monotonic() - started < 0.3
         assert sum(d.allowed for d in later) == 4
         started = time.monotonic()
         with pytest.raises(LimiterUnavailable):
             await strict.hit("login:k", RULES)
-        assert 0.3 <= time.monotonic() - started < 1.0
+        assert 0.3 <= time.monotonic() - started < 1.5
     finally:
         await client.aclose()
