@@ -7,15 +7,9 @@ import os
 
 import pytest
 
+from tests.infra.processes import pid_alive
+
 from .conftest import make_settings, running_app
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def test_simulator_engine_starts_with_the_app_and_stops_with_it(sqlite_url: str) -> None:
@@ -42,7 +36,7 @@ async def test_simulator_engine_starts_with_the_app_and_stops_with_it(sqlite_url
     assert first.status_code in {200, 503}
     if first.status_code == 503:
         assert first.json()["checks"]["engine"]["status"] == "starting"
-    assert not _pid_alive(pid), "the engine process outlived the app"
+    assert not pid_alive(pid), "the engine process outlived the app"
 
 
 async def test_dead_engine_makes_ready_503(sqlite_url: str) -> None:

@@ -37,6 +37,7 @@ from docker.errors import DockerException, ImageNotFound
 from orchestrator.runtimes.docker import unix_socket_problem
 
 from . import ServiceUnavailable
+from .processes import pid_alive
 
 BASE_IMAGE = "vcg-test-base:1"
 TEST_LABEL = "vcg.test"
@@ -46,7 +47,6 @@ DOCKER_SOCKET = "/var/run/docker.sock"
 # Set when this process started dockerd itself (it is left running for later sessions).
 dockerd_log: Path | None = None
 dockerd_started_in: float | None = None
-dockerd_pid: int | None = None
 
 
 def test_labels() -> dict[str, str]:
@@ -81,7 +81,7 @@ def ensure_docker(timeout: float = 30) -> docker.DockerClient:
     """A client for a running Docker engine. If none answers on /var/run/docker.sock (or
     ``$DOCKER_HOST``) and we are root with ``dockerd`` installed, start ``dockerd`` in the
     background (log in a temp file; it keeps running after the tests) and wait for it."""
-    global dockerd_log, dockerd_started_in, dockerd_pid
+    global dockerd_log, dockerd_started_in
 
     client = _client_if_up()
     if client is not None:
@@ -117,7 +117,6 @@ def ensure_docker(timeout: float = 30) -> docker.DockerClient:
         start_new_session=True,
     )
     pid = int(started.stdout.strip())
-    dockerd_pid = pid
     deadline = t0 + timeout
     while True:
         client = _client_if_up()
@@ -125,7 +124,7 @@ def ensure_docker(timeout: float = 30) -> docker.DockerClient:
             dockerd_log = log_path
             dockerd_started_in = time.monotonic() - t0
             return client
-        if not _running(pid):
+        if not pid_alive(pid):
             # Another process may have won a race to start dockerd: use it if it answers.
             client = _client_if_up()
             if client is not None:
@@ -297,7 +296,7 @@ def remove_test_containers(client: docker.DockerClient, *, only_mine: bool = Tru
     removed = 0
     for container in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}=1"}):
         owner = (container.labels or {}).get(PID_LABEL)
-        if only_mine and owner and owner != str(os.getpid()) and _pid_alive(owner):
+        if only_mine and owner and owner != str(os.getpid()) and _owner_alive(owner):
             continue
         try:
             container.remove(force=True)
@@ -307,20 +306,6 @@ def remove_test_containers(client: docker.DockerClient, *, only_mine: bool = Tru
     return removed
 
 
-def _running(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie (an exited process nobody has reaped)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def _pid_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
+def _owner_alive(owner: str) -> bool:
+    """Whether the process named by a container's owner label still runs."""
+    return owner.isdigit() and pid_alive(int(owner))

@@ -21,6 +21,7 @@ from orchestrator.manager import (
 from orchestrator.runtimes import EngineSpec, ExternalRuntime, ProcessRuntime, RuntimeError_
 from orchestrator.runtimes.external import engine_root_url
 from tests.infra.ports import free_port
+from tests.infra.processes import pid_alive
 
 
 def _simulator_spec(port: int, *extra: str, timeout_s: float = 30.0) -> EngineSpec:
@@ -69,14 +70,6 @@ async def _collect(manager: VLLMModelManager, into: list[EngineEvent]) -> None:
         into.append(event)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 async def test_start_probe_stop_a_real_process(manager: VLLMModelManager) -> None:
     events: list[EngineEvent] = []
     watcher = asyncio.create_task(_collect(manager, events))
@@ -94,7 +87,7 @@ async def test_start_probe_stop_a_real_process(manager: VLLMModelManager) -> Non
     pid = int(manager.handle.id)
     stopped = await manager.stop()
     assert stopped.state is EngineState.IDLE
-    assert not _pid_alive(pid)
+    assert not pid_alive(pid)
     await asyncio.sleep(0.05)
     watcher.cancel()
     assert [e.state for e in events] == [

@@ -25,6 +25,7 @@ from gateway.settings import Settings
 from tests.gateway.conftest import TEST_SECRET
 from tests.gateway.proxy.conftest import sim_profile
 from tests.infra.ports import free_port
+from tests.infra.processes import pid_alive
 
 REPO = Path(__file__).resolve().parents[3]
 ADMIN_KEY = "sk-admin-test-adoption-7d2e9f4a1c6b"
@@ -129,15 +130,6 @@ def _gateway_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _pid_alive(pid: int) -> bool:
-    """True if `pid` runs (a zombie left for init to reap counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
 def _engine_stats(engine_url: str) -> dict[str, Any]:
     """The simulator's own counters: they survive only as long as that process does."""
     response = httpx.get(f"{engine_url}/simulator/stats", timeout=5)
@@ -156,7 +148,7 @@ def cleanup() -> Iterator[list[GatewayProcess | int]]:
             if item.process.poll() is None:
                 item.process.kill()
                 item.process.wait(30)
-        elif _pid_alive(item):
+        elif pid_alive(item):
             # The engine leads its own process group (a new session): end it with its workers.
             os.killpg(item, signal.SIGKILL)
 
@@ -180,7 +172,7 @@ def test_a_killed_gateway_is_replaced_by_one_that_adopts_its_engine(
 
     # A crash: SIGKILL runs no shutdown code, so the detached engine keeps running.
     assert first.stop(signal.SIGKILL) == -signal.SIGKILL
-    assert _pid_alive(pid), "the engine died with the killed gateway"
+    assert pid_alive(pid), "the engine died with the killed gateway"
 
     second = GatewayProcess(env, tmp_path / "second.log")
     cleanup.append(second)
@@ -201,14 +193,14 @@ def test_a_killed_gateway_is_replaced_by_one_that_adopts_its_engine(
         completion["usage"]["prompt_tokens"] + completion["usage"]["completion_tokens"]
     )
     assert _engine_stats(engine["engine_url"])["requests_total"] == served_before + 1
-    assert _pid_alive(pid)
+    assert pid_alive(pid)
 
     # A graceful stop (what systemd and `docker stop` send) stops the engine with the gateway.
     # uvicorn re-raises the signal once it has shut down, so the exit reads "killed by SIGTERM";
     # the "gateway_stopped" line shows that the lifespan's shutdown ran to its end first.
     assert second.stop(signal.SIGTERM) in (0, -signal.SIGTERM), second.log()
     assert "gateway_stopped" in second.log()
-    assert not _pid_alive(pid), "the engine outlived a gracefully stopped gateway"
+    assert not pid_alive(pid), "the engine outlived a gracefully stopped gateway"
     assert not state_file.exists()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{engine['engine_url']}/health", timeout=5)
