@@ -51,6 +51,17 @@ async def messages(http: httpx.AsyncClient, token: str, conversation_id: str) ->
     return list((await conversation(http, token, conversation_id))["messages"])
 
 
+async def last_message(http: httpx.AsyncClient, token: str, conversation_id: str) -> Any:
+    """The last message of a conversation (the reply, after a chat)."""
+    return (await messages(http, token, conversation_id))[-1]
+
+
+async def settled_reply(http: httpx.AsyncClient, token: str, conversation_id: str) -> Any:
+    """The last message once it is no longer `streaming`, else None (for `eventually`)."""
+    last = await last_message(http, token, conversation_id)
+    return last if last["status"] != "streaming" else None
+
+
 def stream_text(response: httpx.Response) -> tuple[str, list[Any]]:
     """The text of a relayed chat stream and its events (JSON decoded, '[DONE]' as is)."""
     events: list[Any] = []

@@ -24,13 +24,17 @@ from tests.gateway.quota.conftest import (
 )
 from tests.infra.ports import free_port
 
-from .conftest import chat, engine_ready, gateway_process, messages, stream_text
+from .conftest import (
+    chat,
+    engine_ready,
+    gateway_process,
+    last_message,
+    messages,
+    settled_reply,
+    stream_text,
+)
 
 pytestmark = pytest.mark.postgres
-
-
-async def _last_reply(http: httpx.AsyncClient, token: str, conversation_id: str) -> Any:
-    return (await messages(http, token, conversation_id))[-1]
 
 
 @pytest.mark.parametrize(
@@ -57,7 +61,7 @@ async def test_engine_failing_mid_stream_saves_the_partial_reply_and_sends_an_er
         if error_code is not None:
             assert errors[0]["code"] == error_code
             assert "[DONE]" not in events
-        saved = await _last_reply(http, token, reply.headers["X-Conversation-Id"])
+        saved = await last_message(http, token, reply.headers["X-Conversation-Id"])
         assert saved["id"] == reply.headers["X-Message-Id"]
         assert saved["status"] == "incomplete"
         assert saved["content"] == text  # exactly what the client received
@@ -88,7 +92,7 @@ async def test_engine_refusing_the_request_saves_an_error_reply(pg_url: str) -> 
         reply = await chat(http, token, message="word " * 60, max_tokens=10)
         assert reply.status_code == 400, reply.text
         assert reply.headers["X-Error-Source"] == "upstream"
-        saved = await _last_reply(http, token, reply.headers["X-Conversation-Id"])
+        saved = await last_message(http, token, reply.headers["X-Conversation-Id"])
         assert saved["status"] == "error"
         assert saved["content"] == ""
         assert saved["error"]
@@ -149,7 +153,7 @@ async def test_client_disconnect_saves_what_was_delivered(pg_url: str) -> None:
             assert partial["status"] == "streaming"
         # The client is gone: the engine sees the abort, the reply is saved as delivered.
         await eventually(lambda: _aborted(gw), 10)
-        saved = await eventually(lambda: _finished(http, token, conversation_id), 10)
+        saved = await eventually(lambda: settled_reply(http, token, conversation_id), 10)
         assert saved["status"] == "incomplete"
         assert saved["content"].startswith(received)
         assert len(saved["content"]) < 400 * 4  # not the whole reply
@@ -171,7 +175,7 @@ async def test_client_leaving_a_whole_response_early_saves_an_incomplete_reply(
         await eventually(lambda: _aborted(gw), 5)
         listed = (await http.get("/api/conversations", headers=bearer(token))).json()["data"]
         conversation_id = listed[0]["id"]
-        saved = await eventually(lambda: _finished(http, token, conversation_id), 5)
+        saved = await eventually(lambda: settled_reply(http, token, conversation_id), 5)
         assert saved["status"] == "incomplete"
         assert saved["content"] == ""
         stats = await gw.sim_stats()
@@ -181,17 +185,12 @@ async def test_client_leaving_a_whole_response_early_saves_an_incomplete_reply(
 
 
 async def _partial_saved(http: httpx.AsyncClient, token: str, conversation_id: str) -> Any:
-    reply = await _last_reply(http, token, conversation_id)
+    reply = await last_message(http, token, conversation_id)
     return reply if reply["content"] else None
 
 
 async def _aborted(gw: Any) -> bool:
     return bool((await gw.sim_stats())["aborted_total"] >= 1)
-
-
-async def _finished(http: httpx.AsyncClient, token: str, conversation_id: str) -> Any:
-    reply = await _last_reply(http, token, conversation_id)
-    return reply if reply["status"] != "streaming" else None
 
 
 # -- kill -9 -----------------------------------------------------------------------------------
@@ -230,7 +229,7 @@ async def test_rows_left_streaming_by_a_killed_gateway_are_marked_interrupted(
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             await eventually(lambda: engine_ready(http), 60, 0.2)
             token = await login(http, "alice")
-            saved = await _last_reply(http, token, conversation_id)
+            saved = await last_message(http, token, conversation_id)
             assert saved["status"] == "interrupted", saved
             assert saved["content"]  # the text saved while streaming stays
             assert saved["error"]

@@ -20,7 +20,7 @@ from tests.gateway.quota.conftest import (
     quota_settings,
 )
 
-from .conftest import chat, messages, stream_text
+from .conftest import chat, messages, settled_reply, stream_text
 
 pytestmark = pytest.mark.postgres
 
@@ -52,11 +52,6 @@ async def _streaming(
         while not (await anext(lines)).startswith("data: {"):
             continue
         yield response
-
-
-async def _settled(http: httpx.AsyncClient, token: str, conversation_id: str) -> Any:
-    last = (await messages(http, token, conversation_id))[-1]
-    return last if last["status"] != "streaming" else None
 
 
 async def test_retrying_a_request_that_failed_upstream_is_a_502_and_calls_nothing(
@@ -167,7 +162,7 @@ async def test_retry_regenerate_and_edit_while_the_reply_streams_are_409s(pg_url
             assert stored[-1]["id"] == message_id
 
         # The client left: the reply is saved as delivered, and the retry now replays it.
-        saved = await eventually(lambda: _settled(http, token, conversation_id), 10)
+        saved = await eventually(lambda: settled_reply(http, token, conversation_id), 10)
         assert saved["status"] == "incomplete"
         replayed = await chat(http, token, headers=key, stream=True, **body)
         assert replayed.status_code == 200, replayed.text

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
@@ -24,7 +23,7 @@ from tests.gateway.quota.conftest import bearer, create_user, login, quota_setti
 from tests.infra.postgres import PostgresServer
 from tests.infra.vllm_engine import VLLMEngine
 
-from .conftest import chat, messages, stream_text
+from .conftest import chat, messages, settled_reply, stream_text
 
 pytestmark = [pytest.mark.vllm, pytest.mark.postgres]
 
@@ -121,11 +120,6 @@ async def doomed_engine(vllm_install: tuple[Path, Path]) -> AsyncIterator[VLLMEn
         await asyncio.to_thread(engine.stop)
 
 
-async def _settled(http: httpx.AsyncClient, token: str, conversation_id: str) -> Any:
-    last = (await messages(http, token, conversation_id))[-1]
-    return last if last["status"] != "streaming" else None
-
-
 async def test_engine_killed_mid_stream_saves_exactly_the_delivered_text(
     doomed_engine: VLLMEngine, pg_url: str
 ) -> None:
@@ -171,7 +165,7 @@ async def test_engine_killed_mid_stream_saves_exactly_the_delivered_text(
         assert events[-1]["error"]["message"]
         assert events[-1]["error"]["code"] == "upstream_disconnected"
         assert any(isinstance(e, dict) and e.get("choices") for e in events[:-1])
-        saved = await eventually(lambda: _settled(http, token, conversation_id), 10)
+        saved = await eventually(lambda: settled_reply(http, token, conversation_id), 10)
         assert saved["id"] == response.headers["X-Message-Id"]
         assert saved["status"] == "incomplete"
         assert saved["content"] == text  # exactly what the client received
