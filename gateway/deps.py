@@ -1,110 +1,70 @@
-"""Annotated dependency aliases: routes declare what they need, the lifespan provides it."""
+"""Annotated dependency aliases of the core: settings, a database session and the caller.
+Routes of every layer declare what they need; the lifespan provides it.
+
+The lifespan keeps its resources on `app.state.resources` (`gateway.state.AppState`, at the top
+of the package graph). Each layer reads them through a protocol of its own that names only what
+it needs (`CoreResources` here), so no package below the app imports the app's state.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Protocol, cast
 
-import httpx
 from fastapi import Depends, Request
-from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.auth.principal import (
-    ANONYMOUS,
-    Principal,
-    admin_principal,
-    authenticated_principal,
-    cached_principal,
-)
-from gateway.errors import GatewayError
-from gateway.metrics import count_auth_failure
+from gateway.principal import Authenticator, Principal
 from gateway.settings import Settings
-from gateway.state import AppState
-from orchestrator.manager import VLLMModelManager
 
 
-async def get_state(request: Request) -> AppState:
-    """The resources the lifespan created."""
-    state: AppState = request.app.state.resources
-    return state
+class CoreResources(Protocol):
+    """What the core dependencies read of the app's resources."""
+
+    @property
+    def settings(self) -> Settings:
+        """The settings the app was created with."""
+        ...
+
+    @property
+    def session_factory(self) -> async_sessionmaker[AsyncSession]:
+        """Opens database sessions."""
+        ...
+
+    @property
+    def authenticator(self) -> Authenticator:
+        """Resolves callers."""
+        ...
 
 
-StateDep = Annotated[AppState, Depends(get_state)]
+def core_resources(request: Request) -> CoreResources:
+    """The resources as the core sees them."""
+    return cast(CoreResources, request.app.state.resources)
 
 
-async def get_settings(state: StateDep) -> Settings:
+async def get_settings(request: Request) -> Settings:
     """The settings the app was created with."""
-    return state.settings
+    return core_resources(request).settings
 
 
-async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """One database session per request."""
-    async with state.session_factory() as session:
+    async with core_resources(request).session_factory() as session:
         yield session
 
 
-async def get_db_engine(state: StateDep) -> AsyncEngine:
-    """The database engine."""
-    return state.db_engine
+async def get_principal(request: Request) -> Principal:
+    """The caller: 401 without valid credentials (anonymous only when REQUIRE_AUTH is off)."""
+    return await core_resources(request).authenticator.principal(request)
 
 
-async def get_redis(state: StateDep) -> Redis | None:
-    """The Redis client, or None when REDIS_URL is not configured."""
-    return state.redis
-
-
-async def get_http(state: StateDep) -> httpx.AsyncClient:
-    """The one HTTP client for upstream engines."""
-    return state.http
-
-
-async def get_manager(state: StateDep) -> VLLMModelManager:
-    """The model manager."""
-    return state.manager
+async def get_admin(request: Request) -> Principal:
+    """An admin caller: 401 without credentials, 403 without the admin role, 429/503 from the
+    admin API's per-caller limit."""
+    return await core_resources(request).authenticator.admin(request)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
-DbEngineDep = Annotated[AsyncEngine, Depends(get_db_engine)]
-RedisDep = Annotated["Redis | None", Depends(get_redis)]
-HttpDep = Annotated[httpx.AsyncClient, Depends(get_http)]
-ManagerDep = Annotated[VLLMModelManager, Depends(get_manager)]
-
-
-async def get_principal(request: Request, state: StateDep) -> Principal:
-    """The caller: 401 without valid credentials (anonymous only when REQUIRE_AUTH is off)."""
-    settings = state.settings
-    if not settings.REQUIRE_AUTH and "authorization" not in request.headers:
-        # The hot path of a single-user setup: no credentials, nothing to look up.
-        return ANONYMOUS
-    # A key in the key cache needs no session; one is opened only when credentials must be
-    # checked against the database.
-    cached = cached_principal(request, settings)
-    if cached is not None:
-        return cached
-    async with state.session_factory() as session:
-        try:
-            return await authenticated_principal(request, settings, session)
-        except GatewayError as exc:
-            _count_refusal(exc)
-            raise
-
-
-async def get_admin(request: Request, settings: SettingsDep, session: SessionDep) -> Principal:
-    """An admin caller: 401 without credentials, 403 without the admin role."""
-    try:
-        return await admin_principal(request, settings, session)
-    except GatewayError as exc:
-        _count_refusal(exc)
-        raise
-
-
-def _count_refusal(exc: GatewayError) -> None:
-    # 401/403 are refused credentials; a 503 (database down) is not the caller's failure.
-    if exc.status_code in (401, 403):
-        count_auth_failure(exc.code)
-
-
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 AdminDep = Annotated[Principal, Depends(get_admin)]

@@ -11,8 +11,13 @@ import httpx
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from gateway.engine import ModelControl
+from gateway.chat.deps import ChatResources
+from gateway.deps import CoreResources
+from gateway.engine import EngineResources, ModelControl
+from gateway.health.deps import HealthResources
+from gateway.limits.deps import LimitResources
 from gateway.limits.factory import Limiters
+from gateway.principal import Authenticator
 from gateway.proxy.scheduler import Scheduler
 from gateway.settings import Settings
 from gateway.usage.recorder import UsageRecorder
@@ -21,7 +26,9 @@ from orchestrator.manager import VLLMModelManager
 
 @dataclass
 class AppState:
-    """Created by the lifespan, closed by it; routes reach it through `deps`."""
+    """Created by the lifespan, closed by it. Each layer reads it through a protocol of its own
+    (`gateway.deps.CoreResources`, `gateway.proxy.deps.ProxyResources`, ...), so only the app
+    imports this class; `_conforms` makes mypy check that it satisfies every one of them."""
 
     settings: Settings
     db_engine: AsyncEngine
@@ -34,6 +41,7 @@ class AppState:
     engine_required: bool
     usage: UsageRecorder
     limiters: Limiters
+    authenticator: Authenticator
     started_at: float = field(default_factory=time.time)
     background: set[asyncio.Task[object]] = field(default_factory=set)
 
@@ -41,3 +49,11 @@ class AppState:
     def manager(self) -> VLLMModelManager:
         """The engine manager."""
         return self.models.manager
+
+
+def _conforms(
+    state: AppState,
+) -> tuple[CoreResources, LimitResources, EngineResources, ChatResources, HealthResources]:
+    """Never called: mypy checks here that the state provides what every layer reads (the
+    chat API's protocol extends the proxy's)."""
+    return state, state, state, state, state

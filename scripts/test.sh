@@ -14,6 +14,8 @@ echo "== ruff"
 .venv/bin/ruff format --check .
 echo "== mypy --strict"
 .venv/bin/mypy
+echo "== import contracts (layers point down)"
+.venv/bin/lint-imports --no-cache
 echo "== pytest"
 # Every real-service fixture must start here: a missing service fails instead of skipping.
 export VCG_REQUIRE_ALL=1

@@ -8,9 +8,9 @@ import re
 import sys
 
 from gateway import migrate
+from gateway.auth import service
 from gateway.db import create_engine, create_session_factory
 from gateway.settings import Settings
-from gateway.users import service
 from gateway.users.service import MIN_PASSWORD_CHARS
 
 _USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")

@@ -8,97 +8,40 @@ The credential is, in this order:
 3. a JWT access token: its user, loaded on every request, so deactivating a user, demoting an
    admin or ending a session takes effect at once.
 
-Routes ask for `PrincipalDep` or `AdminDep` (gateway.deps). The principal also lands on
-`request.state` (`principal`, `user_id`, `key_id`) for the access log.
+Routes ask for `PrincipalDep` or `AdminDep` (gateway.deps), which call the app's
+`CredentialAuthenticator` (this module) through the `gateway.principal.Authenticator` protocol.
+The principal also lands on `request.state` (`principal`, `user_id`, `key_id`) for the access log.
 """
 
 from __future__ import annotations
 
-import functools
 import hmac
-import uuid
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
 
 from fastapi import Request
 from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from gateway.auth import service as auth_service
 from gateway.auth import tokens
 from gateway.errors import GatewayError
 from gateway.keys.models import ApiKey
+from gateway.keys.service import authenticate_key, cached_usable_key
+from gateway.limits.base import Limiter
+from gateway.limits.enforce import check_admin
+from gateway.metrics import count_auth_failure
+from gateway.principal import (
+    ADMIN_KEY_PRINCIPAL,
+    ANONYMOUS,
+    Principal,
+    admin_required,
+    missing_credentials,
+)
 from gateway.settings import Settings
-from gateway.users import service as users_service
-from gateway.users.models import Role, Tier
-
-if TYPE_CHECKING:
-    from gateway.users.models import User
-
-Via = Literal["jwt", "api_key", "admin_key", "anonymous"]
+from gateway.users.models import User
 
 _BEARER = "bearer "
 _UNRESOLVED = object()
 _SCOPE_KEY = "gateway.principal"
-
-
-@dataclass(frozen=True)
-class Principal:
-    """The authenticated caller of one request."""
-
-    user_id: uuid.UUID | None
-    username: str
-    role: str
-    tier: str
-    via: Via
-    key_id: uuid.UUID | None = None
-    # None: every model; otherwise the names an API key is limited to.
-    allowed_models: tuple[str, ...] | None = None
-
-    @functools.cached_property
-    def user_ref(self) -> str | None:
-        """The user id as text (for logs), None without a user."""
-        return None if self.user_id is None else str(self.user_id)
-
-    @functools.cached_property
-    def key_ref(self) -> str | None:
-        """The API key id as text (for logs), None without a key."""
-        return None if self.key_id is None else str(self.key_id)
-
-    @property
-    def is_admin(self) -> bool:
-        """True for the admin role."""
-        return self.role == Role.ADMIN.value
-
-
-ANONYMOUS = Principal(
-    user_id=None,
-    username="anonymous",
-    role=Role.USER.value,
-    tier=Tier.STANDARD.value,
-    via="anonymous",
-)
-ADMIN_KEY_PRINCIPAL = Principal(
-    user_id=None,
-    username="admin-key",
-    role=Role.ADMIN.value,
-    tier=Tier.PREMIUM.value,
-    via="admin_key",
-)
-
-
-def missing_credentials() -> GatewayError:
-    """401 for a request that sent no credentials."""
-    return GatewayError(
-        401,
-        "Missing credentials: send 'Authorization: Bearer <access token or API key>'.",
-        code="missing_credentials",
-        headers={"WWW-Authenticate": "Bearer"},
-    )
-
-
-def admin_required() -> GatewayError:
-    """403 for an authenticated caller without the admin role."""
-    return GatewayError(403, "This route needs the admin role.", code="admin_required")
 
 
 def bearer_token(request: Request) -> str | None:
@@ -157,8 +100,6 @@ def cached_principal(request: Request, settings: Settings) -> Principal | None:
         token.encode(), admin_key.get_secret_value().encode()
     ):
         return None
-    from gateway.keys.service import cached_usable_key
-
     found = cached_usable_key(token)
     if found is None:
         return None
@@ -203,8 +144,7 @@ def _looks_like_ours(token: str, settings: Settings) -> bool:
 
 
 async def admin_principal(request: Request, settings: Settings, session: AsyncSession) -> Principal:
-    """An admin caller; 401 without credentials (whatever REQUIRE_AUTH says), 403 otherwise;
-    then the per-caller admin limit: 429 when over, 503 while the shared limiter is down."""
+    """An admin caller; 401 without credentials (whatever REQUIRE_AUTH says), 403 otherwise."""
     try:
         principal = await resolve_principal(request, settings, session)
     except GatewayError as exc:
@@ -229,12 +169,6 @@ async def admin_principal(request: Request, settings: Settings, session: AsyncSe
         raise missing_credentials()
     if not principal.is_admin:
         raise admin_required()
-    # Every admin route (the admin API, the model API) resolves its caller here, so the limit
-    # lives here too. Imported here: gateway.limits.enforce builds on this module.
-    from gateway.limits.enforce import check_admin
-
-    resources = request.app.state.resources
-    await check_admin(limiter=resources.limiters.strict, settings=settings, principal=principal)
     return principal
 
 
@@ -268,7 +202,7 @@ async def _principal_for(token: str, settings: Settings, session: AsyncSession) 
 
 async def _jwt_principal(token: str, settings: Settings, session: AsyncSession) -> Principal:
     claims = tokens.decode_token(settings, token, expected_type="access")
-    user = await users_service.load_session_user(
+    user = await auth_service.load_session_user(
         session=session, user_id=claims.user_id, family_id=claims.family_id
     )
     if user is None:
@@ -279,10 +213,6 @@ async def _jwt_principal(token: str, settings: Settings, session: AsyncSession) 
 
 
 async def _api_key_principal(token: str, settings: Settings, session: AsyncSession) -> Principal:
-    # Imported here: the keys package builds on users; importing it lazily keeps startup order
-    # free of cycles.
-    from gateway.keys.service import authenticate_key
-
     found = await authenticate_key(session=session, raw_key=token, settings=settings)
     if found is None or not found[1].is_active:
         raise _invalid_api_key()
@@ -308,3 +238,55 @@ def _invalid_api_key() -> GatewayError:
         code="invalid_api_key",
         headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
     )
+
+
+class CredentialAuthenticator:
+    """The app's `Authenticator`: credentials checked against the settings, the key cache and
+    the database; refusals counted; the admin API limited per caller."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        session_factory: async_sessionmaker[AsyncSession],
+        admin_limiter: Limiter,
+    ) -> None:
+        self._settings = settings
+        self._sessions = session_factory
+        self._admin_limiter = admin_limiter
+
+    async def principal(self, request: Request) -> Principal:
+        """The caller: 401 without valid credentials (anonymous only when REQUIRE_AUTH is off)."""
+        settings = self._settings
+        if not settings.REQUIRE_AUTH and "authorization" not in request.headers:
+            # The hot path of a single-user setup: no credentials, nothing to look up.
+            return ANONYMOUS
+        # A key in the key cache needs no session; one is opened only when credentials must be
+        # checked against the database.
+        cached = cached_principal(request, settings)
+        if cached is not None:
+            return cached
+        async with self._sessions() as session:
+            try:
+                return await authenticated_principal(request, settings, session)
+            except GatewayError as exc:
+                _count_refusal(exc)
+                raise
+
+    async def admin(self, request: Request) -> Principal:
+        """An admin caller (401/403), then the per-caller admin limit: 429 when over, 503 while
+        the shared limiter is down. Every admin route resolves its caller here."""
+        async with self._sessions() as session:
+            try:
+                principal = await admin_principal(request, self._settings, session)
+            except GatewayError as exc:
+                _count_refusal(exc)
+                raise
+        await check_admin(limiter=self._admin_limiter, settings=self._settings, principal=principal)
+        return principal
+
+
+def _count_refusal(exc: GatewayError) -> None:
+    # 401/403 are refused credentials; a 503 (database down) is not the caller's failure.
+    if exc.status_code in (401, 403):
+        count_auth_failure(exc.code)

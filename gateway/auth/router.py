@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from gateway.auth.principal import Principal, admin_required, bearer_token
+from gateway.auth import service
+from gateway.auth.principal import bearer_token
 from gateway.auth.schemas import (
     LOGIN_OPENAPI,
     LogoutRequest,
@@ -15,14 +16,15 @@ from gateway.auth.schemas import (
     TokenResponse,
     parse_login,
 )
+from gateway.auth.service import TokenPair
 from gateway.body import read_capped_body
-from gateway.deps import PrincipalDep, SessionDep, SettingsDep, StateDep
+from gateway.deps import PrincipalDep, SessionDep, SettingsDep
 from gateway.errors import GatewayError
+from gateway.limits.deps import LimitersDep
 from gateway.limits.enforce import check_login, check_session
+from gateway.principal import Principal, Role, admin_required
 from gateway.responses import JSONResponse
-from gateway.users import service
-from gateway.users.models import Role
-from gateway.users.service import TokenPair
+from gateway.users import service as users
 
 router = APIRouter(tags=["auth"])
 
@@ -30,15 +32,17 @@ router = APIRouter(tags=["auth"])
 MAX_LOGIN_BODY_BYTES = 16 * 1024
 
 
-async def login_rate_limit(request: Request, state: StateDep) -> None:
+async def login_rate_limit(request: Request, limiters: LimitersDep, settings: SettingsDep) -> None:
     """Per-IP login attempts (fails closed with 503 while the shared limiter is down)."""
-    await check_login(limiter=state.limiters.strict, settings=state.settings, request=request)
+    await check_login(limiter=limiters.strict, settings=settings, request=request)
 
 
-async def session_rate_limit(request: Request, state: StateDep) -> None:
+async def session_rate_limit(
+    request: Request, limiters: LimitersDep, settings: SettingsDep
+) -> None:
     """Per-IP refreshes and logouts (fails closed with 503 while the shared limiter is down):
     both are public and each costs database writes."""
-    await check_session(limiter=state.limiters.strict, settings=state.settings, request=request)
+    await check_session(limiter=limiters.strict, settings=settings, request=request)
 
 
 # RFC 6749 5.1: responses that carry tokens must not be cached.
@@ -152,7 +156,7 @@ async def _login(
 
 async def _me_view(principal: Principal, session: SessionDep) -> MeView:
     user = (
-        await service.get_user(session=session, user_id=principal.user_id)
+        await users.get_user(session=session, user_id=principal.user_id)
         if principal.user_id is not None
         else None
     )

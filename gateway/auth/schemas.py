@@ -10,10 +10,10 @@ import orjson
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
-from gateway.auth.passwords import MAX_PASSWORD_CHARS
 from gateway.errors import GatewayError
+from gateway.principal import Role, Tier
 from gateway.text import NoNul
-from gateway.users.models import Role, Tier
+from gateway.users.passwords import MAX_PASSWORD_CHARS
 from gateway.users.schemas import Email, NewPassword
 
 MAX_TOKEN_CHARS = 4096

@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from gateway.chat.deps import ChatResources
 from gateway.errors import GatewayError
 from gateway.proxy.scheduler import CURRENT
-from gateway.state import AppState
 
 MESSAGE_OVERHEAD_TOKENS = 4
 
@@ -24,7 +24,7 @@ def _bad(message: str, param: str | None, code: str = "invalid_request") -> Gate
     return GatewayError(400, message, code=code, param=param)
 
 
-def context_window(state: AppState, model: str | None) -> int:
+def context_window(state: ChatResources, model: str | None) -> int:
     """The context length of the model that will answer (its profile's, else the default)."""
     control = state.models
     status = control.status()

@@ -9,12 +9,12 @@ import orjson
 from sqlalchemy import select
 from starlette.responses import Response
 
+from gateway.chat.deps import ChatResources
 from gateway.chat.schemas import ChatRequest
 from gateway.conversations import service as conversations
 from gateway.conversations.models import ChatIdempotency, Message, MessageStatus
 from gateway.errors import GatewayError
 from gateway.responses import JSONResponse
-from gateway.state import AppState
 
 
 def request_hash(body: ChatRequest) -> str:
@@ -24,7 +24,7 @@ def request_hash(body: ChatRequest) -> str:
 
 
 async def replay_earlier(
-    state: AppState, user_id: uuid.UUID, key: str, body: ChatRequest
+    state: ChatResources, user_id: uuid.UUID, key: str, body: ChatRequest
 ) -> Response | None:
     """The answer of an earlier request with this key, or None when there was none."""
     async with conversations.database_errors(), state.session_factory() as session:

@@ -8,10 +8,11 @@ from fastapi import APIRouter, Header, Request
 from starlette.responses import Response
 
 from gateway.chat import service
+from gateway.chat.deps import ChatDep
 from gateway.chat.schemas import ChatRequest
-from gateway.deps import PrincipalDep, StateDep
+from gateway.deps import PrincipalDep
 from gateway.errors import GatewayError
-from gateway.proxy.router import SchedulerDep
+from gateway.proxy.deps import SchedulerDep
 
 router = APIRouter(tags=["chat"])
 
@@ -42,7 +43,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 async def chat(
     body: ChatRequest,
     request: Request,
-    state: StateDep,
+    state: ChatDep,
     scheduler: SchedulerDep,
     principal: PrincipalDep,
     idempotency_key: Annotated[

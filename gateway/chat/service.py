@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
-from gateway.auth.principal import Principal
+from gateway.chat.deps import ChatResources
 from gateway.chat.history import context_window, trim_history
 from gateway.chat.relay import ChatRelay, ReplyRecorder
 from gateway.chat.replay import replay_earlier, request_hash
@@ -39,6 +39,7 @@ from gateway.conversations.models import ChatIdempotency, Conversation, Message,
 from gateway.db import utcnow
 from gateway.errors import GatewayError
 from gateway.logging import get_logger
+from gateway.principal import Principal
 from gateway.proxy.scheduler import CURRENT, Scheduler
 from gateway.proxy.service import (
     Admission,
@@ -49,7 +50,6 @@ from gateway.proxy.service import (
 )
 from gateway.proxy.upstream import Outcome
 from gateway.proxy.validation import ProxyRequest, Route, parse_request
-from gateway.state import AppState
 
 log = get_logger(__name__)
 
@@ -113,7 +113,7 @@ def new_messages(body: ChatRequest) -> list[dict[str, str]]:
     return added
 
 
-def _check_sampling(body: ChatRequest, state: AppState) -> None:
+def _check_sampling(body: ChatRequest, state: ChatResources) -> None:
     """The proxy's own checks of sampling parameters (400 naming the field)."""
     probe = {"messages": [{"role": "user", "content": "."}], **body.sampling()}
     parse_request(Route.CHAT, orjson.dumps(probe), limits_from(state.settings))
@@ -178,7 +178,7 @@ async def _apply_action(
 async def _prepare(
     session: AsyncSession,
     *,
-    state: AppState,
+    state: ChatResources,
     principal: Principal,
     body: ChatRequest,
     added: list[dict[str, str]],
@@ -252,7 +252,7 @@ async def _prepare(
 
 async def chat(
     *,
-    state: AppState,
+    state: ChatResources,
     scheduler: Scheduler,
     request: Request,
     principal: Principal,
@@ -309,7 +309,7 @@ async def chat(
 
 async def _relay(
     *,
-    state: AppState,
+    state: ChatResources,
     scheduler: Scheduler,
     request: Request,
     principal: Principal,
@@ -368,7 +368,7 @@ async def _relay(
         raise
 
 
-async def _mark_failed(state: AppState, prepared: Prepared, error: str) -> None:
+async def _mark_failed(state: ChatResources, prepared: Prepared, error: str) -> None:
     outcome_recorder = ReplyRecorder(
         factory=state.session_factory,
         conversation_id=prepared.conversation_id,

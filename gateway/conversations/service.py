@@ -30,11 +30,11 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.auth.principal import Principal
 from gateway.conversations.models import Conversation, Message, MessageStatus
 from gateway.db import sqlstate, utcnow
 from gateway.errors import GatewayError
 from gateway.logging import get_logger
+from gateway.principal import Principal
 
 log = get_logger(__name__)
 

@@ -7,8 +7,8 @@ import time
 from fastapi import APIRouter
 
 from gateway import __version__
-from gateway.deps import StateDep
 from gateway.health import service
+from gateway.health.deps import HealthDep
 from gateway.health.schemas import Liveness, Readiness
 from gateway.responses import JSONResponse
 
@@ -18,7 +18,7 @@ READY_RETRY_AFTER_S = "5"
 
 
 @router.get("/health", response_model=Liveness)
-async def liveness(state: StateDep) -> Liveness:
+async def liveness(state: HealthDep) -> Liveness:
     """The process is alive; says nothing about dependencies."""
     return Liveness(
         service=state.settings.APP_NAME,
@@ -32,7 +32,7 @@ async def liveness(state: StateDep) -> Liveness:
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "A required dependency is down"}},
 )
-async def ready(state: StateDep) -> JSONResponse:
+async def ready(state: HealthDep) -> JSONResponse:
     """Database, Redis (when configured) and the active engine; 503 when one required is down."""
     result = await service.readiness(state)
     if result.status == "ready":

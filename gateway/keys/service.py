@@ -29,8 +29,9 @@ from gateway.db import utcnow
 from gateway.errors import GatewayError
 from gateway.keys.models import ApiKey
 from gateway.logging import get_logger
+from gateway.principal import Role, Tier
 from gateway.settings import Settings
-from gateway.users.models import Role, Tier, User
+from gateway.users.models import User
 
 log = get_logger(__name__)
 

@@ -6,7 +6,6 @@ import ipaddress
 
 from fastapi import Request
 
-from gateway.auth.principal import Principal
 from gateway.errors import GatewayError
 from gateway.limits.base import Decision, Limiter, LimiterUnavailable
 from gateway.limits.rules import (
@@ -18,6 +17,7 @@ from gateway.limits.rules import (
     tier_rules,
 )
 from gateway.metrics import count_rate_limited
+from gateway.principal import Principal
 from gateway.settings import Settings
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from gateway.principal import Tier
 from gateway.settings import Settings
-from gateway.users.models import Tier
 
 MICROS_PER_S = 1_000_000
 # Keeps every time value the limiters compute below 2**53 (exact in Lua's doubles).

@@ -6,7 +6,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from gateway import __version__
-from gateway.deps import StateDep
+from gateway.deps import SettingsDep
+from gateway.engine import ModelsDep
 
 router = APIRouter(tags=["meta"])
 
@@ -26,13 +27,13 @@ class ServiceInfo(BaseModel):
 
 
 @router.get("/", response_model=ServiceInfo)
-async def root(state: StateDep) -> ServiceInfo:
+async def root(models: ModelsDep, settings: SettingsDep) -> ServiceInfo:
     """Service name, version, and links to the docs and health endpoints."""
-    status = state.manager.status()
+    status = models.status()
     return ServiceInfo(
-        service=state.settings.APP_NAME,
+        service=settings.APP_NAME,
         version=__version__,
-        environment=state.settings.ENVIRONMENT.value,
+        environment=settings.ENVIRONMENT.value,
         docs="/docs",
         health="/health",
         chat="/chat",

@@ -16,8 +16,6 @@ from gateway.metrics.exposition import (
 )
 from gateway.metrics.recorders import (
     HTTP,
-    ModelNames,
-    ProxyMetrics,
     count_auth_failure,
     count_limiter_fallback,
     count_rate_limited,
@@ -28,8 +26,6 @@ __all__ = [
     "HTTP",
     "RATE_LIMITER_FALLBACK",
     "BackgroundMetrics",
-    "ModelNames",
-    "ProxyMetrics",
     "count_auth_failure",
     "count_limiter_fallback",
     "count_rate_limited",

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import Gauge
 
@@ -26,13 +26,35 @@ from gateway.metrics.series import (
     SWITCH_DURATION,
     SWITCHES,
 )
-from orchestrator.manager import EngineState
+from orchestrator.manager import EngineState, EngineStatus, VLLMModelManager
 
 if TYPE_CHECKING:
-    from gateway.engine import ModelControl
     from orchestrator.gpus import GpuInventory
 
 log = get_logger(__name__)
+
+
+class EngineView(Protocol):
+    """What the samplers read of the engine control (`gateway.engine.ModelControl`): metrics
+    sit below it, so they name only these calls."""
+
+    @property
+    def manager(self) -> VLLMModelManager:
+        """The engine manager (status, jobs, events)."""
+        ...
+
+    def status(self) -> EngineStatus:
+        """The engine's current status."""
+        ...
+
+    def profile_ids(self) -> list[str]:
+        """Every profile id."""
+        ...
+
+    def inventory(self, *, fresh: bool = False) -> GpuInventory:
+        """The GPUs."""
+        ...
+
 
 _GPU_GAUGES = (
     GPU_MEMORY_USED,
@@ -91,7 +113,7 @@ def _set_or_drop(gauge: Gauge, label: str, value: float | None) -> None:
 class EngineSeries:
     """The engine state of every profile (one-hot) and finished switch jobs."""
 
-    def __init__(self, control: ModelControl) -> None:
+    def __init__(self, control: EngineView) -> None:
         self._control = control
         self._profiles: set[str] = set()
         self._counted: deque[str] = deque(maxlen=256)  # job ids already counted
@@ -131,7 +153,7 @@ class EngineSeries:
 class BackgroundMetrics:
     """Runs the GPU sampler and the engine-event follower for one app's lifetime."""
 
-    def __init__(self, control: ModelControl, *, gpu_interval_s: float) -> None:
+    def __init__(self, control: EngineView, *, gpu_interval_s: float) -> None:
         self._control = control
         self._interval_s = gpu_interval_s
         self.gpus = GpuSeries()

@@ -8,7 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from gateway.deps import StateDep, get_admin
+from gateway.deps import get_admin
+from gateway.engine import ModelsDep
 from gateway.models_api import service
 from gateway.models_api.schemas import (
     GpuInventoryView,
@@ -26,33 +27,33 @@ JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-f0-9]+$")
 
 
 @router.get("/api/models/status", response_model=ModelStatus)
-async def status(state: StateDep) -> ModelStatus:
+async def status(models: ModelsDep) -> ModelStatus:
     """The active profile, its state and engine URL, the running switch job, and the GPUs."""
-    return service.model_status(control=state.models)
+    return service.model_status(control=models)
 
 
 @router.get("/api/models/profiles", response_model=ProfileList)
-async def profiles(state: StateDep) -> ProfileList:
+async def profiles(models: ModelsDep) -> ProfileList:
     """Every profile with its fit verdict (and the numbers behind it) on this hardware."""
-    return service.list_profiles(control=state.models)
+    return service.list_profiles(control=models)
 
 
 @router.post("/api/models/switch", response_model=SwitchJobView, status_code=202)
-async def switch(body: SwitchRequest, state: StateDep) -> SwitchJobView:
+async def switch(body: SwitchRequest, models: ModelsDep) -> SwitchJobView:
     """Switch to a profile in the background; poll the job or follow /api/models/events."""
-    return service.switch(control=state.models, profile_id=body.profile_id)
+    return service.switch(control=models, profile_id=body.profile_id)
 
 
 @router.get("/api/models/switch/{job_id}", response_model=SwitchJobView)
-async def switch_job(job_id: JobId, state: StateDep) -> SwitchJobView:
+async def switch_job(job_id: JobId, models: ModelsDep) -> SwitchJobView:
     """A switch job: status, progress events, and the engine's last log lines on failure."""
-    return service.get_job(control=state.models, job_id=job_id)
+    return service.get_job(control=models, job_id=job_id)
 
 
 @router.get("/api/models/events", response_class=EventSourceResponse)
-async def events(state: StateDep) -> AsyncIterator[ServerSentEvent]:
+async def events(models: ModelsDep) -> AsyncIterator[ServerSentEvent]:
     """Server-sent progress events: the current status first, then every state change."""
-    control = state.models
+    control = models
     yield ServerSentEvent(event="status", data=service.engine_view(control=control).model_dump())
     async for event in control.manager.subscribe():
         yield ServerSentEvent(
@@ -66,18 +67,18 @@ async def events(state: StateDep) -> AsyncIterator[ServerSentEvent]:
 
 
 @router.get("/api/models/hardware-recommendations", response_model=list[ProfileView])
-async def hardware_recommendations(state: StateDep) -> list[ProfileView]:
+async def hardware_recommendations(models: ModelsDep) -> list[ProfileView]:
     """Profiles that fit this machine's GPUs, best first."""
-    return service.recommendations(control=state.models)
+    return service.recommendations(control=models)
 
 
 @router.post("/api/models/reload", response_model=ReloadResult)
-async def reload_profiles(state: StateDep) -> ReloadResult:
+async def reload_profiles(models: ModelsDep) -> ReloadResult:
     """Re-read model_profiles.yml; a bad file is refused and the previous profiles stay."""
-    return service.reload_profiles(control=state.models)
+    return service.reload_profiles(control=models)
 
 
 @router.get("/api/gpus", response_model=GpuInventoryView)
-async def gpus(state: StateDep) -> GpuInventoryView:
+async def gpus(models: ModelsDep) -> GpuInventoryView:
     """Per-GPU memory, utilization, temperature, power and processes (NVML or a snapshot)."""
-    return service.gpu_view(state.models.inventory(fresh=True))
+    return service.gpu_view(models.inventory(fresh=True))

@@ -3,27 +3,20 @@ and /lb/status."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from gateway.deps import PrincipalDep, StateDep, get_principal, get_state
+from gateway.deps import PrincipalDep, get_principal
 from gateway.proxy import service
-from gateway.proxy.scheduler import Scheduler
+from gateway.proxy.deps import ProxyDep, SchedulerDep, get_proxy
 from gateway.proxy.upstream import RelayResponse
 from gateway.proxy.validation import Route
 
 router = APIRouter(tags=["openai"])
 
 
-async def get_scheduler(state: StateDep) -> Scheduler:
-    """The load balancer."""
-    scheduler: Scheduler = state.scheduler
-    return scheduler
-
-
-SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "Invalid request (the error names the field)"},
     404: {"description": "Unknown model, or a model that is not loaded"},
@@ -44,8 +37,8 @@ def _add_openai_route(route: Route, path: str, description: str) -> None:
         # The hot path: one parameter, so FastAPI solves no dependency tree per request
         # (bench/proxy.py measured the tree of state/scheduler/principal at ~9% of its CPU).
         # The resources and the caller come from the same functions the dependencies use.
-        state = await get_state(request)
-        principal = await get_principal(request, state)
+        state = await get_proxy(request)
+        principal = await get_principal(request)
         return await service.relay(
             state=state,
             scheduler=state.scheduler,
@@ -97,7 +90,7 @@ class ModelList(BaseModel):
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(state: StateDep, _principal: PrincipalDep) -> ModelList:
+async def list_models(state: ProxyDep, _principal: PrincipalDep) -> ModelList:
     """Every profile's served name and aliases, with its state (ready, loading, available,
     does_not_fit)."""
     return ModelList(data=[ModelEntry(**entry) for entry in service.model_entries(state=state)])
@@ -120,7 +113,7 @@ class LbStatus(BaseModel):
 
 
 @router.get("/lb/status", response_model=LbStatus, tags=["load balancing"])
-async def lb_status(state: StateDep, scheduler: SchedulerDep, _principal: PrincipalDep) -> LbStatus:
+async def lb_status(state: ProxyDep, scheduler: SchedulerDep, _principal: PrincipalDep) -> LbStatus:
     """Load balancer state: local concurrency, queue, overflow to the cloud upstream."""
     status = state.manager.status()
     cloud = scheduler.config.cloud

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from gateway.engine import EXTERNAL_PROFILE, ModelControl, ProfileDoesNotFit, ProfileNotFound
 from gateway.errors import GatewayError
-from gateway.metrics import ModelNames, ProxyMetrics
+from gateway.proxy.metrics import ModelNames, ProxyMetrics
 from gateway.proxy.upstream import Target
 from orchestrator.manager import EngineBusy, EngineState, EngineStatus
 
@@ -360,6 +360,19 @@ class Scheduler:
                 503, "No engine is serving.", code="engine_unavailable", headers=_RETRY_AFTER
             )
         if not self.config.auto_switch:
+            if (
+                status.state is EngineState.IDLE
+                and status.error
+                and self._control.manager.current_job is None
+            ):
+                # Nothing runs and the manager knows why (e.g. the default profile does not fit
+                # this machine): that reason says more than "switch to it".
+                raise GatewayError(
+                    503,
+                    f"No engine is serving: {status.error}.",
+                    code="engine_unavailable",
+                    headers=_RETRY_AFTER,
+                )
             raise GatewayError(
                 404,
                 f"The model '{model}' is not loaded (active: {status.served_model_name or 'none'})."

@@ -10,17 +10,17 @@ from typing import Any
 
 from fastapi import Request
 
-from gateway.auth.principal import Principal
 from gateway.body import read_capped_body
 from gateway.errors import GatewayError
 from gateway.limits.enforce import check_inference
 from gateway.limits.rules import Rule
+from gateway.principal import Principal
+from gateway.proxy.deps import ProxyResources
 from gateway.proxy.loading import LoadingRelay, abandon, drop
 from gateway.proxy.scheduler import CURRENT, Lease, Scheduler
 from gateway.proxy.upstream import Outcome, RelayResponse
 from gateway.proxy.validation import Limits, ProxyRequest, Route, parse_request
 from gateway.settings import Settings
-from gateway.state import AppState
 
 # A streamed request that has waited this long for a model that is loading gets its 200 and a
 # loading comment, then another as often: proxies commonly give up after 60 s of silence.
@@ -47,7 +47,7 @@ def route_timeout(settings: Settings, route: Route) -> float:
 
 async def relay(
     *,
-    state: AppState,
+    state: ProxyResources,
     scheduler: Scheduler,
     route: Route,
     request: Request,
@@ -80,7 +80,7 @@ class Admission:
     headers: dict[str, str]
 
 
-async def admit(*, state: AppState, principal: Principal, request: Request) -> Admission:
+async def admit(*, state: ProxyResources, principal: Principal, request: Request) -> Admission:
     """Check the caller's request limits (429 when over); the token rules apply at the end."""
     limit_key, token_rules, limit_headers = await check_inference(
         limiter=state.limiters.inference,
@@ -93,7 +93,7 @@ async def admit(*, state: AppState, principal: Principal, request: Request) -> A
 
 async def relay_checked(
     *,
-    state: AppState,
+    state: ProxyResources,
     scheduler: Scheduler,
     checked: ProxyRequest,
     request: Request,
@@ -210,7 +210,7 @@ async def _client_gone(request: Request) -> None:
         continue
 
 
-def check_model_scope(principal: Principal, model: str | None, state: AppState) -> None:
+def check_model_scope(principal: Principal, model: str | None, state: ProxyResources) -> None:
     """A key limited to some models gets 403 for any other (the active one for "current")."""
     allowed = principal.allowed_models
     if allowed is None:
@@ -225,7 +225,7 @@ def check_model_scope(principal: Principal, model: str | None, state: AppState) 
         )
 
 
-def model_entries(*, state: AppState) -> list[dict[str, Any]]:
+def model_entries(*, state: ProxyResources) -> list[dict[str, Any]]:
     """Served names and aliases of every profile, with the state of each profile here."""
     control = state.models
     status = control.status()

@@ -15,9 +15,9 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.auth.passwords import MAX_PASSWORD_CHARS
+from gateway.principal import Role, Tier
 from gateway.text import NoNul
-from gateway.users.models import Role, Tier
+from gateway.users.passwords import MAX_PASSWORD_CHARS
 from gateway.users.service import MIN_PASSWORD_CHARS
 
 Username = Annotated[

@@ -7,8 +7,8 @@ import re
 from argon2 import PasswordHasher
 from sqlalchemy import select, update
 
-from gateway.auth import passwords
 from gateway.db import create_engine, create_session_factory
+from gateway.users import passwords
 from gateway.users.models import User
 from tests.gateway.auth.conftest import (
     ADMIN_PASSWORD,

@@ -8,8 +8,8 @@ import uuid
 import jwt
 from sqlalchemy import select
 
+from gateway.auth.models import RefreshToken
 from gateway.db import create_engine, create_session_factory
-from gateway.users.models import RefreshToken
 from tests.gateway.auth.conftest import (
     ADMIN_PASSWORD,
     ResponseLog,

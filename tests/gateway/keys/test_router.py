@@ -12,8 +12,8 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import select, text
 
+from gateway.auth import service as auth_service
 from gateway.keys.models import ApiKey
-from gateway.users import service as users_service
 from gateway.users.models import User
 from tests.gateway.conftest import make_settings, running_app
 
@@ -45,7 +45,7 @@ async def _login(
         )
         session.add(user)
         await session.commit()
-        pair = await users_service.issue_tokens(session=session, settings=state.settings, user=user)
+        pair = await auth_service.issue_tokens(session=session, settings=state.settings, user=user)
     return user, {"Authorization": f"Bearer {pair.access_token}"}
 
 

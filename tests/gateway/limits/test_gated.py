@@ -11,12 +11,12 @@ import pytest
 from redis.asyncio import Redis
 from starlette.requests import Request
 
-from gateway.auth.principal import Principal
 from gateway.errors import GatewayError
 from gateway.limits import Decision, Limiter, LocalLimiter, RedisLimiter, Rule
 from gateway.limits.base import ALLOW_UNLIMITED
 from gateway.limits.enforce import check_inference
 from gateway.limits.rules import tier_rules
+from gateway.principal import Principal
 from tests.gateway.conftest import make_settings
 
 TOKENS = (Rule("tokens-minute", 100, 60),)

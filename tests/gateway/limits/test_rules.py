@@ -14,7 +14,7 @@ from gateway.limits import (
     session_rules,
     tier_rules,
 )
-from gateway.users.models import Tier
+from gateway.principal import Tier
 from tests.gateway.conftest import make_settings
 
 

@@ -10,9 +10,9 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
+from gateway.auth import service as auth_service
 from gateway.db import create_engine, create_session_factory, utcnow
 from gateway.usage.models import UsageRecord
-from gateway.users import service as users_service
 from gateway.users.models import User
 from tests.gateway.conftest import make_settings, running_app
 from tests.gateway.usage.test_service import seed_usage
@@ -33,7 +33,7 @@ async def gateway(pg_url: str) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient
 async def _token_for(app: FastAPI, user: User) -> dict[str, str]:
     state = app.state.resources
     async with state.session_factory() as session:
-        pair = await users_service.issue_tokens(session=session, settings=state.settings, user=user)
+        pair = await auth_service.issue_tokens(session=session, settings=state.settings, user=user)
     return {"Authorization": f"Bearer {pair.access_token}"}
 
 

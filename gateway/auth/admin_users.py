@@ -1,4 +1,5 @@
-"""/admin/api/users: user management, admin only."""
+"""/admin/api/users: user management, admin only (changes that end sessions go through the auth
+service)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 
+from gateway.auth import service
 from gateway.deps import SessionDep, get_admin
 from gateway.errors import GatewayError
-from gateway.users import service
+from gateway.users import service as users_service
 from gateway.users.schemas import UserCreate, UserList, UserUpdate, UserView
 
 router = APIRouter(
@@ -23,7 +25,7 @@ router = APIRouter(
 @router.post("", response_model=UserView, status_code=201)
 async def create_user(body: UserCreate, session: SessionDep) -> UserView:
     """Create a user (no password: a service account that authenticates with API keys only)."""
-    user = await service.create_user(
+    user = await users_service.create_user(
         session=session,
         username=body.username,
         password=body.password,
@@ -41,15 +43,15 @@ async def list_users(
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> UserList:
     """Users, oldest first."""
-    users = await service.list_users(session=session, limit=limit, offset=offset)
-    total = await service.count_users(session=session)
+    users = await users_service.list_users(session=session, limit=limit, offset=offset)
+    total = await users_service.count_users(session=session)
     return UserList(data=[UserView.model_validate(user) for user in users], total=total)
 
 
 @router.get("/{user_id}", response_model=UserView)
 async def get_user(user_id: uuid.UUID, session: SessionDep) -> UserView:
     """One user."""
-    user = await service.get_user(session=session, user_id=user_id)
+    user = await users_service.get_user(session=session, user_id=user_id)
     if user is None:
         raise GatewayError(404, "No such user.", code="user_not_found")
     return UserView.model_validate(user)
