@@ -19,6 +19,7 @@ from gateway.metrics.recorders import (
     count_auth_failure,
     count_limiter_fallback,
     count_rate_limited,
+    start_counters_at_zero,
 )
 from gateway.metrics.series import RATE_LIMITER_FALLBACK
 
@@ -33,4 +34,5 @@ __all__ = [
     "multiprocess_enabled",
     "remove_dead_processes",
     "render_latest",
+    "start_counters_at_zero",
 ]

@@ -26,7 +26,7 @@ from gateway.metrics.series import (
     SWITCH_DURATION,
     SWITCHES,
 )
-from orchestrator.manager import EngineState, EngineStatus, VLLMModelManager
+from orchestrator.manager import EngineState, EngineStatus, JobStatus, VLLMModelManager
 
 if TYPE_CHECKING:
     from orchestrator.gpus import GpuInventory
@@ -55,6 +55,9 @@ class EngineView(Protocol):
         """The GPUs."""
         ...
 
+
+# The outcomes a finished switch job can have.
+_SWITCH_OUTCOMES = (JobStatus.SUCCEEDED.value, JobStatus.ROLLED_BACK.value, JobStatus.FAILED.value)
 
 _GPU_GAUGES = (
     GPU_MEMORY_USED,
@@ -136,6 +139,13 @@ class EngineSeries:
                     ENGINE_STATE.remove(gone, state.value)
         self._profiles = profiles
 
+    def start_at_zero(self) -> None:
+        """Create the switch counter at 0 for every profile and outcome (dashboards show 0
+        switches, not "no data", on a fresh gateway)."""
+        for profile in self._control.profile_ids():
+            for outcome in _SWITCH_OUTCOMES:
+                SWITCHES.labels(profile=profile, outcome=outcome)
+
     def job_event(self, job_id: str) -> None:
         """Count a switch job once, when it has an outcome."""
         job = self._control.manager.job(job_id)
@@ -161,7 +171,8 @@ class BackgroundMetrics:
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        """Start sampling GPUs and following the engine."""
+        """Start sampling GPUs and following the engine (switch counters start at 0)."""
+        self.engine.start_at_zero()
         self._tasks = [
             asyncio.create_task(self._sample_gpus(), name="metrics-gpus"),
             asyncio.create_task(self._follow_engine(), name="metrics-engine"),

@@ -80,8 +80,33 @@ _rate_limited: dict[tuple[str, str], Any] = {}
 _auth_failures: dict[str, Any] = {}
 
 
-def count_rate_limited(tier: str, limit: str) -> None:
-    """A 429: `tier` is the caller's tier ("anonymous" per IP, "none" for login)."""
+#: The codes of refused credentials (401/403 from the caller checks and /metrics): their series
+#: exist at 0 from startup.
+AUTH_FAILURE_REASONS = (
+    "missing_credentials",
+    "invalid_credentials",
+    "invalid_api_key",
+    "invalid_token",
+    "admin_required",
+    "admin_disabled",
+    "invalid_metrics_token",
+    "metrics_loopback_only",
+)
+#: Which limits refuse whom: tiers (and anonymous callers, per IP) hit the request and token
+#: limits; the per-IP and per-caller limits of login, sessions and the admin API have no tier.
+RATE_LIMIT_LABELS = (
+    *(
+        (tier, limit)
+        for tier in ("free", "standard", "premium", "anonymous")
+        for limit in ("requests", "tokens")
+    ),
+    ("none", "login"),
+    ("none", "session"),
+    ("none", "admin"),
+)
+
+
+def _rate_limited_child(tier: str, limit: str) -> Any:
     child = _rate_limited.get((tier, limit))
     if child is None:
         child = RATE_LIMITED.labels(
@@ -89,19 +114,37 @@ def count_rate_limited(tier: str, limit: str) -> None:
         )
         if len(_rate_limited) < MAX_CACHED:
             _rate_limited[(tier, limit)] = child
-    child.inc()
+    return child
 
 
-def count_auth_failure(code: str | None) -> None:
-    """A refused credential; `code` is the error code the gateway answered with."""
-    reason = code or "none"
+def count_rate_limited(tier: str, limit: str) -> None:
+    """A 429: `tier` is the caller's tier ("anonymous" per IP, "none" for login)."""
+    _rate_limited_child(tier, limit).inc()
+
+
+def _auth_failure_child(reason: str) -> Any:
     child = _auth_failures.get(reason)
     if child is None:
         label = reason if _CODE_SHAPE.match(reason) and len(_auth_failures) < 64 else OTHER
         child = AUTH_FAILURES.labels(reason=label)
         if label != OTHER:
             _auth_failures[reason] = child
-    child.inc()
+    return child
+
+
+def count_auth_failure(code: str | None) -> None:
+    """A refused credential; `code` is the error code the gateway answered with."""
+    _auth_failure_child(code or "none").inc()
+
+
+def start_counters_at_zero() -> None:
+    """Create the refusal counters at 0 for every known label value, so that a dashboard of a
+    fresh gateway shows 0 rejections instead of "no data" (a series appears only once it has
+    labels). The proxy's and the engine's series do the same for their models and profiles."""
+    for tier, limit in RATE_LIMIT_LABELS:
+        _rate_limited_child(tier, limit)
+    for reason in AUTH_FAILURE_REASONS:
+        _auth_failure_child(reason)
 
 
 def count_limiter_fallback() -> None:

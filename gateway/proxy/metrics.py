@@ -43,6 +43,14 @@ class ModelNames:
         self._names: dict[str, str] = {}
         self._engine_names = 0
 
+    def known(self) -> list[tuple[str, str]]:
+        """(model, upstream) of every profile's served name (local) and cloud model (cloud)."""
+        local = [
+            (profile.served_model_name, "local")
+            for profile in self._control.profiles.profiles.values()
+        ]
+        return [*local, *((name, "cloud") for name in sorted(self._cloud))]
+
     def label(self, name: str | None) -> str:
         """The bounded label of `name` (None or "current": the active model)."""
         if not name or name == "current":
@@ -161,15 +169,29 @@ class ProxyMetrics:
             self._series[(model, upstream)] = series
         return series
 
+    def start_at_zero(self) -> None:
+        """Create the request, token, error and overflow counters at 0 for every model the
+        profiles and the cloud upstream name, so dashboards show 0, not "no data", on a fresh
+        gateway (models of profiles added by a reload appear with their first request)."""
+        for model, upstream in self.names.known():
+            series = self._bind(model, upstream)
+            for reason in ERROR_REASONS:
+                MODEL_ERRORS.labels(model=series.model, upstream=series.upstream, reason=reason)
+            if upstream == "local":
+                self._overflow_child(model)
+
     # -- admission ---------------------------------------------------------------------------
 
     def overflowed(self, model: str | None) -> None:
         """A request went to the cloud instead of the local engine."""
+        self._overflow_child(model).inc()
+
+    def _overflow_child(self, model: str | None) -> Any:
         label = self.names.label(model)
         child = self._overflow.get(label)
         if child is None:
             child = self._overflow[label] = OVERFLOW.labels(model=label)
-        child.inc()
+        return child
 
     def admitted_now(self) -> None:
         """A slot was free: no wait."""
@@ -187,6 +209,18 @@ class ProxyMetrics:
     def queue_full(self) -> None:
         """Refused at once: the queue was full."""
         self._waits["full"].observe(0.0)
+
+
+#: Every reason `_error_reason` gives (its series exist at 0 for each known model).
+ERROR_REASONS = (
+    "client_disconnected",
+    "stream_error",
+    "upstream_4xx",
+    "upstream_5xx",
+    "timeout",
+    "unreachable",
+    OTHER,
+)
 
 
 def _error_reason(outcome: Outcome) -> str:

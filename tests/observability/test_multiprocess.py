@@ -10,71 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
-
 from gateway.metrics import remove_dead_processes
-from gateway.migrate import upgrade
-from tests.gateway.conftest import TEST_SECRET
-from tests.infra.ports import free_port
+from tests.helpers.gateway_process import gateway_process
 
-from .conftest import Scrape, scrape, wait_for
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@asynccontextmanager
-async def gateway_process(
-    multiproc_dir: Path, workdir: Path
-) -> AsyncIterator[tuple[httpx.AsyncClient, asyncio.subprocess.Process]]:
-    """`python -m gateway serve` in its own process; yields a client on it and the process."""
-    port = free_port()
-    database = workdir / f"gw-{port}.db"
-    url = f"sqlite+aiosqlite:///{database}"
-    await asyncio.to_thread(upgrade, url)
-    env = {
-        **os.environ,
-        "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir),
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "DATABASE_URL": url,
-        "AUTO_MIGRATE": "false",
-        "JWT_SECRET": TEST_SECRET,
-        "ENGINE": "none",
-        "ENVIRONMENT": "production",
-        "REQUIRE_AUTH": "false",
-        "MODEL_PROFILES": str(REPO / "model_profiles.yml"),
-        "STATE_DIR": str(workdir / f"state-{port}"),
-        "LOG_LEVEL": "WARNING",
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve",
-        cwd=workdir, env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-
-            async def up() -> bool:
-                assert process.returncode is None, "the gateway process exited"
-                try:
-                    return (await client.get("/health")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await wait_for(up, 60, 0.1)
-            yield client, process
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), 30)
+from .conftest import Scrape, scrape
 
 
 async def test_two_processes_one_merged_scrape(tmp_path: Path) -> None:
