@@ -1,6 +1,6 @@
 """Throughput of the vLLM engine simulator: streamed tokens/s and requests/s.
 
-Starts ``python -m orchestrator.simulator`` on a free 127.0.0.1 port (``--tokens-per-second 0``),
+Starts ``python -m simulator`` on a free 127.0.0.1 port (``--tokens-per-second 0``),
 then runs, each for ``--duration`` seconds, a single stream and ``--concurrency`` concurrent
 streams (and the same two for non-streamed requests) with httpx, and prints a table. The
 simulator's own CPU use is read from /proc, so one can tell whether it or the client was the
@@ -135,7 +135,7 @@ def start_simulator(port: int) -> subprocess.Popen[bytes]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "orchestrator.simulator", "--host", "127.0.0.1",
+            sys.executable, "-m", "simulator", "--host", "127.0.0.1",
             "--port", str(port), "--model", "bench", "--tokens-per-second", "0",
             "--log-level", "warning",
         ],

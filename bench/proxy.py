@@ -198,7 +198,7 @@ class Cluster:
         """The engine simulator on a free port."""
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         argv = [
-            sys.executable, "-m", "orchestrator.simulator", "--host", "127.0.0.1",
+            sys.executable, "-m", "simulator", "--host", "127.0.0.1",
             "--port", str(free_port()), "--model", MODEL,
             "--tokens-per-second", f"{tokens_per_second:g}", "--log-level", "warning",
         ]  # fmt: skip

@@ -44,7 +44,7 @@ def command(engine: str, name: str, port: int) -> tuple[str, ...]:
     """The argv of one engine."""
     if engine == "simulator":
         return (
-            sys.executable, "-m", "orchestrator.simulator",
+            sys.executable, "-m", "simulator",
             "--host", "127.0.0.1", "--port", str(port), "--model", name,
         )  # fmt: skip
     cache = Path(os.environ.get("VCG_CACHE", Path.home() / ".cache" / "vllm-chat-gateway"))

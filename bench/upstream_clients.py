@@ -94,7 +94,7 @@ def start_simulator(port: int, log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
             [
-                sys.executable, "-m", "orchestrator.simulator", "--host", "127.0.0.1",
+                sys.executable, "-m", "simulator", "--host", "127.0.0.1",
                 "--port", str(port), "--model", "bench", "--tokens-per-second", "0",
                 "--log-level", "warning",
             ],

@@ -26,7 +26,8 @@ CONTAINER_HOST = "0.0.0.0"
 LOOPBACK_HOST = "127.0.0.1"
 # The vLLM console script does not work with the CPU build; the module does everywhere.
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-SIMULATOR_MODULE = "orchestrator.simulator"
+# Named by module only: the simulator is its own program, never imported by the orchestrator.
+SIMULATOR_MODULE = "simulator"
 # The interpreter a simulator container runs (the image's own Python).
 CONTAINER_PYTHON = "python3"
 # GiB of KV cache the vLLM CPU build reserves, unless the profile's env says otherwise.

@@ -5,12 +5,16 @@ as the upstream of proxy benchmarks and inside test containers. It speaks vLLM's
 HTTP surface (``/v1/*``, ``/health``, ``/metrics``, the sleep contract) with
 deterministic pseudo-text and can inject faults on demand.
 
-Run it as a process with ``python -m orchestrator.simulator --help``.
+It is its own program, run as a process with ``python -m simulator --help``: nothing in
+``gateway`` or ``orchestrator`` imports it (the engine specs name it by module only), so the
+control plane never falls back to it in-process. Its fault injection (``--fail-at-start``,
+``--die-after-chunks``, ..., ``X-Simulator-*`` headers) and its ``/simulator/*`` routes
+(counters, recent request bodies, reset) are for tests only.
 """
 
-from orchestrator.simulator.app import SimulatorApp, create_simulator_app
-from orchestrator.simulator.config import SIMULATOR_OWNER, SIMULATOR_VERSION, SimulatorConfig
-from orchestrator.simulator.server import SimulatedStartupFailure, create_server, run, serve
+from simulator.app import SimulatorApp, create_simulator_app
+from simulator.config import SIMULATOR_OWNER, SIMULATOR_VERSION, SimulatorConfig
+from simulator.server import SimulatedStartupFailure, create_server, run, serve
 
 __all__ = [
     "SIMULATOR_OWNER",

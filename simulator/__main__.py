@@ -1,4 +1,4 @@
-"""Command line: ``python -m orchestrator.simulator --model NAME --port 8000 ...``.
+"""Command line: ``python -m simulator --model NAME --port 8000 ...``.
 
 Every option can also come from the environment as ``SIMULATOR_<OPTION>`` (e.g.
 ``SIMULATOR_TOKENS_PER_SECOND=50``); a command-line flag wins over the environment.
@@ -13,8 +13,8 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
-from orchestrator.simulator.config import SimulatorConfig
-from orchestrator.simulator.server import run
+from simulator.config import SimulatorConfig
+from simulator.server import run
 
 _T = TypeVar("_T")
 
@@ -53,7 +53,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     """The argument parser, with defaults taken from ``SIMULATOR_*`` variables in ``env``."""
     env = os.environ if env is None else env
     p = argparse.ArgumentParser(
-        prog="python -m orchestrator.simulator",
+        prog="python -m simulator",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -23,15 +23,15 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from orchestrator.simulator import protocol, text
-from orchestrator.simulator.config import SIMULATOR_OWNER, SIMULATOR_VERSION, SimulatorConfig
-from orchestrator.simulator.errors import (
+from simulator import protocol, text
+from simulator.config import SIMULATOR_OWNER, SIMULATOR_VERSION, SimulatorConfig
+from simulator.errors import (
     SimulatedConnectionDrop,
     SimulatorRequestError,
     error_body,
     sse_error_event,
 )
-from orchestrator.simulator.metrics import METRICS_CONTENT_TYPE, SimulatorMetrics, SimulatorStats
+from simulator.metrics import METRICS_CONTENT_TYPE, SimulatorMetrics, SimulatorStats
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -39,7 +39,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-logger = logging.getLogger("orchestrator.simulator")
+logger = logging.getLogger("simulator")
 
 #: Prefix of the per-request fault-injection headers.
 HEADER_PREFIX = b"x-simulator-"

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from orchestrator.simulator import text
-from orchestrator.simulator.config import SimulatorConfig
-from orchestrator.simulator.errors import SimulatorRequestError
+from simulator import text
+from simulator.config import SimulatorConfig
+from simulator.errors import SimulatorRequestError
 
 Endpoint = Literal["chat", "completion"]
 

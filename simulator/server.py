@@ -9,10 +9,10 @@ import time
 
 import uvicorn
 
-from orchestrator.simulator.app import create_simulator_app, install_log_filter
-from orchestrator.simulator.config import SimulatorConfig
+from simulator.app import create_simulator_app, install_log_filter
+from simulator.config import SimulatorConfig
 
-logger = logging.getLogger("orchestrator.simulator")
+logger = logging.getLogger("simulator")
 
 
 class SimulatedStartupFailure(RuntimeError):

@@ -68,9 +68,7 @@ def test_make_run_serves_health_docs_and_a_ready_engine(tmp_path: Path) -> None:
         assert "running the engine simulator" in output
         assert "profile=simulator state=ready" in output
         assert (tmp_path / "run.db").exists()
-        engines = [
-            pid for pid in _descendants(process.pid) if b"orchestrator.simulator" in _cmd(pid)
-        ]
+        engines = [pid for pid in _descendants(process.pid) if b"-m\0simulator\0" in _cmd(pid)]
         assert len(engines) == 1, "expected exactly one simulator child"
     finally:
         os.killpg(process.pid, signal.SIGTERM)

@@ -52,7 +52,7 @@ INHERITED_ENV = frozenset(
         # Locating programs, the user and the locale.
         "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM",
         "TMPDIR", "TEMP", "TMP",
-        # The interpreter (the simulator runs as `python -m orchestrator.simulator`).
+        # The interpreter (the simulator runs as `python -m simulator`).
         "PYTHONPATH", "VIRTUAL_ENV", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
         # Shared libraries of a CUDA install outside the default search path.
         "LD_LIBRARY_PATH",

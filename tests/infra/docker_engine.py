@@ -13,7 +13,7 @@ applet links, ``/tmp``, a minimal ``/etc``) as ``vcg-test-base:1``. A container 
 ``python_mounts(repo_root)`` returns these for the docker SDK's ``volumes=`` argument and
 ``container_python(repo_root)`` the venv interpreter to run, e.g.::
 
-    client.containers.run(image, [container_python(root), "-m", "orchestrator.simulator", ...],
+    client.containers.run(image, [container_python(root), "-m", "simulator", ...],
                           volumes=python_mounts(root), working_dir=str(root),
                           environment={"PYTHONPATH": str(root)}, labels=test_labels())
 """

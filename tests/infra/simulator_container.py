@@ -1,4 +1,4 @@
-"""Run the project's vLLM simulator (``python -m orchestrator.simulator``) in a real container.
+"""Run the project's vLLM simulator (``python -m simulator``) in a real container.
 
 The container comes from the busybox base image (see ``docker_engine``) and runs the host's
 Python from read-only bind mounts. Its port 8000 is published on 127.0.0.1 only; it is never
@@ -75,7 +75,7 @@ def run_simulator_container(
     """
     root = Path(repo_root).resolve()
     command = [
-        container_python(root), "-m", "orchestrator.simulator",
+        container_python(root), "-m", "simulator",
         "--host", "0.0.0.0", "--port", str(CONTAINER_PORT), "--model", model, *extra_args,
     ]  # fmt: skip
     env = {"PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}

@@ -32,7 +32,7 @@ def _simulator_spec(port: int, *extra: str, timeout_s: float = 30.0) -> EngineSp
         command=(
             sys.executable,
             "-m",
-            "orchestrator.simulator",
+            "simulator",
             "--host",
             "127.0.0.1",
             "--port",

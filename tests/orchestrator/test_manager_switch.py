@@ -56,7 +56,7 @@ def _spec(profile_id: str) -> EngineSpec:
     command = (
         sys.executable,
         "-m",
-        "orchestrator.simulator",
+        "simulator",
         "--host",
         "127.0.0.1",
         "--port",

@@ -37,7 +37,7 @@ def _instance() -> str:
 
 
 def _simulator_command(repo_root: Path) -> tuple[str, ...]:
-    args = "-m orchestrator.simulator --host 0.0.0.0 --port 8000 --model sim-a"
+    args = "-m simulator --host 0.0.0.0 --port 8000 --model sim-a"
     return (container_python(repo_root), *args.split())
 
 

@@ -44,7 +44,7 @@ asyncio.run(main())
 
 def _simulator_command(port: int) -> tuple[str, ...]:
     return (
-        sys.executable, "-m", "orchestrator.simulator",
+        sys.executable, "-m", "simulator",
         "--host", "127.0.0.1", "--port", str(port), "--model", "sim-model",
     )  # fmt: skip
 

@@ -17,8 +17,8 @@ from orchestrator.profiles import Profile, ProfileSet, load_profiles
 from orchestrator.runtimes import ProcessRuntime
 from orchestrator.runtimes.base import LABEL_SERVED_NAME, EngineSpec, RuntimeHandle
 from orchestrator.runtimes.docker import container_kwargs
-from orchestrator.simulator.__main__ import config_from_args
 from orchestrator.specs import SpecError, build_engine_spec, vllm_args
+from simulator.__main__ import config_from_args
 from tests.infra.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -220,7 +220,7 @@ def test_read_only_volumes_reach_the_spec_and_the_hf_cache_stays_writable(
 def test_simulator_process_serves_its_names(shipped: ProfileSet, fixtures: ProfileSet) -> None:
     spec = spec_for(shipped.get("simulator"), NO_GPU, hf_token="hf_abc")
     assert spec.command == (
-        GATEWAY_PYTHON, "-m", "orchestrator.simulator",
+        GATEWAY_PYTHON, "-m", "simulator",
         "--host", "127.0.0.1", "--port", "8123",
         "--model", "simulator", "--served-model-name", "simulator",
     )  # fmt: skip
@@ -239,7 +239,7 @@ def test_simulator_process_serves_its_names(shipped: ProfileSet, fixtures: Profi
 
 def test_simulator_in_docker_listens_on_all_interfaces_inside(fixtures: ProfileSet) -> None:
     spec = spec_for(fixtures.get("sim-docker"), NO_GPU)
-    assert spec.command[:3] == ("python3", "-m", "orchestrator.simulator")
+    assert spec.command[:3] == ("python3", "-m", "simulator")
     assert spec.command[3:7] == ("--host", "0.0.0.0", "--port", "8000")
     assert spec.port == 8123
     assert spec.image == "vcg-test/busybox:1"

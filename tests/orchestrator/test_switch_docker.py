@@ -90,8 +90,7 @@ def _profile(image: str, repo_root: Path, profile_id: str, *extra: str) -> dict[
     """
     root = str(repo_root.resolve())
     launcher = (
-        f"cd {shlex.quote(root)} && "
-        f'exec {shlex.quote(container_python(root))} -m orchestrator.simulator "$@"'
+        f'cd {shlex.quote(root)} && exec {shlex.quote(container_python(root))} -m simulator "$@"'
     )
     simulator_args = ["--host", "0.0.0.0", "--port", "{port}", "--model", profile_id, *extra]
     mounts = python_mounts(root)

@@ -13,15 +13,15 @@ import httpx
 import orjson
 import pytest
 
-from orchestrator.simulator import (
+from simulator import (
     SIMULATOR_OWNER,
     SimulatorApp,
     SimulatorConfig,
     create_simulator_app,
 )
-from orchestrator.simulator.__main__ import build_parser, config_from_args
-from orchestrator.simulator.errors import SimulatedConnectionDrop
-from orchestrator.simulator.text import count_tokens, render_text, token_ids
+from simulator.__main__ import build_parser, config_from_args
+from simulator.errors import SimulatedConnectionDrop
+from simulator.text import count_tokens, render_text, token_ids
 
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Say hello to the simulator please"}]

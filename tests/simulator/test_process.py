@@ -1,4 +1,4 @@
-"""Tests of the simulator as a real process: ``python -m orchestrator.simulator``."""
+"""Tests of the simulator as a real process: ``python -m simulator``."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class SimProcess:
     """A simulator subprocess, its port and its log file."""
 
     def __init__(self, log_dir: Path, *args: str) -> None:
-        """Start ``python -m orchestrator.simulator`` on a free port with ``args``."""
+        """Start ``python -m simulator`` on a free port with ``args``."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"simulator-{self.port}.log"
@@ -50,7 +50,7 @@ class SimProcess:
             [
                 sys.executable,
                 "-m",
-                "orchestrator.simulator",
+                "simulator",
                 "--host",
                 "127.0.0.1",
                 "--port",

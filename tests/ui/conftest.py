@@ -56,7 +56,7 @@ def ui_profiles() -> dict[str, Any]:
     def simulator(model: str, *extra: str) -> list[str]:
         return [
             sys.executable,
-            *("-m", "orchestrator.simulator", "--host", "127.0.0.1", "--port", "{port}"),
+            *("-m", "simulator", "--host", "127.0.0.1", "--port", "{port}"),
             *("--model", model, *extra),
         ]
 

@@ -16,7 +16,7 @@ def switching_profiles(delay_s: float = 0.0) -> dict[str, object]:
         return [
             sys.executable,
             "-m",
-            "orchestrator.simulator",
+            "simulator",
             "--host",
             "127.0.0.1",
             "--port",

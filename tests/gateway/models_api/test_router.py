@@ -265,7 +265,7 @@ async def test_vllm_base_url_engine_is_the_active_model(sqlite_url: str) -> None
 
     port = free_port()
     engine = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "orchestrator.simulator", "--host", "127.0.0.1"),
+        *(sys.executable, "-m", "simulator", "--host", "127.0.0.1"),
         *("--port", str(port), "--model", "served-elsewhere"),
         *("--served-model-name", "served-elsewhere", "alias-elsewhere"),
         stdout=asyncio.subprocess.DEVNULL,

@@ -38,7 +38,7 @@ def sim_command(model: str, *flags: str, aliases: tuple[str, ...] = ()) -> list[
     return [
         sys.executable,
         "-m",
-        "orchestrator.simulator",
+        "simulator",
         *("--host", "127.0.0.1", "--port", "{port}", "--model", model),
         *names,
         *("--log-level", "warning"),
@@ -198,7 +198,7 @@ async def simulator_process(*args: str) -> AsyncIterator[str]:
     """A simulator started by the test itself (e.g. standing in for the cloud); yields its URL."""
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "orchestrator.simulator"),
+        *(sys.executable, "-m", "simulator"),
         *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
