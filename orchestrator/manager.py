@@ -63,6 +63,14 @@ class EngineUnavailable(Exception):
     """No engine is ready to serve a request."""
 
 
+class EngineNotStopped(Exception):
+    """The previous engine could not be confirmed stopped, so no other engine is started.
+
+    Its process or container may still hold its GPUs; starting another one over it would lose
+    its handle and leave it running with nobody to stop it. A stop that succeeds clears this.
+    """
+
+
 class JobStatus(StrEnum):
     """The outcome of a switch job."""
 
@@ -291,7 +299,10 @@ class VLLMModelManager:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, spec: EngineSpec) -> EngineStatus:
-        """Start `spec` (stopping what runs) and wait until it serves; FAILED with the reason."""
+        """Start `spec` (stopping what runs) and wait until it serves; FAILED with the reason.
+
+        Raises EngineNotStopped, starting nothing, when the running engine cannot be stopped.
+        """
         runtime = self._runtime_for(spec)
         if self._lock.locked():
             raise EngineBusy("an engine start, stop or switch is already in progress")
@@ -301,7 +312,10 @@ class VLLMModelManager:
             return self.status()
 
     async def stop(self) -> EngineStatus:
-        """Drain and stop the engine if one runs."""
+        """Drain and stop the engine if one runs (FAILED with the reason when the stop fails).
+
+        Also the retry after a failed stop: once it succeeds, engines may be started again.
+        """
         async with self._lock:
             await self._stop_locked()
             return self.status()
@@ -324,7 +338,8 @@ class VLLMModelManager:
                     continue
                 for handle in handles:
                     spec = profile_ids(handle.profile_id)
-                    if adopted is not None or spec is None:
+                    # A handle still held is an earlier one whose stop failed: never overwrite it.
+                    if adopted is not None or spec is None or self._handle is not None:
                         log.info("engine_adopt_stop_extra", profile=handle.profile_id)
                         with contextlib.suppress(RuntimeError_, OSError):
                             await runtime.stop(handle)
@@ -443,7 +458,11 @@ class VLLMModelManager:
             self._finish(job, JobStatus.FAILED, f"cannot build engine: {_reason(exc)}")
             return
         await self._stop_locked()
-        await self._start_locked(runtime, spec)
+        try:
+            await self._start_locked(runtime, spec)
+        except EngineNotStopped as exc:
+            self._finish(job, JobStatus.FAILED, str(exc))
+            return
         if self._is_ready():
             self._finish(job, JobStatus.SUCCEEDED, None)
             return
@@ -460,7 +479,11 @@ class VLLMModelManager:
         except Exception:
             # The profile may have changed or no longer fit; what ran before is the best bet.
             rollback, rollback_runtime = previous, self._runtime_for(previous)
-        await self._start_locked(rollback_runtime, rollback)
+        try:
+            await self._start_locked(rollback_runtime, rollback)
+        except EngineNotStopped as exc:
+            self._finish(job, JobStatus.FAILED, f"{reason}; no rollback: {exc}")
+            return
         if self._is_ready():
             self._finish(job, JobStatus.ROLLED_BACK, reason)
         else:
@@ -499,6 +522,13 @@ class VLLMModelManager:
             raise RuntimeError_(f"unknown runtime {spec.runtime!r} (known: {known})") from None
 
     async def _start_locked(self, runtime: Runtime, spec: EngineSpec) -> None:
+        if self._handle is not None:
+            # FAILED still holding a handle: the last stop failed and that engine may still
+            # run (and hold its GPUs). Starting now would overwrite the only handle to it.
+            self._error = self._not_stopped_reason()
+            log.warning("engine_start_refused", profile=spec.profile_id, reason=self._error)
+            self._emit(self._error)
+            raise EngineNotStopped(self._error)
         self._spec, self._error, self._served_names = spec, None, ()
         self._enter(EngineState.STARTING, f"starting {spec.served_model_name} ({spec.runtime})")
         try:
@@ -567,6 +597,16 @@ class VLLMModelManager:
         listed = ", ".join(names) or "no models"
         return None, f"/v1/models lists {listed}, not {spec.served_model_name}"
 
+    def _not_stopped_reason(self) -> str:
+        assert self._handle is not None
+        handle = self._handle
+        return (
+            f"the previous engine ({self._profile_label()}, {handle.runtime} {handle.id}) could "
+            f"not be confirmed stopped ({self._error or 'stop failed'}), and it may still hold "
+            "its GPUs: no other engine is started until it is. Retry the stop (a new switch "
+            "retries it first), or stop it by hand and then retry"
+        )
+
     def _last_log_line(self) -> str:
         tail = self.logs_tail(5)
         return tail[-1] if tail else "no output"
@@ -577,9 +617,15 @@ class VLLMModelManager:
             log.warning("engine_start_failed", reason=reason, logs=self.logs_tail(20))
             if self._job is not None and not self._job.done:
                 self._job.logs = self.logs_tail(50)
-            with contextlib.suppress(RuntimeError_, OSError):
+            try:
                 await runtime.stop(self._handle)
-            self._handle = None
+            except Exception as exc:
+                # Keep the handle: the engine may still run, and FAILED with a handle makes the
+                # next stop or switch retry the stop before anything else starts.
+                reason = f"{reason}; stop failed: {_reason(exc)}"
+                self._error = reason
+            else:
+                self._handle = None
         self._enter(EngineState.FAILED, reason)
 
     async def _stop_locked(self) -> None:

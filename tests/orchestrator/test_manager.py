@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import re
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,11 +17,19 @@ from orchestrator.manager import (
     ALLOWED_TRANSITIONS,
     EngineBusy,
     EngineEvent,
+    EngineNotStopped,
     EngineState,
     InvalidTransition,
+    JobStatus,
     VLLMModelManager,
 )
-from orchestrator.runtimes import EngineSpec, ExternalRuntime, ProcessRuntime, RuntimeError_
+from orchestrator.runtimes import (
+    EngineSpec,
+    ExternalRuntime,
+    ProcessRuntime,
+    RuntimeError_,
+    RuntimeHandle,
+)
 from orchestrator.runtimes.external import engine_root_url
 from tests.infra.ports import free_port
 from tests.infra.processes import pid_alive
@@ -166,6 +177,39 @@ async def test_external_runtime_adopts_a_running_engine(manager: VLLMModelManage
         await process.wait()
 
 
+DESIGN_MD = Path(__file__).resolve().parents[2] / "orchestrator" / "DESIGN.md"
+_EDGE_ROW = re.compile(r"^\|\s*([A-Z]+)\s*\|\s*([A-Z]+)\s*\|\s*(.*?)\s*\|\s*$")
+
+
+def _documented_edges() -> list[tuple[str, str, str]]:
+    """(from, to, when) rows of DESIGN.md's transition list, between its two markers."""
+    text = DESIGN_MD.read_text()
+    start = text.index("<!-- transitions:start -->")
+    end = text.index("<!-- transitions:end -->", start)
+    rows = []
+    for line in text[start:end].splitlines():
+        match = _EDGE_ROW.match(line)
+        if match:
+            rows.append((match[1], match[2], match[3]))
+    return rows
+
+
+def test_design_md_lists_exactly_the_allowed_transitions() -> None:
+    """The document and the table cannot drift: every edge of ALLOWED_TRANSITIONS is listed
+    (with when it happens), and nothing else is."""
+    rows = _documented_edges()
+    documented = [(a, b) for a, b, _ in rows]
+    allowed = {
+        (source.name, target.name)
+        for source, targets in ALLOWED_TRANSITIONS.items()
+        for target in targets
+    }
+    assert len(documented) == len(set(documented)), "an edge is listed twice"
+    assert set(documented) - allowed == set(), "DESIGN.md lists edges the manager refuses"
+    assert allowed - set(documented) == set(), "DESIGN.md misses edges of ALLOWED_TRANSITIONS"
+    assert all(when for _, _, when in rows), "every edge says when it happens"
+
+
 def test_transition_table_has_no_dead_ends() -> None:
     for state in EngineState:
         assert ALLOWED_TRANSITIONS[state], f"{state} has no way out"
@@ -213,3 +257,149 @@ async def test_adopt_skips_a_docker_runtime_whose_daemon_is_down(
             assert mgr.status().state is EngineState.IDLE
         finally:
             await mgr.aclose()
+
+
+class StopFailsRuntime:
+    """A real ProcessRuntime whose stop fails while `fail_stop` is set, leaving the engine
+    running, as a Docker daemon that times out or a kill that is refused would."""
+
+    name = "process"
+
+    def __init__(self) -> None:
+        self._inner = ProcessRuntime()
+        self.fail_stop = False
+        self.starts = 0
+
+    async def start(self, spec: EngineSpec) -> RuntimeHandle:
+        """Launch through the real runtime, counting launches."""
+        self.starts += 1
+        return await self._inner.start(spec)
+
+    async def stop(self, handle: RuntimeHandle, *, timeout_s: float = 20.0) -> None:
+        """Fail without touching the engine while `fail_stop` is set, else really stop it."""
+        if self.fail_stop:
+            raise RuntimeError_("the stop timed out")
+        await self._inner.stop(handle, timeout_s=timeout_s)
+
+    async def is_running(self, handle: RuntimeHandle) -> bool:
+        """The real runtime's answer."""
+        return await self._inner.is_running(handle)
+
+    def logs_tail(self, handle: RuntimeHandle, lines: int = 50) -> list[str]:
+        """The real runtime's log tail."""
+        return self._inner.logs_tail(handle, lines)
+
+    async def adopt(self) -> list[RuntimeHandle]:
+        """Nothing to adopt in these tests."""
+        return []
+
+
+@pytest.fixture
+async def stubborn() -> AsyncIterator[tuple[VLLMModelManager, StopFailsRuntime]]:
+    """A manager whose process runtime fails to stop on demand; stops really at the end."""
+    runtime = StopFailsRuntime()
+
+    def any_profile(profile_id: str) -> EngineSpec:
+        return dataclasses.replace(_simulator_spec(free_port()), profile_id=profile_id)
+
+    async with httpx.AsyncClient() as http:
+        mgr = VLLMModelManager(
+            http=http,
+            runtimes={"process": runtime},
+            spec_factory=any_profile,
+            poll_interval_s=0.05,
+        )
+        try:
+            yield mgr, runtime
+        finally:
+            runtime.fail_stop = False
+            await mgr.aclose()
+
+
+async def test_no_start_over_an_engine_whose_stop_failed(
+    stubborn: tuple[VLLMModelManager, StopFailsRuntime],
+) -> None:
+    manager, runtime = stubborn
+    assert (await manager.start(_simulator_spec(free_port()))).state is EngineState.READY
+    old = manager.handle
+    assert old is not None
+
+    runtime.fail_stop = True
+    with pytest.raises(EngineNotStopped) as refused:
+        await manager.start(_simulator_spec(free_port()))
+    # Refused, and says why and what to do; the old engine is still the one held, and runs.
+    message = str(refused.value)
+    assert "could not be confirmed stopped" in message
+    assert "the stop timed out" in message
+    assert "Retry the stop" in message
+    assert runtime.starts == 1, "a second engine was launched over the first"
+    assert manager.handle == old
+    assert manager.state is EngineState.FAILED
+    assert manager.status().error == message
+    assert pid_alive(int(old.id))
+    health = await manager.probe()
+    assert not health.ok
+    assert "could not be confirmed stopped" in health.detail
+
+    # A switch job is refused the same way: the job fails with the reason, nothing launches.
+    job = await manager.wait_job(manager.request_switch("sim-2").id, timeout_s=30)
+    assert job.status is JobStatus.FAILED
+    assert job.error
+    assert "could not be confirmed stopped" in job.error
+    assert runtime.starts == 1
+    assert manager.handle == old
+
+    # A stop retry that succeeds clears the handle (the engine is gone), and starts work again.
+    runtime.fail_stop = False
+    stopped = await manager.stop()
+    assert stopped.state is EngineState.IDLE
+    assert manager.handle is None
+    assert not pid_alive(int(old.id))
+    again = await manager.start(_simulator_spec(free_port()))
+    assert again.state is EngineState.READY, again.error
+    assert runtime.starts == 2
+
+
+async def test_a_switch_retries_the_failed_stop_first_and_then_starts(
+    stubborn: tuple[VLLMModelManager, StopFailsRuntime],
+) -> None:
+    manager, runtime = stubborn
+    assert (await manager.start(_simulator_spec(free_port()))).state is EngineState.READY
+    old = manager.handle
+    assert old is not None
+    runtime.fail_stop = True
+    assert (await manager.stop()).state is EngineState.FAILED
+    assert manager.handle == old
+    # The stop works again: the next switch's own stop clears the old engine, then it starts.
+    runtime.fail_stop = False
+    job = await manager.wait_job(manager.request_switch("sim-2").id, timeout_s=30)
+    assert job.status is JobStatus.SUCCEEDED, job.error
+    assert not pid_alive(int(old.id))
+    assert manager.status().profile_id == "sim-2"
+    assert manager.handle is not None
+    assert manager.handle != old
+    assert runtime.starts == 2
+
+
+async def test_a_failed_start_whose_clean_up_stop_fails_keeps_the_handle(
+    stubborn: tuple[VLLMModelManager, StopFailsRuntime],
+) -> None:
+    manager, runtime = stubborn
+    runtime.fail_stop = True
+    # Launched but never serving in time: the clean-up stop fails, so the process still runs.
+    status = await manager.start(
+        _simulator_spec(free_port(), "--startup-delay", "30", timeout_s=1.0)
+    )
+    assert status.state is EngineState.FAILED
+    assert status.error
+    assert "not serving after" in status.error
+    assert "stop failed: the stop timed out" in status.error
+    held = manager.handle
+    assert held is not None, "the handle of an engine that may still run was dropped"
+    assert pid_alive(int(held.id))
+    with pytest.raises(EngineNotStopped):
+        await manager.start(_simulator_spec(free_port()))
+    assert runtime.starts == 1
+    runtime.fail_stop = False
+    assert (await manager.stop()).state is EngineState.IDLE
+    assert not pid_alive(int(held.id))
