@@ -159,8 +159,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # GPU readings on an interval and engine events: never work done per scrape.
         background_metrics.start()
     # The engine loads in a background switch job: a slow model load must not block liveness.
-    why = await models.startup()
-    log.info("engine_plan", reason=why)
+    await models.startup()  # logs its plan (engine_plan), a warning when no engine starts
     log.info("gateway_started", url=settings.public_url, version=__version__)
     # Everything made at startup (routes, models, SQLAlchemy and pydantic metadata) lives as
     # long as the process: move it out of the collector's reach, so the collections that

@@ -189,7 +189,11 @@ class ModelControl:
         return self.registry.reload()
 
     def startup_profile(self) -> tuple[str | None, str]:
-        """The profile to run at boot, and why."""
+        """The profile to run at boot (None: no engine), and why.
+
+        ENGINE=auto falls back to the simulator only in development; elsewhere, when the
+        default profile does not fit, no engine is started and the reason says why.
+        """
         settings = self.settings
         mode = settings.ENGINE
         if mode is EngineMode.NONE:
@@ -205,10 +209,21 @@ class ModelControl:
         if verdict.fits:
             return wanted, f"default profile {wanted}"
         why = "; ".join(verdict.reasons)
-        return SIMULATOR_PROFILE, f"{wanted} cannot run here ({why}); running the engine simulator"
+        if settings.is_development:
+            return (
+                SIMULATOR_PROFILE,
+                f"{wanted} cannot run here ({why}); running the engine simulator",
+            )
+        # Outside development the simulator never stands in by surprise: on a GPU host whose
+        # GPU reading failed, users would get pseudo-text from a real-looking endpoint.
+        return None, (
+            f"the default profile {wanted} cannot run here ({why}); the engine simulator "
+            "runs only with ENGINE=simulator or ENVIRONMENT=development, so no engine was started"
+        )
 
     async def startup(self) -> str:
-        """Adopt an engine of ours that still runs, else start the boot profile in background."""
+        """Adopt an engine of ours that still runs, else start the boot profile in background;
+        logs what it did (`engine_plan`) and returns it."""
 
         def known(profile_id: str) -> EngineSpec | None:
             try:
@@ -219,10 +234,19 @@ class ModelControl:
         self.manager.start_watchdog()
         adopted = await self.manager.adopt(known)
         if adopted is not None:
-            return f"adopted the running engine of profile {adopted.profile_id}"
+            why = f"adopted the running engine of profile {adopted.profile_id}"
+            log.info("engine_plan", reason=why)
+            return why
         profile_id, why = self.startup_profile()
         if profile_id is not None:
             self.manager.request_switch(profile_id)
+        elif self.settings.ENGINE is not EngineMode.NONE:
+            # An engine was wanted: keep the reason where health, /v1 errors and the console
+            # read the engine's status, so all three say the same thing; the log says it once.
+            self.manager.mark_not_started(why)
+            log.warning("engine_plan", reason=why)
+            return why
+        log.info("engine_plan", reason=why)
         return why
 
     async def aclose(self) -> None:

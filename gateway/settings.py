@@ -42,7 +42,9 @@ class Environment(StrEnum):
 class EngineMode(StrEnum):
     """How the gateway finds its inference engine at startup."""
 
-    AUTO = "auto"  # VLLM_BASE_URL if set, else the simulator when no GPU is found
+    # VLLM_BASE_URL if set, else the default profile if it fits; else no engine (the simulator
+    # stands in only in development).
+    AUTO = "auto"
     SIMULATOR = "simulator"
     EXTERNAL = "external"
     NONE = "none"

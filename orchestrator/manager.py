@@ -356,6 +356,16 @@ class VLLMModelManager:
                     adopted = self.status()
             return adopted
 
+    def mark_not_started(self, reason: str) -> None:
+        """Record why no engine was started (e.g. the planner's verdict) while IDLE.
+
+        status().error, probe() and so the health check, the API's 503s and the console then
+        say why nothing serves instead of a bare "idle"; the next start clears it. In any other
+        state the state's own error already says more, and it is kept.
+        """
+        if self._state is EngineState.IDLE:
+            self._error = reason
+
     def request_switch(self, profile_id: str) -> SwitchJob:
         """Start a background switch to `profile_id`; refuse while another one runs.
 

@@ -47,7 +47,9 @@ async def check_engine(state: AppState) -> DependencyCheck:
     if manager.spec is None and job is None:
         if not required:
             return DependencyCheck(status="disabled", required=False, detail="no engine configured")
-        return DependencyCheck(status="down", required=True, detail="no engine is running")
+        # The planner's reason when none was started (ModelControl.startup records it).
+        why = manager.status().error or "no engine is running"
+        return DependencyCheck(status="down", required=True, detail=why)
     health = await manager.probe(CHECK_TIMEOUT_S)
     model = manager.spec.served_model_name if manager.spec else job.profile_id if job else "-"
     if health.ok:

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,9 +164,19 @@ async def _login(client: httpx.AsyncClient, username: str, password: str) -> str
 @pytest.fixture
 async def gateway(postgres_url: str, tmp_path: Path) -> AsyncIterator[Gateway]:
     """The gateway on Postgres with sim-a loaded, an admin and the user alice."""
+    async with serve_gateway(postgres_url, tmp_path) as served:
+        yield served
+
+
+@asynccontextmanager
+async def serve_gateway(
+    postgres_url: str, tmp_path: Path, *, default_profile: str = "sim-a"
+) -> AsyncIterator[Gateway]:
+    """The gateway on Postgres with an admin and the user alice, once the default profile is
+    ready; with a default that does not fit (production: no engine is started), at once."""
     await asyncio.to_thread(upgrade, postgres_url)
     profiles = tmp_path / "model_profiles.yml"
-    profiles.write_text(yaml.safe_dump(ui_profiles()))
+    profiles.write_text(yaml.safe_dump({**ui_profiles(), "default": default_profile}))
     settings = make_settings(
         DATABASE_URL=postgres_url,
         REQUIRE_AUTH=True,
@@ -188,12 +199,13 @@ async def gateway(postgres_url: str, tmp_path: Path) -> AsyncIterator[Gateway]:
             headers=admin,
         )
         assert created.status_code == 201, created.text
-        for _ in range(600):
-            status = (await client.get("/api/models/status", headers=admin)).json()
-            if status["engine"]["state"] == "ready":
-                break
-            await asyncio.sleep(0.05)
-        assert status["engine"]["state"] == "ready", status
+        if default_profile != BIG_PROFILE:
+            for _ in range(600):
+                status = (await client.get("/api/models/status", headers=admin)).json()
+                if status["engine"]["state"] == "ready":
+                    break
+                await asyncio.sleep(0.05)
+            assert status["engine"]["state"] == "ready", status
         yield Gateway(
             base_url=base_url,
             client=client,

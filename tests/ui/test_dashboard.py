@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from playwright.async_api import Browser, Page, Request, expect
@@ -19,6 +20,7 @@ from tests.ui.conftest import (
     PageProblems,
     new_page,
     screenshot,
+    serve_gateway,
     sign_in,
 )
 from tests.ui.test_chat import unnamed_controls
@@ -100,6 +102,27 @@ async def curl_chat(base_url: str, key: str) -> tuple[int, dict[str, Any]]:
     assert process.returncode == 0, err.decode()
     text, _, code = out.decode().rpartition("\n")
     return int(code), json.loads(text)
+
+
+async def test_console_says_why_no_engine_runs(postgres_url: str, tmp_path: Path, ui: UI) -> None:
+    """Production, ENGINE=auto and a default profile that does not fit: no engine (never the
+    simulator), and the console shows the planner's reason, the one /health/ready gives."""
+    page, _ = ui
+    async with serve_gateway(postgres_url, tmp_path, default_profile=BIG_PROFILE) as gw:
+        ready = await gw.client.get("/health/ready")
+        assert ready.status_code == 503, ready.text
+        reason = ready.json()["checks"]["engine"]["detail"]
+        assert f"default profile {BIG_PROFILE} cannot run here" in reason
+        await sign_in_to_console(page, gw)
+        engine = page.locator("#engine-figures")
+        await expect(engine.locator("[data-state]")).to_have_text("idle")
+        await expect(engine).to_contain_text("Profilenone")
+        not_serving = engine.locator("div").filter(has=page.locator("dt", has_text="Not serving"))
+        await expect(not_serving.locator("dd")).to_have_text(reason)
+        await expect(not_serving.locator("dd")).to_have_class("error")
+        await screenshot(page, "dashboard_no_engine")
+        # Leave the console before the gateway goes: its polling would log refused connections.
+        await page.goto("about:blank")
 
 
 async def test_create_a_key_use_it_with_curl_then_revoke_it(gateway: Gateway, ui: UI) -> None:

@@ -132,7 +132,12 @@
       ["Since", formatDate(engine.since)],
       ["In flight", formatNumber(engine.in_flight)],
       ["Engine", engine.engine_url || "—"],
-      ["Error", engine.error || "—", engine.error ? "error" : null],
+      // Idle with an error: why no engine runs (e.g. the default profile does not fit here).
+      [
+        engine.state === "idle" && engine.error ? "Not serving" : "Error",
+        engine.error || "—",
+        engine.error ? "error" : null,
+      ],
     ]);
   }
 
