@@ -14,6 +14,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 
 from gateway import __version__
+from gateway.auth.admin_users import router as users_router
+from gateway.auth.principal import CredentialAuthenticator
 from gateway.auth.router import router as auth_router
 from gateway.auth.tokens import check_token_keys
 from gateway.chat.router import router as chat_router
@@ -33,6 +35,7 @@ from gateway.metrics import (
     count_limiter_fallback,
     mark_process_stopped,
     remove_dead_processes,
+    start_counters_at_zero,
 )
 from gateway.metrics.router import router as metrics_router
 from gateway.middleware import RequestContextMiddleware
@@ -47,7 +50,6 @@ from gateway.text import install_text_errors
 from gateway.ui.router import router as ui_router
 from gateway.usage.recorder import UsageRecorder
 from gateway.usage.router import router as usage_router
-from gateway.users.router import router as users_router
 from gateway.users.service import bootstrap_identity
 
 log = get_logger(__name__)
@@ -126,6 +128,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         connect_timeout_s=settings.UPSTREAM_CONNECT_TIMEOUT_S,
         read_timeout_s=settings.UPSTREAM_READ_TIMEOUT_S,
     )
+    limiters = build_limiters(settings, redis, on_fallback=count_limiter_fallback)
     state = AppState(
         settings=settings,
         db_engine=db_engine,
@@ -137,7 +140,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         scheduler=scheduler,
         engine_required=settings.ENGINE is not EngineMode.NONE,
         usage=usage,
-        limiters=build_limiters(settings, redis, on_fallback=count_limiter_fallback),
+        limiters=limiters,
+        authenticator=CredentialAuthenticator(
+            settings=settings, session_factory=session_factory, admin_limiter=limiters.strict
+        ),
     )
     app.state.resources = state
     await bootstrap_identity(settings=settings, session_factory=state.session_factory)
@@ -156,6 +162,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     remove_dead_processes()  # live gauges a killed worker left behind (multiprocess mode)
     background_metrics = BackgroundMetrics(models, gpu_interval_s=settings.METRICS_GPU_INTERVAL_S)
     if settings.METRICS_ENABLED:
+        # Labelled counters exist at 0 from the start: dashboards show 0, not "no data".
+        start_counters_at_zero()
+        scheduler.metrics.start_at_zero()
         # GPU readings on an interval and engine events: never work done per scrape.
         background_metrics.start()
     # The engine loads in a background switch job: a slow model load must not block liveness.

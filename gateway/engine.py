@@ -6,8 +6,10 @@ import dataclasses
 import socket
 import time
 from pathlib import Path
+from typing import Annotated, Protocol, cast
 
 import httpx
+from fastapi import Depends, Request
 
 from gateway.logging import get_logger
 from gateway.settings import EngineMode, Settings
@@ -252,3 +254,20 @@ class ModelControl:
     async def aclose(self) -> None:
         """Stop the engine and cancel jobs."""
         await self.manager.aclose()
+
+
+class EngineResources(Protocol):
+    """What the engine's routes read of the app's resources."""
+
+    @property
+    def models(self) -> ModelControl:
+        """Profiles, GPUs, the planner and the manager."""
+        ...
+
+
+async def get_models(request: Request) -> ModelControl:
+    """The app's engine control."""
+    return cast(EngineResources, request.app.state.resources).models
+
+
+ModelsDep = Annotated[ModelControl, Depends(get_models)]

@@ -7,8 +7,8 @@ import time
 from collections.abc import Awaitable
 
 from gateway.db import ping
+from gateway.health.deps import HealthResources
 from gateway.health.schemas import DependencyCheck, Readiness
-from gateway.state import AppState
 
 CHECK_TIMEOUT_S = 2.0
 
@@ -19,7 +19,7 @@ async def _timed(awaitable: Awaitable[object]) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
 
 
-async def check_database(state: AppState) -> DependencyCheck:
+async def check_database(state: HealthResources) -> DependencyCheck:
     """SELECT 1 against the database."""
     try:
         latency = await _timed(ping(state.db_engine))
@@ -28,7 +28,7 @@ async def check_database(state: AppState) -> DependencyCheck:
     return DependencyCheck(status="up", required=True, latency_ms=latency)
 
 
-async def check_redis(state: AppState) -> DependencyCheck:
+async def check_redis(state: HealthResources) -> DependencyCheck:
     """PING Redis when it is configured."""
     if state.redis is None:
         return DependencyCheck(status="disabled", required=False, detail="REDIS_URL not set")
@@ -39,7 +39,7 @@ async def check_redis(state: AppState) -> DependencyCheck:
     return DependencyCheck(status="up", required=True, latency_ms=latency)
 
 
-async def check_engine(state: AppState) -> DependencyCheck:
+async def check_engine(state: HealthResources) -> DependencyCheck:
     """The active engine's own health endpoint."""
     required = state.engine_required
     manager = state.manager
@@ -62,7 +62,7 @@ async def check_engine(state: AppState) -> DependencyCheck:
     return DependencyCheck(status="down", required=required, detail=f"{model}: {health.detail}")
 
 
-async def readiness(state: AppState) -> Readiness:
+async def readiness(state: HealthResources) -> Readiness:
     """Run every check; not ready when any required one is not up."""
     database, redis, engine = await asyncio.gather(
         check_database(state), check_redis(state), check_engine(state)
