@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from gateway import migrate
 from gateway.app import create_app
+from gateway.auth.admin_cli import create_admin
 from gateway.settings import Settings
 
 
@@ -76,8 +77,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             migrate.downgrade(settings.DATABASE_URL, args.revision or "base")
     elif args.command == "create-admin":
-        from gateway.auth.admin_cli import create_admin
-
         create_admin(settings, username=args.username, password_stdin=args.password_stdin)
     else:
         sys.stdout.write(f"configuration is valid ({settings.ENVIRONMENT.value})\n")
