@@ -7,7 +7,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 import httpx
@@ -344,6 +344,9 @@ class VLLMModelManager:
                         with contextlib.suppress(RuntimeError_, OSError):
                             await runtime.stop(handle)
                         continue
+                    # The engine keeps the API key it was started with (the runtime read it back);
+                    # the spec just built carries a new one, which the engine would refuse.
+                    spec = replace(spec, api_key=handle.api_key)
                     self._spec, self._handle, self._error = spec, handle, None
                     self._enter(EngineState.LOADING, f"adopting running {spec.served_model_name}")
                     try:

@@ -3,11 +3,13 @@
 Only validated profiles and the planner's verdict go in: nothing from a request body reaches
 an engine's argv, environment or mounts. Docker engines listen on 0.0.0.0:8000 inside the
 container (the runtime publishes that port on 127.0.0.1:port); process engines listen on
-127.0.0.1:port themselves.
+127.0.0.1:port themselves. Each spec of an engine the gateway starts carries a new random API
+key (`new_engine_api_key`), so another local user cannot call the engine's port directly.
 """
 
 from __future__ import annotations
 
+import secrets
 import sys
 from pathlib import Path
 
@@ -35,6 +37,8 @@ DEFAULT_CPU_KVCACHE_GIB = "1"
 # A self-hosted gateway does not report usage to anyone.
 VLLM_PRIVACY_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 PORT_PLACEHOLDER = "{port}"
+# Bytes of randomness in an engine's API key (43 URL-safe characters).
+ENGINE_API_KEY_BYTES = 32
 
 
 class SpecError(ValueError):
@@ -196,6 +200,11 @@ def engine_log_path(profile: Profile, log_dir: Path | None, instance: str) -> Pa
     return log_dir / f"{instance}-{profile.id}.log"
 
 
+def new_engine_api_key() -> str:
+    """A fresh random key for one start of an engine (the only impure step here)."""
+    return secrets.token_urlsafe(ENGINE_API_KEY_BYTES)
+
+
 def check_runnable(profile: Profile, verdict: FitVerdict, port: int) -> None:
     """Raise SpecError unless the verdict is this profile's and says it fits."""
     if verdict.profile_id != profile.id:
@@ -218,7 +227,13 @@ def build_engine_spec(
     instance: str,
     gateway_python: str = sys.executable,
 ) -> EngineSpec:
-    """The EngineSpec that runs `profile` as `verdict` planned it."""
+    """The EngineSpec that runs `profile` as `verdict` planned it, with a new API key.
+
+    Every engine the gateway starts gets a key: vLLM and the simulator read it from
+    VLLM_API_KEY and enforce it on /v1/*; a command engine that does not read it ignores it and
+    the Authorization header alike. External engines get none here (the gateway's
+    VLLM_API_KEY setting is theirs).
+    """
     check_runnable(profile, verdict, port)
     labels = {LABEL_SERVED_NAME: profile.served_model_name}
     if profile.runtime is RuntimeKind.EXTERNAL:
@@ -247,6 +262,7 @@ def build_engine_spec(
         volumes=docker_volumes(profile, hf_cache),
         read_only_volumes=docker_read_only_volumes(profile),
         startup_timeout_s=profile.startup_timeout,
+        api_key=new_engine_api_key(),
         labels=labels,
         log_path=engine_log_path(profile, log_dir, instance),
     )

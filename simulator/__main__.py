@@ -26,7 +26,12 @@ sleep contract with deterministic pseudo-text, for tests and benchmarks.
 Per-request fault injection headers: X-Simulator-Die-After-Chunks,
 X-Simulator-Error-After-Chunks, X-Simulator-Stall-After-Chunks,
 X-Simulator-Tokens-Per-Second, X-Simulator-First-Token-Delay, X-Simulator-Status.
-Every option may also be set as SIMULATOR_<OPTION> in the environment."""
+Every option may also be set as SIMULATOR_<OPTION> in the environment; the API key also as
+VLLM_API_KEY, as vLLM reads it."""
+
+
+# vLLM's own variable for its API key (read when --api-key is not given).
+VLLM_API_KEY_ENV = "VLLM_API_KEY"
 
 
 def _env_name(flag: str) -> str:
@@ -148,8 +153,11 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     )
     p.add_argument(
         "--api-key",
-        default=_env_default(env, "--api-key", str, None),
-        help="require 'Authorization: Bearer KEY' on /v1/* (401 otherwise)",
+        # Like vLLM, the key may come from VLLM_API_KEY: the gateway passes an engine's key
+        # that way (the environment of a process is private to its user; argv is not).
+        default=_env_default(env, "--api-key", str, None) or env.get(VLLM_API_KEY_ENV) or None,
+        help="require 'Authorization: Bearer KEY' on /v1/* and /simulator/* (401 otherwise); "
+        f"default: ${_env_name('--api-key')}, else ${VLLM_API_KEY_ENV}",
     )
     p.add_argument(
         "--log-level",

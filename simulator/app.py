@@ -58,6 +58,9 @@ _DONE = b"data: [DONE]\n\n"
 _NOT_FOUND = b'{"detail":"Not Found"}'
 _NOT_ALLOWED = b'{"detail":"Method Not Allowed"}'
 _UNAUTHORIZED = b'{"error":"Unauthorized"}'
+# With an API key, what needs it: vLLM's /v1/* (its /health, /metrics, ... stay open, as in
+# vLLM), and the simulator's own test routes, which show recent request bodies and reset counters.
+_GUARDED_PREFIXES = ("/v1", "/simulator/")
 
 
 class FaultKind(enum.Enum):
@@ -442,7 +445,7 @@ class SimulatorApp:
             return
         if (
             self._auth is not None
-            and path.startswith("/v1")
+            and path.startswith(_GUARDED_PREFIXES)
             and (
                 opts.authorization is None
                 or not hmac.compare_digest(opts.authorization, self._auth)

@@ -12,6 +12,11 @@ LABEL_PROFILE = "io.vllm-chat-gateway.profile"
 LABEL_INSTANCE = "io.vllm-chat-gateway.instance"
 LABEL_SERVED_NAME = "io.vllm-chat-gateway.served-model-name"
 
+# The variable an engine the gateway starts reads its API key from: vLLM's own (it then answers
+# 401 on /v1/* without `Authorization: Bearer <key>`; the simulator does the same). Passed in the
+# engine's environment, not its argv, which every local user can read in `ps`.
+ENGINE_API_KEY_ENV = "VLLM_API_KEY"
+
 
 class RuntimeError_(Exception):  # the builtin name is taken
     """A runtime could not do what it was asked; the message says why."""
@@ -47,7 +52,10 @@ class EngineSpec:
     ipc_host: bool = True
     health_path: str = "/health"
     startup_timeout_s: float = 600.0
-    api_key: str | None = None
+    # The Bearer key every request to the engine carries. Process and docker engines: a random key
+    # made for this start, which the runtime puts in the engine's environment (ENGINE_API_KEY_ENV);
+    # external engines: VLLM_API_KEY of the settings. Kept out of repr (and so out of logs).
+    api_key: str | None = field(default=None, repr=False)
     # Extra labels (the runtime adds the managed/profile/instance labels itself).
     labels: dict[str, str] = field(default_factory=dict)
     # process: where the engine's output is written (a ring buffer is kept as well).
@@ -62,6 +70,14 @@ class RuntimeHandle:
     id: str
     base_url: str
     profile_id: str = ""
+    # The key the engine was started with (read back from the runtime's records on adoption, so a
+    # restarted gateway can still call it); None for an engine started without one.
+    api_key: str | None = field(default=None, repr=False)
+
+
+def engine_key_env(spec: EngineSpec) -> dict[str, str]:
+    """The part of an engine's environment that carries its API key (empty without a key)."""
+    return {ENGINE_API_KEY_ENV: spec.api_key} if spec.api_key else {}
 
 
 class Runtime(Protocol):

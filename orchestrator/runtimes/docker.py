@@ -3,6 +3,11 @@
 The docker SDK blocks, so every call runs in a worker thread. Containers carry labels
 (`LABEL_MANAGED`, `LABEL_PROFILE`, `LABEL_INSTANCE`, `LABEL_SERVED_NAME`) so a restarted gateway
 can adopt the engine it left running instead of reloading the model.
+
+The engine's API key goes into the container's environment (`VLLM_API_KEY`), never into a label
+or the command line. On adoption it is read back from there: that is where the engine itself
+reads it, and whoever can inspect the container through the Docker socket can also `docker exec`
+into it (the socket is root on the host), so a copy kept elsewhere would hide it from nobody.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest
 
 from orchestrator.runtimes.base import (
+    ENGINE_API_KEY_ENV,
     LABEL_INSTANCE,
     LABEL_MANAGED,
     LABEL_PROFILE,
@@ -33,6 +39,7 @@ from orchestrator.runtimes.base import (
     EngineSpec,
     RuntimeError_,
     RuntimeHandle,
+    engine_key_env,
 )
 
 log = structlog.get_logger(__name__)
@@ -69,7 +76,8 @@ def container_kwargs(spec: EngineSpec, *, instance: str, gpus_available: bool) -
         "image": spec.image,
         # Arguments to the image's entrypoint; none: the image's own CMD.
         "command": list(spec.command) or None,
-        "environment": dict(spec.env),
+        # The runtime's API key wins over a profile's env of the same name.
+        "environment": {**spec.env, **engine_key_env(spec)},
         "ports": {f"{spec.container_port}/tcp": ("127.0.0.1", spec.port)},
         "volumes": volumes,
         "labels": {
@@ -254,6 +262,7 @@ class DockerRuntime:
             id=str(container.id),
             base_url=f"http://127.0.0.1:{port}",
             profile_id=spec.profile_id,
+            api_key=spec.api_key,
         )
 
     def _remove_previous(self, client: Any, profile_id: str) -> None:
@@ -317,6 +326,7 @@ class DockerRuntime:
                     id=str(container.id),
                     base_url=f"http://127.0.0.1:{port}",
                     profile_id=labels.get(LABEL_PROFILE, ""),
+                    api_key=_container_api_key(container.attrs),
                 )
             )
         return handles
@@ -343,6 +353,15 @@ def _published_port(attrs: dict[str, Any]) -> int:
             if binding.get("HostIp") == "127.0.0.1" and binding.get("HostPort"):
                 return int(binding["HostPort"])
     raise RuntimeError_(f"no port published on 127.0.0.1 (bindings: {published})")
+
+
+def _container_api_key(attrs: dict[str, Any]) -> str | None:
+    """The API key the container's engine was started with (its ENGINE_API_KEY_ENV), if any."""
+    prefix = ENGINE_API_KEY_ENV + "="
+    for entry in attrs.get("Config", {}).get("Env") or []:
+        if isinstance(entry, str) and entry.startswith(prefix):
+            return entry.removeprefix(prefix) or None
+    return None
 
 
 def unix_socket_problem(path: str) -> str | None:

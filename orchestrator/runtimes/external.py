@@ -21,7 +21,13 @@ class ExternalRuntime:
         if not spec.base_url:
             raise RuntimeError_(f"profile {spec.profile_id!r}: external runtime needs a base_url")
         root = engine_root_url(spec.base_url)
-        return RuntimeHandle(runtime=self.name, id=root, base_url=root, profile_id=spec.profile_id)
+        return RuntimeHandle(
+            runtime=self.name,
+            id=root,
+            base_url=root,
+            profile_id=spec.profile_id,
+            api_key=spec.api_key,
+        )
 
     async def stop(self, handle: RuntimeHandle, *, timeout_s: float = 20.0) -> None:
         """Nothing to stop: the engine is not ours."""

@@ -8,8 +8,9 @@ Two ways to run one:
   going straight to a file, so it outlives the gateway (no pipe to break when the gateway exits)
   and a restarted gateway can adopt it from its state file
   `<state_dir>/<profile_id>.json` = {pid, port, profile_id, base_url, cmdline, started_at,
-  instance, log_path, start_ticks}. Without `spec.log_path` its output goes to
-  `<state_dir>/<profile_id>.log`.
+  instance, log_path, start_ticks, api_key}. Without `spec.log_path` its output goes to
+  `<state_dir>/<profile_id>.log`. The state file holds the engine's API key, so it is written
+  0600: only the gateway's user (who can read the engine's /proc environ anyway) reads it.
 
 Adoption checks that the pid still runs the recorded command line and started at the recorded
 time (the kernel's start time in clock ticks), so a reused pid is never adopted or signalled.
@@ -32,7 +33,7 @@ from typing import Any
 
 import structlog
 
-from orchestrator.runtimes.base import EngineSpec, RuntimeError_, RuntimeHandle
+from orchestrator.runtimes.base import EngineSpec, RuntimeError_, RuntimeHandle, engine_key_env
 
 log = structlog.get_logger(__name__)
 
@@ -44,9 +45,13 @@ _KILL_GRACE_S = 10.0
 _FILE_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 # What an engine inherits from the gateway's environment: an allow-list, because the gateway's
-# own secrets (JWT_SECRET, ADMIN_API_KEY, OPENAI_API_KEY, DATABASE_URL, ...) must never reach an
-# engine (its logs, its crash dumps, whatever code a model repo runs). Everything else an engine
-# needs comes through spec.env (orchestrator/specs.py builds it from the profile and settings).
+# own secrets (JWT_SECRET, ADMIN_API_KEY, OPENAI_API_KEY, VLLM_API_KEY, HF_TOKEN, DATABASE_URL,
+# ...) must never reach an engine (its logs, its crash dumps, whatever code a model repo runs).
+# Everything else an engine needs comes through spec.env (orchestrator/specs.py builds it from
+# the profile and settings) and the runtime (its API key). No VLLM_* or HF_* prefix: the
+# gateway's own settings use both (VLLM_API_KEY, which vLLM would take as *its* key; HF_TOKEN),
+# and the spec already passes what an engine needs of them (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN
+# for engines that download).
 INHERITED_ENV = frozenset(
     {
         # Locating programs, the user and the locale.
@@ -68,13 +73,13 @@ INHERITED_ENV = frozenset(
 )  # fmt: skip
 INHERITED_ENV_PREFIXES = (
     "LC_",  # locale categories
-    "HF_",  # Hugging Face: HF_HOME, HF_TOKEN, HF_HUB_OFFLINE, HF_ENDPOINT, ...
     "CUDA_",
     "NVIDIA_",
-    "VLLM_",
     "TORCH_",
     "SIMULATOR_",  # the simulator's options (SIMULATOR_TOKENS_PER_SECOND, ...)
 )
+# Never inherited, even under an allowed prefix: names that say they hold a secret.
+SECRET_NAME_SUFFIXES = ("_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
 
 
 @dataclass
@@ -185,7 +190,7 @@ class ProcessRuntime:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                env=engine_environment(spec.env),
+                env=engine_environment({**spec.env, **engine_key_env(spec)}),
                 # Its own group, so stop() also ends the engine's worker processes.
                 start_new_session=True,
             )
@@ -198,6 +203,7 @@ class ProcessRuntime:
             id=str(process.pid),
             base_url=f"http://127.0.0.1:{spec.port}",
             profile_id=spec.profile_id,
+            api_key=spec.api_key,
         )
         self._children[handle.id] = _Child(process=process, logs=logs, reader=reader)
         return handle
@@ -220,7 +226,7 @@ class ProcessRuntime:
     def _start_detached(self, spec: EngineSpec, log_path: Path) -> RuntimeHandle:
         argv = list(spec.command)
         try:
-            pid = _spawn(argv, engine_environment(spec.env), log_path)
+            pid = _spawn(argv, engine_environment({**spec.env, **engine_key_env(spec)}), log_path)
         except OSError as exc:
             raise RuntimeError_(f"cannot start {argv[0]!r}: {exc}") from exc
         # /proc shows the command line as the kernel ran it (a script's interpreter included),
@@ -247,6 +253,8 @@ class ProcessRuntime:
                 "instance": self._instance,
                 "log_path": str(log_path),
                 "start_ticks": detached.start_ticks,
+                # A restarted gateway adopts the engine: it must still be able to call it.
+                "api_key": spec.api_key,
             }
             try:
                 _write_json_atomically(state_file, state)
@@ -257,7 +265,11 @@ class ProcessRuntime:
                 raise RuntimeError_(f"cannot write engine state file {state_file}: {exc}") from exc
             detached.state_file = state_file
         handle = RuntimeHandle(
-            runtime=self.name, id=str(pid), base_url=base_url, profile_id=spec.profile_id
+            runtime=self.name,
+            id=str(pid),
+            base_url=base_url,
+            profile_id=spec.profile_id,
+            api_key=spec.api_key,
         )
         self._detached[handle.id] = detached
         return handle
@@ -297,11 +309,14 @@ class ProcessRuntime:
                     state_file=state_file,
                     own=False,
                 )
+                api_key = state.get("api_key")
                 handle = RuntimeHandle(
                     runtime=self.name,
                     id=str(detached.pid),
                     base_url=str(state["base_url"]),
                     profile_id=str(state["profile_id"]),
+                    # None: a state file from before engines had keys (the engine has none).
+                    api_key=None if api_key is None else str(api_key),
                 )
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("engine_state_file_unreadable", path=str(state_file), error=str(exc))
@@ -332,13 +347,15 @@ def engine_environment(
 ) -> dict[str, str]:
     """An engine's environment: the allow-listed part of `base` (the gateway's), then `spec_env`.
 
-    `base` defaults to os.environ. The profile's and the gateway's choices (spec.env) win.
+    `base` defaults to os.environ. The profile's and the gateway's choices (spec_env: the spec's
+    env and the engine's API key) win.
     """
     base = os.environ if base is None else base
     env = {
         key: value
         for key, value in base.items()
-        if key in INHERITED_ENV or key.startswith(INHERITED_ENV_PREFIXES)
+        if (key in INHERITED_ENV or key.startswith(INHERITED_ENV_PREFIXES))
+        and not key.upper().endswith(SECRET_NAME_SUFFIXES)
     }
     env.update(spec_env)
     return env
@@ -375,9 +392,16 @@ def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> int:
 
 
 def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` as `path` in one step, readable by this user only (it holds an API key)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    # Created 0600 from the start (no window in which the umask's mode applies); a leftover
+    # temporary file of a crashed write is replaced.
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
 
 

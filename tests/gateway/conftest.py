@@ -37,6 +37,14 @@ def make_settings(**overrides: Any) -> Settings:
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
+def engine_headers(app: FastAPI) -> dict[str, str]:
+    """The Authorization header of the engine the app runs (its API key, new at every start):
+    what a test needs to call that engine directly, around the gateway."""
+    spec = app.state.resources.manager.spec
+    key = spec.api_key if spec is not None else None
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 @asynccontextmanager
 async def running_app(
     settings: Settings, customize: Callable[[FastAPI], None] | None = None

@@ -7,9 +7,11 @@ privileged, drops all capabilities and has a read-only root filesystem (``/tmp``
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import docker
 import httpx
@@ -103,3 +105,32 @@ def run_simulator_container(
         container.remove(force=True)
         raise
     return container, host_port
+
+
+def simulator_docker_profile(
+    image: str, repo_root: Path, profile_id: str, *extra: str
+) -> dict[str, Any]:
+    """A docker `command` profile running the simulator as `profile_id` on the host's Python.
+
+    PYTHONPATH may not be set by a profile, so a shell changes to the repository root first
+    (``python -m`` imports from the working directory) and then becomes the simulator.
+    """
+    root = str(repo_root.resolve())
+    launcher = (
+        f'cd {shlex.quote(root)} && exec {shlex.quote(container_python(root))} -m simulator "$@"'
+    )
+    simulator_args = ["--host", "0.0.0.0", "--port", "{port}", "--model", profile_id, *extra]
+    mounts = python_mounts(root)
+    return {
+        "display_name": f"Simulator {profile_id} in a container",
+        "engine": "command",
+        "runtime": "docker",
+        "image": image,
+        "served_model_name": profile_id,
+        # `sh -c SCRIPT NAME ARGS...`: ARGS become the simulator's "$@".
+        "command": ["sh", "-c", launcher, "sh", *simulator_args],
+        "env": {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+        "volumes": {host: mount["bind"] for host, mount in mounts.items()},
+        "read_only_volumes": list(mounts),
+        "startup_timeout_s": 20,
+    }

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
+import stat
 import sys
 import time
 import uuid
@@ -34,7 +36,7 @@ async def main() -> None:
     runtime = ProcessRuntime(instance=args["instance"], state_dir=Path(args["state_dir"]))
     spec = EngineSpec(profile_id="sim", served_model_name="sim-model", runtime="process",
                       command=tuple(args["command"]), port=args["port"],
-                      env={"PYTHONPATH": args["root"]})
+                      env={"PYTHONPATH": args["root"]}, api_key=args["api_key"])
     handle = await runtime.start(spec)
     print(json.dumps({"id": handle.id, "base_url": handle.base_url}), flush=True)
 
@@ -49,7 +51,7 @@ def _simulator_command(port: int) -> tuple[str, ...]:
     )  # fmt: skip
 
 
-def _spec(port: int, log_path: Path | None = None) -> EngineSpec:
+def _spec(port: int, log_path: Path | None = None, api_key: str | None = None) -> EngineSpec:
     return EngineSpec(
         profile_id="sim",
         served_model_name="sim-model",
@@ -58,6 +60,7 @@ def _spec(port: int, log_path: Path | None = None) -> EngineSpec:
         env={"PYTHONPATH": str(REPO_ROOT)},
         port=port,
         log_path=log_path,
+        api_key=api_key,
     )
 
 
@@ -84,9 +87,12 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-async def _wait_models(base_url: str, within_s: float = 20.0) -> list[str]:
+async def _wait_models(
+    base_url: str, within_s: float = 20.0, api_key: str | None = None
+) -> list[str]:
     deadline = time.monotonic() + within_s
-    async with httpx.AsyncClient() as http:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(headers=headers) as http:
         while True:
             try:
                 response = await http.get(base_url + "/v1/models", timeout=2.0)
@@ -129,11 +135,15 @@ async def test_output_goes_to_the_log_file_and_a_state_file_is_kept(tmp_path: Pa
     log_path = tmp_path / "logs" / "engine" / "sim.log"  # its directory does not exist yet
     state_dir = tmp_path / "state"
     runtime = ProcessRuntime(instance=_instance(), state_dir=state_dir)
-    handle = await runtime.start(_spec(port, log_path))
+    handle = await runtime.start(_spec(port, log_path, api_key="engine-key-1"))
     try:
         assert handle.profile_id == "sim"
         assert handle.base_url == f"http://127.0.0.1:{port}"
-        assert await _wait_models(handle.base_url) == ["sim-model"]
+        assert handle.api_key == "engine-key-1"
+        assert await _wait_models(handle.base_url, api_key="engine-key-1") == ["sim-model"]
+        # The runtime gave the engine its key (VLLM_API_KEY): without it, /v1 is refused.
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(handle.base_url + "/v1/models")).status_code == 401
         assert await runtime.is_running(handle)
 
         text = log_path.read_text()
@@ -152,6 +162,10 @@ async def test_output_goes_to_the_log_file_and_a_state_file_is_kept(tmp_path: Pa
         assert state["instance"] == runtime.instance
         assert state["log_path"] == str(log_path)
         assert abs(state["started_at"] - time.time()) < 60
+        # The key is kept for adoption, in a file that only the gateway's user can read.
+        assert state["api_key"] == "engine-key-1"
+        assert stat.S_IMODE((state_dir / "sim.json").stat().st_mode) == 0o600
+        assert list(state_dir.glob(".*.tmp")) == []
     finally:
         await runtime.stop(handle, timeout_s=10)
     assert not _alive(int(handle.id))
@@ -172,6 +186,7 @@ async def test_a_restarted_gateway_adopts_the_engine_and_stops_it(tmp_path: Path
         "port": port,
         "command": list(_simulator_command(port)),
         "root": str(REPO_ROOT),
+        "api_key": "old-gateway-key",
     }
     old_gateway = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _OLD_GATEWAY, json.dumps(args),
@@ -184,7 +199,7 @@ async def test_a_restarted_gateway_adopts_the_engine_and_stops_it(tmp_path: Path
     pid = int(started["id"])
     try:
         # The old gateway has exited; its engine runs on, with no pipe to write into.
-        assert await _wait_models(started["base_url"]) == ["sim-model"]
+        assert await _wait_models(started["base_url"], api_key="old-gateway-key") == ["sim-model"]
         assert _alive(pid)
 
         other = await ProcessRuntime(instance=_instance(), state_dir=state_dir).adopt()
@@ -199,11 +214,12 @@ async def test_a_restarted_gateway_adopts_the_engine_and_stops_it(tmp_path: Path
                 id=str(pid),
                 base_url=f"http://127.0.0.1:{port}",
                 profile_id="sim",
+                api_key="old-gateway-key",  # read back from the state file
             )
         ]
         handle = adopted[0]
         assert await runtime.is_running(handle)
-        assert await _wait_models(handle.base_url) == ["sim-model"]
+        assert await _wait_models(handle.base_url, api_key=handle.api_key) == ["sim-model"]
         # Default log file in the state dir; logs_tail reads it for an adopted engine.
         assert any("SIMULATOR starting" in line for line in runtime.logs_tail(handle, 20))
         assert (state_dir / "sim.log").exists()
@@ -274,16 +290,6 @@ async def test_a_reused_pid_is_not_adopted(tmp_path: Path, sleeper: int) -> None
     assert not matching.exists()
 
 
-# Secrets of the gateway that no engine may see (settings of gateway/settings.py).
-GATEWAY_SECRETS = (
-    "JWT_SECRET",
-    "ADMIN_API_KEY",
-    "OPENAI_API_KEY",
-    "DATABASE_URL",
-    "ADMIN_PASSWORD",
-)
-
-
 async def _proc_environ(pid: int) -> dict[str, str]:
     """The environment the process was started with (as the kernel shows it)."""
     path = Path(f"/proc/{pid}/environ")
@@ -326,16 +332,22 @@ async def _wait_log_line(
 async def test_an_engine_inherits_only_the_allow_listed_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, detached: bool
 ) -> None:
-    for name in GATEWAY_SECRETS:
-        monkeypatch.setenv(name, f"secret-{name.lower()}")
-    monkeypatch.setenv("HF_TOKEN", "hf_allowed")
+    # Every gateway setting is covered by tests/gateway/test_engine_access.py; these are the
+    # prefixes an engine once inherited (VLLM_*, HF_*) and secret names under an allowed prefix.
+    for name in ("VLLM_API_KEY", "VLLM_BASE_URL", "HF_TOKEN", "HF_ENDPOINT", "SIMULATOR_API_KEY"):
+        monkeypatch.setenv(name, f"gateway-{name.lower()}")
     monkeypatch.setenv("LC_ALL", "C.UTF-8")
     monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
-    spec = _command_spec(
-        ("sleep", "30"),
-        tmp_path / "cmd.log" if detached else None,
-        CUDA_DEVICE_ORDER="PCI_BUS_ID",
-        ENGINE_ONLY="1",
+    monkeypatch.setenv("SIMULATOR_TOKENS_PER_SECOND", "7")
+    spec = dataclasses.replace(
+        _command_spec(
+            ("sleep", "30"),
+            tmp_path / "cmd.log" if detached else None,
+            CUDA_DEVICE_ORDER="PCI_BUS_ID",
+            ENGINE_ONLY="1",
+            VLLM_API_KEY="from-the-profile",
+        ),
+        api_key="engine-key",
     )
     runtime = ProcessRuntime(instance=_instance())
     handle = await runtime.start(spec)
@@ -343,15 +355,18 @@ async def test_an_engine_inherits_only_the_allow_listed_environment(
         env = await _proc_environ(int(handle.id))
     finally:
         await runtime.stop(handle, timeout_s=5)
-    for name in GATEWAY_SECRETS:
-        assert name not in env
-    assert not any(value.startswith("secret-") for value in env.values())
+    assert not any(value.startswith("gateway-") for value in env.values()), env
+    assert "HF_TOKEN" not in env
+    assert "SIMULATOR_API_KEY" not in env
     assert env["PATH"] == os.environ["PATH"]
-    assert env["HF_TOKEN"] == "hf_allowed"
     assert env["LC_ALL"] == "C.UTF-8"
-    # The spec's env is added and wins over what is inherited.
+    assert env["SIMULATOR_TOKENS_PER_SECOND"] == "7"
+    # The spec's env is added and wins over what is inherited ...
     assert env["ENGINE_ONLY"] == "1"
     assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    # ... and the runtime's API key wins over both.
+    assert env["VLLM_API_KEY"] == "engine-key"
+    assert handle.api_key == "engine-key"
 
 
 # Ignores SIGTERM (and so does its child, which inherits the ignored disposition): only SIGKILL

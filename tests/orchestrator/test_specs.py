@@ -247,6 +247,27 @@ def test_simulator_in_docker_listens_on_all_interfaces_inside(fixtures: ProfileS
     assert spec.volumes == {}
 
 
+def test_every_engine_start_gets_a_new_api_key_kept_out_of_argv_env_and_repr(
+    shipped: ProfileSet, fixtures: ProfileSet
+) -> None:
+    first = spec_for(shipped.get("simulator"), NO_GPU)
+    again = spec_for(shipped.get("simulator"), NO_GPU)
+    in_docker = spec_for(fixtures.get("sim-docker"), NO_GPU)
+    vllm = spec_for(fixtures.get("cpu-tiny"), NO_GPU)
+    keys = [spec.api_key for spec in (first, again, in_docker, vllm)]
+    assert all(key is not None and len(key) >= 43 for key in keys), keys
+    assert len(set(keys)) == len(keys)  # one per start, never reused
+    for spec in (first, in_docker, vllm):
+        assert spec.api_key is not None
+        # Not on the command line (every local user reads argv in `ps`) and not in the spec's
+        # env (the runtime adds it for the engine alone); never in a log line of the spec.
+        assert not any(spec.api_key in arg for arg in spec.command)
+        assert spec.api_key not in spec.env.values()
+        assert spec.api_key not in repr(spec)
+    # An external engine's key is the gateway's VLLM_API_KEY setting, not made up here.
+    assert spec_for(fixtures.get("remote"), NO_GPU).api_key is None
+
+
 def test_external_profile_is_a_url_only(fixtures: ProfileSet) -> None:
     spec = spec_for(fixtures.get("remote"), NO_GPU)
     assert spec.runtime == "external"
@@ -335,13 +356,22 @@ async def test_tiny_cpu_spec_starts_real_vllm(tiny_vllm: tuple[Path, Path], tmp_
         log_dir=tmp_path,
         instance="test",
     )
+    assert spec.api_key
     runtime = ProcessRuntime()
     handle = await runtime.start(spec)
     try:
-        async with httpx.AsyncClient(base_url=handle.base_url, timeout=5.0) as client:
+        key = {"Authorization": f"Bearer {spec.api_key}"}
+        async with httpx.AsyncClient(base_url=handle.base_url, timeout=5.0, headers=key) as client:
             models = await wait_for_models(client, runtime, handle)
         assert [model["id"] for model in models["data"]] == ["tiny-llama"]
         assert models["data"][0]["max_model_len"] == 256
+        # vLLM took the key from VLLM_API_KEY, which the runtime set: /v1 is refused without it
+        # (or with another), /health stays open.
+        async with httpx.AsyncClient(base_url=handle.base_url, timeout=5.0) as bare:
+            assert (await bare.get("/v1/models")).status_code == 401
+            wrong = {"Authorization": "Bearer not-the-key"}
+            assert (await bare.get("/v1/models", headers=wrong)).status_code == 401
+            assert (await bare.get("/health")).status_code == 200
     finally:
         await runtime.stop(handle)
 

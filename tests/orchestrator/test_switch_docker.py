@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import shlex
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -38,8 +37,9 @@ from orchestrator.runtimes.base import LABEL_INSTANCE, LABEL_PROFILE, EngineSpec
 from orchestrator.runtimes.docker import DockerRuntime
 from orchestrator.specs import build_engine_spec
 from tests.infra import docker_engine
-from tests.infra.docker_engine import container_python, python_mounts
+from tests.infra.docker_engine import python_mounts
 from tests.infra.ports import free_port
+from tests.infra.simulator_container import simulator_docker_profile
 
 pytestmark = pytest.mark.docker
 
@@ -82,33 +82,6 @@ class Setup:
         return found
 
 
-def _profile(image: str, repo_root: Path, profile_id: str, *extra: str) -> dict[str, Any]:
-    """A docker `command` profile running the simulator as `profile_id` on the host's Python.
-
-    PYTHONPATH may not be set by a profile, so a shell changes to the repository root first
-    (``python -m`` imports from the working directory) and then becomes the simulator.
-    """
-    root = str(repo_root.resolve())
-    launcher = (
-        f'cd {shlex.quote(root)} && exec {shlex.quote(container_python(root))} -m simulator "$@"'
-    )
-    simulator_args = ["--host", "0.0.0.0", "--port", "{port}", "--model", profile_id, *extra]
-    mounts = python_mounts(root)
-    return {
-        "display_name": f"Simulator {profile_id} in a container",
-        "engine": "command",
-        "runtime": "docker",
-        "image": image,
-        "served_model_name": profile_id,
-        # `sh -c SCRIPT NAME ARGS...`: ARGS become the simulator's "$@".
-        "command": ["sh", "-c", launcher, "sh", *simulator_args],
-        "env": {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"},
-        "volumes": {host: mount["bind"] for host, mount in mounts.items()},
-        "read_only_volumes": list(mounts),
-        "startup_timeout_s": 20,
-    }
-
-
 def _spec_factory(profiles: ProfileSet, instance: str) -> SpecFactory:
     """Like ModelControl.spec_for, on a machine without GPUs, with the test labels added."""
 
@@ -135,10 +108,10 @@ def profiles(tmp_path: Path, test_image: str, repo_root: Path) -> ProfileSet:
     data = {
         "default": "dock-a",
         "profiles": {
-            "dock-a": _profile(test_image, repo_root, "dock-a"),
-            "dock-b": _profile(test_image, repo_root, "dock-b"),
+            "dock-a": simulator_docker_profile(test_image, repo_root, "dock-a"),
+            "dock-b": simulator_docker_profile(test_image, repo_root, "dock-b"),
             # The delay keeps the container up until the runtime has read its port.
-            "dock-broken": _profile(
+            "dock-broken": simulator_docker_profile(
                 test_image, repo_root, "dock-broken", "--startup-delay", "0.5", "--fail-at-start"
             ),
         },
@@ -183,6 +156,13 @@ async def _switch(manager: VLLMModelManager, profile_id: str) -> SwitchJob:
     return await manager.wait_job(job.id, timeout_s=JOB_TIMEOUT_S)
 
 
+def _engine_headers(manager: VLLMModelManager) -> dict[str, str]:
+    """The Authorization header the manager's engine requires (the key of its start)."""
+    assert manager.spec is not None
+    assert manager.spec.api_key
+    return {"Authorization": f"Bearer {manager.spec.api_key}"}
+
+
 async def _chat(setup: Setup, manager: VLLMModelManager, name: str) -> str:
     """One chat completion through the manager's ready engine; returns the reply text."""
     async with manager.serving() as status:
@@ -190,6 +170,7 @@ async def _chat(setup: Setup, manager: VLLMModelManager, name: str) -> str:
         response = await setup.http.post(
             status.base_url + "/v1/chat/completions",
             json={"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
+            headers=_engine_headers(manager),
             timeout=10.0,
         )
     assert response.status_code == 200, response.text
@@ -240,6 +221,19 @@ async def test_switch_runs_one_locked_down_container_that_serves(
         mounts = python_mounts(repo_root)
         assert sorted(host["Binds"]) == sorted(f"{p}:{p}:ro" for p in mounts)
         assert all(mount["RW"] is False for mount in attrs["Mounts"])
+        # The engine's API key: in its environment, in no label and not on its command line.
+        assert spec.api_key
+        assert f"VLLM_API_KEY={spec.api_key}" in attrs["Config"]["Env"]
+        assert not any(spec.api_key in value for value in attrs["Config"]["Labels"].values())
+        assert not any(spec.api_key in arg for arg in attrs["Config"]["Cmd"] or [])
+        # Straight to the published port, the engine wants that key: 401 without or with another.
+        url = f"{manager.base_url}/v1/models"
+        assert (await setup.http.get(url)).status_code == 401
+        other = {"Authorization": "Bearer not-the-key"}
+        assert (await setup.http.get(url, headers=other)).status_code == 401
+        keyed = await setup.http.get(url, headers=_engine_headers(manager))
+        assert keyed.status_code == 200
+        assert (await setup.http.get(f"{manager.base_url}/health")).status_code == 200
     finally:
         await manager.aclose()
     assert setup.containers(include_exited=True) == []
@@ -289,6 +283,11 @@ async def test_a_restarted_manager_adopts_the_running_container(setup: Setup) ->
         assert state["Running"] is True
         assert state["StartedAt"] == started_at  # the same run: not restarted
         assert [c.id for c in setup.containers()] == [container_id]
+        # The key was read back from the container: the new spec's own key would be refused.
+        assert before.spec is not None
+        assert after.spec is not None
+        assert after.spec.api_key == before.spec.api_key
+        assert setup.spec_factory("dock-b").api_key != before.spec.api_key
         await _chat(setup, after, "dock-b")
     finally:
         if after is not None:

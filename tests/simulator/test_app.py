@@ -398,7 +398,7 @@ async def test_context_length_exceeded_is_400() -> None:
         assert "input tokens" in assert_vllm_error(too_long, 400, "BadRequestError")
 
 
-async def test_api_key_is_required_on_v1_only() -> None:
+async def test_api_key_is_required_on_v1_and_the_test_routes() -> None:
     async with client_for(make_app(api_key="s3cret")) as client:
         missing = await client.get("/v1/models")
         assert missing.status_code == 401
@@ -409,8 +409,23 @@ async def test_api_key_is_required_on_v1_only() -> None:
         assert wrong.status_code == 401
         good = await client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
         assert good.status_code == 200
+        # The test routes show request bodies and reset counters: the key guards them too.
+        assert (await client.get("/simulator/requests")).status_code == 401
+        assert (await client.post("/simulator/reset")).status_code == 401
+        stats = await client.get("/simulator/stats", headers={"Authorization": "Bearer s3cret"})
+        assert stats.status_code == 200
+        assert stats.json()["rejected_total"] == 4
+        # Open, as in vLLM: the health check and Prometheus.
         assert (await client.get("/health")).status_code == 200
         assert (await client.get("/metrics")).status_code == 200
+
+
+def test_the_api_key_comes_from_the_flag_then_simulator_api_key_then_vllm_api_key() -> None:
+    assert config_from_args([], {}).api_key is None
+    assert config_from_args([], {"VLLM_API_KEY": "from-vllm"}).api_key == "from-vllm"
+    both = {"VLLM_API_KEY": "from-vllm", "SIMULATOR_API_KEY": "from-sim"}
+    assert config_from_args([], both).api_key == "from-sim"
+    assert config_from_args(["--api-key", "from-flag"], both).api_key == "from-flag"
 
 
 # --- sleep contract ----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import asyncio
 import os
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,7 @@ import yaml
 from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, async_playwright
 
 from gateway.migrate import upgrade
-from tests.gateway.conftest import make_settings, served_app
+from tests.gateway.conftest import engine_headers, make_settings, served_app
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "ui"
@@ -121,6 +121,8 @@ class Gateway:
 
     base_url: str
     client: httpx.AsyncClient = field(repr=False)
+    # The engine's API key changes at every start: read it from the app when it is needed.
+    engine_headers: Callable[[], dict[str, str]] = field(repr=False)
     admin_token: str
     user_token: str
     admin_password: str = ADMIN_PASSWORD
@@ -147,7 +149,9 @@ class Gateway:
         status = (await self.as_admin("GET", "/api/models/status")).json()
         engine_url = status["engine"]["engine_url"]
         assert engine_url, status
-        async with httpx.AsyncClient(base_url=engine_url, timeout=10, trust_env=False) as engine:
+        async with httpx.AsyncClient(
+            base_url=engine_url, timeout=10, trust_env=False, headers=self.engine_headers()
+        ) as engine:
             response = await engine.get("/simulator/stats")
         assert response.status_code == 200, response.text
         return dict(response.json())
@@ -188,7 +192,7 @@ async def serve_gateway(
         GPU_SNAPSHOT=str(GPU_SNAPSHOT),
     )
     async with (
-        served_app(settings) as (_, base_url),
+        served_app(settings) as (app, base_url),
         httpx.AsyncClient(base_url=base_url, timeout=30, trust_env=False) as client,
     ):
         admin_token = await _login(client, "admin", ADMIN_PASSWORD)
@@ -209,6 +213,7 @@ async def serve_gateway(
         yield Gateway(
             base_url=base_url,
             client=client,
+            engine_headers=lambda: engine_headers(app),
             admin_token=admin_token,
             user_token=await _login(client, USER_NAME, USER_PASSWORD),
         )

@@ -32,7 +32,7 @@ PROFILES = {"sim-a": sim_profile("sim-a", "--response-tokens", "6")}
 
 async def _upstream_requests(gw: Any) -> list[dict[str, Any]]:
     url = await gw.wait_ready()
-    reply = await gw.http.get(f"{url}/simulator/requests")
+    reply = await gw.http.get(f"{url}/simulator/requests", headers=gw.engine_headers())
     assert reply.status_code == 200, reply.text
     return list(reply.json()["data"])
 

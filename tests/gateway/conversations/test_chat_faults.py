@@ -77,7 +77,8 @@ async def test_engine_failing_mid_stream_saves_the_partial_reply_and_sends_an_er
             )
             assert follow.status_code == 200, follow.text
             url = await gw.wait_ready()
-            sent = (await http.get(f"{url}/simulator/requests")).json()["data"][-1]["messages"]
+            upstream = await http.get(f"{url}/simulator/requests", headers=gw.engine_headers())
+            sent = upstream.json()["data"][-1]["messages"]
             assert [m["role"] for m in sent] == ["user", "user"]
             assert text not in [m["content"] for m in sent]
 
@@ -106,7 +107,8 @@ async def test_engine_refusing_the_request_saves_an_error_reply(pg_url: str) -> 
         )
         assert again.status_code == 200, again.text
         url = await gw.wait_ready()
-        sent = (await http.get(f"{url}/simulator/requests")).json()["data"][-1]["messages"]
+        upstream = await http.get(f"{url}/simulator/requests", headers=gw.engine_headers())
+        sent = upstream.json()["data"][-1]["messages"]
         assert sent == [{"role": "user", "content": "short"}]
         stored = await messages(http, token, reply.headers["X-Conversation-Id"])
         assert [(m["role"], m["status"]) for m in stored] == [

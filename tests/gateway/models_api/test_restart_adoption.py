@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -130,9 +131,10 @@ def _gateway_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _engine_stats(engine_url: str) -> dict[str, Any]:
+def _engine_stats(engine_url: str, api_key: str) -> dict[str, Any]:
     """The simulator's own counters: they survive only as long as that process does."""
-    response = httpx.get(f"{engine_url}/simulator/stats", timeout=5)
+    headers = {"Authorization": f"Bearer {api_key}"}
+    response = httpx.get(f"{engine_url}/simulator/stats", headers=headers, timeout=5)
     assert response.status_code == 200, response.text
     stats: dict[str, Any] = response.json()
     return stats
@@ -166,8 +168,13 @@ def test_a_killed_gateway_is_replaced_by_one_that_adopts_its_engine(
     pid = int(recorded["pid"])
     cleanup.append(pid)
     assert recorded["base_url"] == engine["engine_url"]
+    # The engine's API key is kept for the next gateway, in a file only the gateway's user reads.
+    key = recorded["api_key"]
+    assert len(key) >= 40
+    assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
+    assert httpx.get(f"{engine['engine_url']}/v1/models", timeout=5).status_code == 401
     assert first.chat()["model"] == PROFILE
-    served_before = _engine_stats(engine["engine_url"])["requests_total"]
+    served_before = _engine_stats(engine["engine_url"], key)["requests_total"]
     assert served_before >= 1
 
     # A crash: SIGKILL runs no shutdown code, so the detached engine keeps running.
@@ -181,7 +188,7 @@ def test_a_killed_gateway_is_replaced_by_one_that_adopts_its_engine(
     assert adopted["profile_id"] == PROFILE
     assert adopted["engine_url"] == engine["engine_url"]
     assert json.loads(state_file.read_text()) == recorded
-    assert _engine_stats(engine["engine_url"])["requests_total"] == served_before
+    assert _engine_stats(engine["engine_url"], key)["requests_total"] == served_before
     assert "adopted the running engine of profile sim-adopt" in second.log()
     assert "engine_adopted" in second.log()
 
@@ -192,7 +199,8 @@ def test_a_killed_gateway_is_replaced_by_one_that_adopts_its_engine(
     assert completion["usage"]["total_tokens"] == (
         completion["usage"]["prompt_tokens"] + completion["usage"]["completion_tokens"]
     )
-    assert _engine_stats(engine["engine_url"])["requests_total"] == served_before + 1
+    # ... through the adopted engine, with the key read back from the state file.
+    assert _engine_stats(engine["engine_url"], key)["requests_total"] == served_before + 1
     assert pid_alive(pid)
 
     # A graceful stop (what systemd and `docker stop` send) stops the engine with the gateway.

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from gateway.settings import Settings
-from tests.gateway.conftest import make_settings, running_app, served_app
+from tests.gateway.conftest import engine_headers, make_settings, running_app, served_app
 
 SNAPSHOT = Path(__file__).parents[2] / "fixtures" / "gpu" / "dual_rtx3090.json"
 ADMIN_KEY = "sk-admin-test-7f3c9a1e5b2d4c6a"
@@ -138,7 +138,7 @@ async def test_switch_a_to_b_then_failed_switch_rolls_back(
     sqlite_url: str, profiles_file: Path
 ) -> None:
     settings = _settings(sqlite_url, profiles_file, ENGINE="auto")
-    async with running_app(settings) as (_, client):
+    async with running_app(settings) as (app, client):
         for _ in range(400):
             status = (await client.get("/api/models/status", headers=AUTH)).json()
             if status["engine"]["state"] == "ready":
@@ -160,7 +160,8 @@ async def test_switch_a_to_b_then_failed_switch_rolls_back(
         assert status["engine"]["profile_id"] == "sim-b"
         b_url = status["engine"]["engine_url"]
         assert b_url != a_url
-        async with httpx.AsyncClient() as direct:
+        # Straight to the engine: it takes only the key of its own start.
+        async with httpx.AsyncClient(headers=engine_headers(app)) as direct:
             assert (await _chat(direct, b_url, "sim-b"))["model"] == "sim-b"
             with pytest.raises(httpx.ConnectError):
                 await direct.get(f"{a_url}/health")
@@ -175,7 +176,7 @@ async def test_switch_a_to_b_then_failed_switch_rolls_back(
         status = (await client.get("/api/models/status", headers=AUTH)).json()
         assert status["engine"]["profile_id"] == "sim-b"
         assert status["engine"]["state"] == "ready"
-        async with httpx.AsyncClient() as direct:
+        async with httpx.AsyncClient(headers=engine_headers(app)) as direct:
             await _chat(direct, status["engine"]["engine_url"], "sim-b")
 
 

@@ -11,7 +11,7 @@ import openai
 import pytest
 import yaml
 
-from tests.gateway.conftest import make_settings, running_app
+from tests.gateway.conftest import engine_headers, make_settings, running_app
 
 pytestmark = pytest.mark.vllm
 
@@ -41,8 +41,10 @@ async def _switch(client: httpx.AsyncClient, profile_id: str) -> dict[str, Any]:
     raise AssertionError(f"switch to {profile_id} did not finish")
 
 
-async def _chat(engine_url: str, model: str) -> Any:
-    async with openai.AsyncOpenAI(base_url=f"{engine_url}/v1", api_key="unused") as sdk:
+async def _chat(engine_url: str, model: str, headers: dict[str, str]) -> Any:
+    """Straight to the engine, with the Authorization header it requires (its API key)."""
+    api_key = headers["Authorization"].removeprefix("Bearer ")
+    async with openai.AsyncOpenAI(base_url=f"{engine_url}/v1", api_key=api_key) as sdk:
         return await sdk.chat.completions.create(
             model=model,
             messages=[{"role": "user", "content": "hello"}],
@@ -77,7 +79,7 @@ async def test_simulator_to_tiny_vllm_and_back(
         VLLM_PYTHON=str(vllm_python),
         ENGINE="none",
     )
-    async with running_app(settings) as (_, client):
+    async with running_app(settings) as (app, client):
         client.headers.update(AUTH)
         served = []
         for profile_id, model in (
@@ -90,7 +92,7 @@ async def test_simulator_to_tiny_vllm_and_back(
             status = (await client.get("/api/models/status")).json()["engine"]
             assert status["profile_id"] == profile_id
             assert model in status["served_names"]
-            completion = await _chat(status["engine_url"], model)
+            completion = await _chat(status["engine_url"], model, engine_headers(app))
             assert completion.model == model
             assert completion.usage is not None
             assert completion.usage.completion_tokens == 6

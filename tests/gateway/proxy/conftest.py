@@ -24,7 +24,7 @@ from fastapi import FastAPI
 
 from gateway.migrate import upgrade
 from gateway.settings import Settings
-from tests.gateway.conftest import make_settings, served_app
+from tests.gateway.conftest import engine_headers, make_settings, served_app
 from tests.infra.ports import free_port
 
 ADMIN_KEY = "sk-admin-test-proxy-4f7a2c9e1b3d"
@@ -123,6 +123,10 @@ class Gateway:
         """The in-process engine manager."""
         return self.app.state.resources.manager
 
+    def engine_headers(self) -> dict[str, str]:
+        """The Authorization header the running engine requires (its per-start API key)."""
+        return engine_headers(self.app)
+
     def sdk(self, **options: Any) -> openai.AsyncOpenAI:
         """The official async SDK on the gateway (no retries: every failure shows)."""
         return openai.AsyncOpenAI(
@@ -160,7 +164,7 @@ class Gateway:
     async def sim_stats(self, engine_url: str | None = None) -> dict[str, Any]:
         """The simulator engine's own counters (requests_total, aborted_total, running...)."""
         url = engine_url or await self.wait_ready()
-        response = await self.http.get(f"{url}/simulator/stats")
+        response = await self.http.get(f"{url}/simulator/stats", headers=self.engine_headers())
         assert response.status_code == 200, response.text
         return dict(response.json())
 

@@ -134,7 +134,7 @@ async def test_embeddings_error_is_passed_through(gw: Gateway) -> None:
     # A generative model serves no embeddings: vLLM's own answer reaches the client unchanged.
     engine_url = await gw.wait_ready("tiny-cpu")
     body = {"model": MODEL, "input": "hello"}
-    async with httpx.AsyncClient(timeout=60) as direct:
+    async with httpx.AsyncClient(timeout=60, headers=gw.engine_headers()) as direct:
         expected = await direct.post(f"{engine_url}/v1/embeddings", json=body)
     relayed = await gw.http.post("/v1/embeddings", json=body, timeout=60)
     async with gw.sdk(timeout=60) as sdk:

@@ -266,7 +266,9 @@ async def test_engine_errors_pass_through_with_their_status_and_body() -> None:
     async with gateway(_one_profile("--max-model-len", "64")) as gw:
         engine_url = await gw.wait_ready()
         body = {"model": "sim", "messages": too_long, "max_tokens": 4}
-        direct = await gw.http.post(f"{engine_url}/v1/chat/completions", json=body)
+        direct = await gw.http.post(
+            f"{engine_url}/v1/chat/completions", json=body, headers=gw.engine_headers()
+        )
         relayed = await gw.http.post("/v1/chat/completions", json=body)
         relayed_stream = await gw.http.post("/v1/chat/completions", json={**body, "stream": True})
         async with gw.sdk() as sdk:
