@@ -42,12 +42,12 @@ else
     missing+=(busybox-static)
 fi
 
-# tests/observability and tests/deploy: a real Prometheus (and promtool) scrapes the gateway;
+# tests/gateway/metrics and tests/deploy: a real Prometheus (and promtool) scrapes the gateway;
 # docker-compose checks deploy/compose.yml.
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 
-# The browser tests (tests/ui) drive Debian's chromium through Playwright; never `playwright install`.
+# The browser tests (tests/gateway/ui) drive Debian's chromium through Playwright; never `playwright install`.
 if command -v chromium >/dev/null 2>&1 || [[ -x /usr/bin/chromium ]]; then
     log "chromium: ok"
 else

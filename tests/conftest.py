@@ -6,16 +6,16 @@ started once per session on first use (tests that do not ask for it never pay fo
 Fixtures (names are a contract):
 
 * ``repo_root``        (session) the repository root ``Path``.
-* ``postgres_server``  (session) a started ``tests.infra.postgres.PostgresServer``.
+* ``postgres_server``  (session) a started ``tests.helpers.postgres.PostgresServer``.
 * ``postgres_url``     (function) ``postgresql+asyncpg://`` URL of a new, empty database
                        (dropped after the test).
-* ``redis_server``     (session) a started ``tests.infra.redis.RedisServer``.
+* ``redis_server``     (session) a started ``tests.helpers.redis.RedisServer``.
 * ``redis_url``        (function) its ``redis://127.0.0.1:PORT/0`` URL, after ``FLUSHALL``.
 * ``docker_client``    (session) a ``docker.DockerClient`` (dockerd is started if needed); at the
                        end of the session every container labelled ``vcg.test=1`` by this
                        session (or by a dead one) is removed.
 * ``test_image``       (session) tag of the busybox base image that runs the host's Python.
-* ``vllm_engine``      (session) a started ``tests.infra.vllm_engine.VLLMEngine`` serving the tiny
+* ``vllm_engine``      (session) a started ``tests.helpers.vllm_engine.VLLMEngine`` serving the tiny
                        random-weight Llama as ``tiny-llama``.
 
 A missing binary or venv skips the tests that need it with the reason, except when ``CI`` is set
@@ -32,16 +32,16 @@ from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import pytest
 
-from tests.infra import ServiceUnavailable
+from tests.helpers.paths import REPO
+from tests.helpers.services import ServiceUnavailable
 
 if TYPE_CHECKING:
     import docker
 
-    from tests.infra.postgres import PostgresServer
-    from tests.infra.redis import RedisServer
-    from tests.infra.vllm_engine import VLLMEngine
+    from tests.helpers.postgres import PostgresServer
+    from tests.helpers.redis import RedisServer
+    from tests.helpers.vllm_engine import VLLMEngine
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 
@@ -67,7 +67,7 @@ def _available(make: Callable[[], T]) -> T:
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
-    return REPO_ROOT
+    return REPO
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    from tests.infra.postgres import PostgresServer
+    from tests.helpers.postgres import PostgresServer
 
     server = _available(PostgresServer)
     _available(server.start)
@@ -102,7 +102,7 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    from tests.infra.redis import RedisServer
+    from tests.helpers.redis import RedisServer
 
     server = _available(RedisServer)
     server.start()
@@ -132,7 +132,7 @@ def redis_url(redis_server: RedisServer) -> str:
 
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[docker.DockerClient]:
-    from tests.infra.docker_engine import ensure_docker, remove_test_containers
+    from tests.helpers.docker_engine import ensure_docker, remove_test_containers
 
     client = _available(ensure_docker)
     try:
@@ -144,7 +144,7 @@ def docker_client() -> Iterator[docker.DockerClient]:
 
 @pytest.fixture(scope="session")
 def test_image(docker_client: docker.DockerClient) -> str:
-    from tests.infra.docker_engine import build_base_image
+    from tests.helpers.docker_engine import build_base_image
 
     return _available(lambda: build_base_image(docker_client))
 
@@ -154,7 +154,7 @@ def test_image(docker_client: docker.DockerClient) -> str:
 
 @pytest.fixture(scope="session")
 def vllm_engine() -> Iterator[VLLMEngine]:
-    from tests.infra.vllm_engine import (
+    from tests.helpers.vllm_engine import (
         VLLM_PYTHON,
         VLLMEngine,
         check_vllm_python,
@@ -174,7 +174,7 @@ def vllm_engine() -> Iterator[VLLMEngine]:
 @pytest.fixture(scope="session")
 def vllm_install() -> tuple[Path, Path]:
     """The vLLM CPU venv's python and the tiny model dir, for tests that start vLLM themselves."""
-    from tests.infra.vllm_engine import VLLM_PYTHON, check_vllm_python, ensure_tiny_model
+    from tests.helpers.vllm_engine import VLLM_PYTHON, check_vllm_python, ensure_tiny_model
 
     _available(lambda: check_vllm_python(VLLM_PYTHON))
     return VLLM_PYTHON, ensure_tiny_model(VLLM_PYTHON)

@@ -14,9 +14,8 @@ import pytest
 import yaml
 
 from gateway.settings import Settings
-
-from .grafana import DEPLOY
-from .tools import require_tool
+from tests.deploy.grafana import DEPLOY
+from tests.deploy.tools import require_tool
 
 SERVICES = {"gateway", "postgres", "redis", "prometheus", "grafana"}
 

@@ -4,7 +4,7 @@ targets with unique refIds; datasource references) and resolve to the provisione
 
 No Grafana runs here; the rules are those of Grafana's dashboard schema, checked one by one.
 The PromQL of every panel is evaluated against a real Prometheus in
-tests/observability/test_prometheus.py.
+tests/gateway/metrics/test_prometheus.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .grafana import DASHBOARDS, DEPLOY, PROVISIONING, dashboards, panels, queries
+from tests.deploy.grafana import DASHBOARDS, DEPLOY, PROVISIONING, dashboards, panels, queries
 
 # Grafana's dashboard uid: at most 40 characters of letters, digits, '-' and '_'.
 _UID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")

@@ -28,10 +28,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.gateway.conftest import make_settings, served_app
-from tests.infra.ports import free_port
-
-from .grafana import DEPLOY
+from tests.deploy.grafana import DEPLOY
+from tests.helpers.app import make_settings, served_app
+from tests.helpers.ports import free_port
 
 if TYPE_CHECKING:
     import docker
@@ -199,7 +198,7 @@ def _context(tmp_path: Path) -> Path:
 def test_the_local_docker_engine_builds_the_stages(
     docker_client: docker.DockerClient, test_image: str, tmp_path: Path
 ) -> None:
-    from tests.infra.docker_engine import test_labels
+    from tests.helpers.docker_engine import test_labels
 
     tag = f"vcg-test-gateway-image:{os.getpid()}"
     image, _ = docker_client.images.build(

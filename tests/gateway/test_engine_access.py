@@ -26,9 +26,9 @@ from pydantic import SecretStr
 
 from gateway.engine import ModelControl
 from gateway.settings import Settings
-from tests.gateway.proxy.conftest import gateway, gateway_settings
-from tests.infra import docker_engine
-from tests.infra.simulator_container import simulator_docker_profile
+from tests.helpers import docker_engine
+from tests.helpers.proxy import gateway, gateway_settings
+from tests.helpers.simulator_container import simulator_docker_profile
 
 SECRET_SUFFIXES = ("_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
 # Settings that are URLs and may carry a password in them: their canary goes in that place.

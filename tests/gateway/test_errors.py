@@ -7,7 +7,7 @@ import re
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
-from .conftest import make_settings, running_app
+from tests.helpers.app import make_settings, running_app
 
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
 

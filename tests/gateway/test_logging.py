@@ -7,8 +7,7 @@ import json
 import pytest
 
 from gateway.logging import get_logger
-
-from .conftest import make_settings, running_app
+from tests.helpers.app import make_settings, running_app
 
 
 def _json_lines(text: str) -> list[dict[str, object]]:

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from gateway.migrate import upgrade
-
-from .quota.conftest import create_key, quota_gateway, quota_settings
+from tests.helpers.quota import create_key, quota_gateway, quota_settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SECTION = "## Use it like OpenAI"

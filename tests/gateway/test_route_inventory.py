@@ -39,13 +39,13 @@ from gateway.keys.models import ApiKey
 from gateway.keys.service import KEY_CACHE
 from gateway.settings import Settings
 from gateway.users.models import User
-from tests.gateway.auth.conftest import (
+from tests.helpers.app import TEST_SECRET, running_app, served_app
+from tests.helpers.auth import (
     ADMIN_PASSWORD,
     USER_PASSWORD,
     auth_settings,
     bearer,
 )
-from tests.gateway.conftest import TEST_SECRET, running_app, served_app
 
 # The break-glass admin key is switched on here so that it is covered too (its 403/401 paths
 # and that it never leaks).
@@ -80,7 +80,7 @@ PUBLIC: dict[Key, str] = {
     ("POST", "/api/auth/refresh"): "the refresh token in the body is the credential",
     ("POST", "/api/auth/logout"): "a refresh or access token is the credential; none: 400",
     # The browser pages and their scripts/styles: static shells with no data in them; what they
-    # show comes from the API with the signed-in user's token (tests/ui).
+    # show comes from the API with the signed-in user's token (tests/gateway/ui).
     ("GET", "/chat"): "chat page (static shell)",
     ("GET", "/dashboard"): "admin console page (static shell; its data needs the admin role)",
     ("GET", "/admin"): "redirect to /dashboard (seed 002's admin address)",

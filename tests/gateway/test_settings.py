@@ -10,8 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.settings import Environment, Settings
-
-from .conftest import TEST_SECRET
+from tests.helpers.app import TEST_SECRET
 
 
 def _settings(**values: object) -> Settings:

@@ -7,24 +7,17 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 
 from gateway.migrate import upgrade
-from tests.gateway.conftest import TEST_SECRET
-from tests.infra.ports import free_port
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-async def _wait_for(check: Callable[[], Awaitable[bool]], timeout_s: float, every_s: float) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "the gateway did not come up"
-        await asyncio.sleep(every_s)
+from tests.helpers.app import TEST_SECRET
+from tests.helpers.metrics import wait_for
+from tests.helpers.paths import REPO
+from tests.helpers.ports import free_port
 
 
 @asynccontextmanager
@@ -72,7 +65,7 @@ async def gateway_process(
                 except httpx.TransportError:
                     return False
 
-            await _wait_for(up, 60, 0.1)
+            await wait_for(up, 60, 0.1)
             yield client, process
     finally:
         if process.returncode is None:

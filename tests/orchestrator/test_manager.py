@@ -31,8 +31,8 @@ from orchestrator.runtimes import (
     RuntimeHandle,
 )
 from orchestrator.runtimes.external import engine_root_url
-from tests.infra.ports import free_port
-from tests.infra.processes import pid_alive
+from tests.helpers.ports import free_port
+from tests.helpers.processes import pid_alive
 
 
 def _simulator_spec(port: int, *extra: str, timeout_s: float = 30.0) -> EngineSpec:

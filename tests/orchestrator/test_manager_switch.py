@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator.manager import EngineBusy, EngineState, JobStatus, VLLMModelManager
 from orchestrator.runtimes import EngineSpec, ExternalRuntime, ProcessRuntime
-from tests.infra.ports import free_port
+from tests.helpers.ports import free_port
 
 # Profile id -> extra simulator flags; "broken" fails while loading like an engine that OOMs.
 PROFILES = {

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -30,10 +29,10 @@ from orchestrator.planner import (
     recommend,
 )
 from orchestrator.profiles import Profile, ProfileSet, load_profiles
+from tests.helpers.paths import REPO
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SNAPSHOT = REPO_ROOT / "tests" / "fixtures" / "gpu" / "dual_rtx3090.json"
-SHIPPED = REPO_ROOT / "model_profiles.yml"
+SNAPSHOT = REPO / "tests" / "fixtures" / "gpu" / "dual_rtx3090.json"
+SHIPPED = REPO / "model_profiles.yml"
 
 GIB = 1024**3
 TOTAL = 24576 * 1024 * 1024

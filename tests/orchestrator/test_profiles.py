@@ -19,11 +19,11 @@ from orchestrator.profiles import (
     load_profiles,
     schema_text,
 )
+from tests.helpers.paths import REPO
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = REPO_ROOT / "model_profiles.yml"
-SCHEMA_FILE = REPO_ROOT / "orchestrator" / "model_profiles.schema.json"
-FIXTURES = REPO_ROOT / "tests" / "fixtures" / "profiles"
+SHIPPED = REPO / "model_profiles.yml"
+SCHEMA_FILE = REPO / "orchestrator" / "model_profiles.schema.json"
+FIXTURES = REPO / "tests" / "fixtures" / "profiles"
 VALID = FIXTURES / "valid.yml"
 
 Mutation = Callable[[dict[str, Any]], None]

@@ -19,11 +19,11 @@ from orchestrator.runtimes.base import LABEL_SERVED_NAME, EngineSpec, RuntimeHan
 from orchestrator.runtimes.docker import container_kwargs
 from orchestrator.specs import SpecError, build_engine_spec, vllm_args
 from simulator.__main__ import config_from_args
-from tests.infra.ports import free_port
+from tests.helpers.paths import REPO
+from tests.helpers.ports import free_port
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SNAPSHOT = REPO_ROOT / "tests" / "fixtures" / "gpu" / "dual_rtx3090.json"
-VALID = REPO_ROOT / "tests" / "fixtures" / "profiles" / "valid.yml"
+SNAPSHOT = REPO / "tests" / "fixtures" / "gpu" / "dual_rtx3090.json"
+VALID = REPO / "tests" / "fixtures" / "profiles" / "valid.yml"
 VLLM_PYTHON = "/opt/vllm/bin/python"
 GATEWAY_PYTHON = "/opt/gateway/bin/python"
 NO_GPU = GpuInventory(gpus=(), source="nvml", reason="NVML unavailable")
@@ -38,7 +38,7 @@ def dual_3090() -> GpuInventory:
 @pytest.fixture(scope="module")
 def shipped() -> ProfileSet:
     """The shipped model_profiles.yml."""
-    return load_profiles(REPO_ROOT / "model_profiles.yml")
+    return load_profiles(REPO / "model_profiles.yml")
 
 
 @pytest.fixture(scope="module")
@@ -326,8 +326,8 @@ def test_vllm_args_follow_the_verdict_not_the_profile(
 @pytest.fixture(scope="module")
 def tiny_vllm() -> tuple[Path, Path]:
     """The vLLM CPU venv's interpreter and the tiny model (skip when not installed)."""
-    from tests.infra import ServiceUnavailable
-    from tests.infra.vllm_engine import VLLM_PYTHON, check_vllm_python, ensure_tiny_model
+    from tests.helpers.services import ServiceUnavailable
+    from tests.helpers.vllm_engine import VLLM_PYTHON, check_vllm_python, ensure_tiny_model
 
     try:
         check_vllm_python(VLLM_PYTHON)
@@ -341,7 +341,7 @@ def tiny_vllm() -> tuple[Path, Path]:
 @pytest.mark.vllm
 async def test_tiny_cpu_spec_starts_real_vllm(tiny_vllm: tuple[Path, Path], tmp_path: Path) -> None:
     python, model_dir = tiny_vllm
-    shipped = load_profiles(REPO_ROOT / "model_profiles.yml")
+    shipped = load_profiles(REPO / "model_profiles.yml")
     # The shipped profile names ~/.cache/...; the test cache may live elsewhere (VCG_CACHE).
     profile = Profile.model_validate(
         shipped.get("tiny-cpu").model_dump() | {"model": str(model_dir)}

@@ -7,11 +7,10 @@ import that would let the gateway fall back to an in-process simulator is caught
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
 
 
 def imported_modules(package: str) -> dict[str, set[str]]:

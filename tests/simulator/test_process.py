@@ -18,7 +18,8 @@ import orjson
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
+
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Tell me something about simulated engines"}]
 SDK_HELLO: list[ChatCompletionMessageParam] = [
@@ -44,7 +45,7 @@ class SimProcess:
         self.log_path = log_dir / f"simulator-{self.port}.log"
         self._log = self.log_path.open("wb")
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
             [
@@ -57,7 +58,7 @@ class SimProcess:
                 str(self.port),
                 *args,
             ],
-            cwd=REPO_ROOT,
+            cwd=REPO,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

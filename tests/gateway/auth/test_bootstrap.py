@@ -9,7 +9,8 @@ from sqlalchemy import select
 
 from gateway.db import create_engine, create_session_factory
 from gateway.users.models import User
-from tests.gateway.auth.conftest import (
+from tests.helpers.app import running_app
+from tests.helpers.auth import (
     ADMIN_PASSWORD,
     ResponseLog,
     assert_openai_error,
@@ -17,7 +18,6 @@ from tests.gateway.auth.conftest import (
     auth_settings,
     login,
 )
-from tests.gateway.conftest import running_app
 
 _BANNER = re.compile(r"Development admin account: (\S+) / (\S+)")
 

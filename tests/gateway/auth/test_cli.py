@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.gateway.auth.conftest import (
+from tests.helpers.app import TEST_SECRET
+from tests.helpers.auth import (
     USER_PASSWORD,
     ResponseLog,
     assert_openai_error,
@@ -18,7 +19,6 @@ from tests.gateway.auth.conftest import (
     create_user,
     login,
 )
-from tests.gateway.conftest import TEST_SECRET
 
 CLI_PASSWORD = "cli-made-admin-pass-7781"
 

@@ -11,9 +11,8 @@ import pytest
 from fastapi import FastAPI
 
 from gateway.limits.rules import login_rules
-
-from ..conftest import running_app
-from .conftest import ADMIN_PASSWORD, auth_settings
+from tests.helpers.app import running_app
+from tests.helpers.auth import ADMIN_PASSWORD, auth_settings
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 

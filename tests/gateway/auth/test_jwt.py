@@ -26,7 +26,8 @@ from pydantic import ValidationError
 from gateway.auth.tokens import check_token_keys, decode_token, issue_token
 from gateway.errors import GatewayError
 from gateway.settings import Settings
-from tests.gateway.auth.conftest import (
+from tests.helpers.app import TEST_SECRET, make_settings
+from tests.helpers.auth import (
     ADMIN_PASSWORD,
     USER_PASSWORD,
     assert_openai_error,
@@ -36,7 +37,6 @@ from tests.gateway.auth.conftest import (
     create_user,
     login,
 )
-from tests.gateway.conftest import TEST_SECRET, make_settings
 
 
 def _b64(raw: bytes) -> str:

@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
 
-from tests.gateway.auth.conftest import (
+from tests.helpers.auth import (
     ADMIN_PASSWORD,
     USER_PASSWORD,
     assert_openai_error,

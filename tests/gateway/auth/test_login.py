@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.gateway.auth.conftest import (
+from tests.helpers.auth import (
     ADMIN_PASSWORD,
     USER_PASSWORD,
     ResponseLog,
@@ -231,7 +231,7 @@ async def test_password_change_needs_the_old_one_and_ends_sessions(
 
 def test_openapi_documents_both_login_bodies_and_no_hashes() -> None:
     from gateway.app import create_app
-    from tests.gateway.conftest import make_settings
+    from tests.helpers.app import make_settings
 
     spec = create_app(make_settings(DATABASE_URL="sqlite+aiosqlite:///:memory:")).openapi()
     login_body = spec["paths"]["/api/auth/login"]["post"]["requestBody"]["content"]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.infra.redis import RedisServer
-
-from ..conftest import running_app
-from .conftest import ADMIN_PASSWORD, auth_settings
+from tests.helpers.app import running_app
+from tests.helpers.auth import ADMIN_PASSWORD, auth_settings
+from tests.helpers.redis import RedisServer
 
 pytestmark = [pytest.mark.redis]
 

@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 from gateway.db import create_engine, create_session_factory
 from gateway.users import passwords
 from gateway.users.models import User
-from tests.gateway.auth.conftest import (
+from tests.helpers.auth import (
     ADMIN_PASSWORD,
     ResponseLog,
     assert_openai_error,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import httpx
 
-from .conftest import (
+from tests.helpers.auth import (
     ADMIN_PASSWORD,
     USER_PASSWORD,
     assert_openai_error,

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from gateway.auth.models import RefreshToken
 from gateway.db import create_engine, create_session_factory
-from tests.gateway.auth.conftest import (
+from tests.helpers.auth import (
     ADMIN_PASSWORD,
     ResponseLog,
     assert_openai_error,

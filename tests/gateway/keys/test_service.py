@@ -18,8 +18,8 @@ from gateway.keys import service
 from gateway.keys.models import ApiKey
 from gateway.keys.service import KeyCache, authenticate_key, generate_key
 from gateway.users.models import User
-from tests.gateway.conftest import make_settings
-from tests.gateway.keys.conftest import add_user
+from tests.helpers.app import make_settings
+from tests.helpers.keys import add_user
 
 Sessions = async_sessionmaker[AsyncSession]
 SETTINGS = make_settings()

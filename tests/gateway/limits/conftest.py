@@ -1,4 +1,5 @@
-"""Limiters under test: the Redis one on the session Redis (flushed per test) and the local one."""
+"""Limiters under test: the Redis one on the session Redis (flushed per test) and the local one
+(the client is built like the gateway's: tests/helpers/redis_clients.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.limits import Limiter, LocalLimiter, RedisLimiter
-
-
-def gateway_like_client(url: str) -> Redis:
-    """A client configured like the gateway's own (default retries with backoff included)."""
-    client: Redis = Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
-    return client
+from tests.helpers.redis_clients import gateway_like_client
 
 
 @pytest.fixture

@@ -13,10 +13,9 @@ from gateway.limits import (
     Rule,
     build_limiters,
 )
-from tests.gateway.conftest import make_settings
-from tests.infra.ports import free_port
-
-from .conftest import gateway_like_client
+from tests.helpers.app import make_settings
+from tests.helpers.ports import free_port
+from tests.helpers.redis_clients import gateway_like_client
 
 RULES = (Rule("minute", 3, 60),)
 

@@ -17,7 +17,7 @@ from gateway.limits.base import ALLOW_UNLIMITED
 from gateway.limits.enforce import check_inference
 from gateway.limits.rules import tier_rules
 from gateway.principal import Principal
-from tests.gateway.conftest import make_settings
+from tests.helpers.app import make_settings
 
 TOKENS = (Rule("tokens-minute", 100, 60),)
 REQUESTS = (Rule("minute", 3, 60), Rule("hour", 10, 3600))

@@ -9,8 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.limits import RedisLimiter, Rule
-
-from .conftest import gateway_like_client
+from tests.helpers.redis_clients import gateway_like_client
 
 pytestmark = pytest.mark.redis
 

@@ -22,10 +22,9 @@ from gateway.limits import (
     RedisLimiter,
     Rule,
 )
-from tests.infra.ports import free_port
-from tests.infra.redis import RedisServer
-
-from .conftest import gateway_like_client
+from tests.helpers.ports import free_port
+from tests.helpers.redis import RedisServer
+from tests.helpers.redis_clients import gateway_like_client
 
 pytestmark = pytest.mark.redis
 

@@ -15,7 +15,7 @@ from gateway.limits import (
     tier_rules,
 )
 from gateway.principal import Tier
-from tests.gateway.conftest import make_settings
+from tests.helpers.app import make_settings
 
 
 def test_tier_rules_from_the_default_settings() -> None:

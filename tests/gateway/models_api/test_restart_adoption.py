@@ -23,12 +23,12 @@ import pytest
 import yaml
 
 from gateway.settings import Settings
-from tests.gateway.conftest import TEST_SECRET
-from tests.gateway.proxy.conftest import sim_profile
-from tests.infra.ports import free_port
-from tests.infra.processes import pid_alive
+from tests.helpers.app import TEST_SECRET
+from tests.helpers.paths import REPO
+from tests.helpers.ports import free_port
+from tests.helpers.processes import pid_alive
+from tests.helpers.proxy import sim_profile
 
-REPO = Path(__file__).resolve().parents[3]
 ADMIN_KEY = "sk-admin-test-adoption-7d2e9f4a1c6b"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PROFILE = "sim-adopt"

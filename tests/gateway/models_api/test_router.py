@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from gateway.settings import Settings
-from tests.gateway.conftest import engine_headers, make_settings, running_app, served_app
+from tests.helpers.app import engine_headers, make_settings, running_app, served_app
 
 SNAPSHOT = Path(__file__).parents[2] / "fixtures" / "gpu" / "dual_rtx3090.json"
 ADMIN_KEY = "sk-admin-test-7f3c9a1e5b2d4c6a"
@@ -183,7 +183,7 @@ async def test_switch_a_to_b_then_failed_switch_rolls_back(
 async def test_concurrent_switches_one_runs_the_rest_409(sqlite_url: str, tmp_path: Path) -> None:
     import yaml
 
-    from .conftest import switching_profiles
+    from tests.helpers.profiles import switching_profiles
 
     path = tmp_path / "slow.yml"
     path.write_text(yaml.safe_dump(switching_profiles(delay_s=1.0)))
@@ -262,7 +262,7 @@ async def test_vllm_base_url_engine_is_the_active_model(sqlite_url: str) -> None
     # Seed setup: an engine already runs at VLLM_BASE_URL; its served names come from /v1/models.
     import sys
 
-    from tests.infra.ports import free_port
+    from tests.helpers.ports import free_port
 
     port = free_port()
     engine = await asyncio.create_subprocess_exec(

@@ -11,11 +11,11 @@ import openai
 import pytest
 import yaml
 
-from tests.gateway.conftest import engine_headers, make_settings, running_app
+from tests.helpers.app import engine_headers, make_settings, running_app
+from tests.helpers.paths import REPO
 
 pytestmark = pytest.mark.vllm
 
-REPO = Path(__file__).parents[3]
 ADMIN_KEY = "sk-admin-test-vllm-switch-0001"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import (
+from tests.helpers.proxy import (
     HELLO,
     Gateway,
     eventually,

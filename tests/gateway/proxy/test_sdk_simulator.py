@@ -11,7 +11,7 @@ from typing import Any
 import openai
 import pytest
 
-from .conftest import HELLO, Gateway, gateway, gateway_settings, sim_profile
+from tests.helpers.proxy import HELLO, Gateway, gateway, gateway_settings, sim_profile
 
 IGNORE_EOS = {"ignore_eos": True}
 EMBEDDING_DIM = 64

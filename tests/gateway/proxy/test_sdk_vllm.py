@@ -16,11 +16,11 @@ import openai
 import pytest
 import yaml
 
-from .conftest import HELLO, Gateway, gateway, gateway_settings
+from tests.helpers.paths import REPO
+from tests.helpers.proxy import HELLO, Gateway, gateway, gateway_settings
 
 pytestmark = pytest.mark.vllm
 
-REPO = Path(__file__).parents[3]
 MODEL = "tiny-llama"
 IGNORE_EOS = {"ignore_eos": True}
 

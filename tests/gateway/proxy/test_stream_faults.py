@@ -18,9 +18,8 @@ from gateway.db import create_engine, create_session_factory
 from gateway.proxy.service import route_timeout
 from gateway.proxy.validation import Route
 from gateway.usage.models import UsageRecord
-from tests.gateway.conftest import make_settings
-
-from .conftest import HELLO, Gateway, eventually, gateway, gateway_settings, sim_profile
+from tests.helpers.app import make_settings
+from tests.helpers.proxy import HELLO, Gateway, eventually, gateway, gateway_settings, sim_profile
 
 IGNORE_EOS = {"ignore_eos": True}
 

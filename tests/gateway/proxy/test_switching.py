@@ -12,8 +12,15 @@ import orjson
 import pytest
 
 from gateway.proxy.service import LOADING_NOTICE_S
-
-from .conftest import AUTH, HELLO, Gateway, eventually, gateway, gateway_settings, sim_profile
+from tests.helpers.proxy import (
+    AUTH,
+    HELLO,
+    Gateway,
+    eventually,
+    gateway,
+    gateway_settings,
+    sim_profile,
+)
 
 IGNORE_EOS = {"ignore_eos": True}
 TOKENS = 10

@@ -1,9 +1,4 @@
-"""The key tests' database fixtures, shared."""
+"""Fixtures of this folder: a database per test, on SQLite and on Postgres (defined in
+tests/helpers/keys.py, shared with the key tests)."""
 
-from tests.gateway.keys.conftest import (  # noqa: F401  (fixtures are found by name)
-    _fresh_key_cache,
-    db_url,
-    engine,
-    pg_url,
-    sessions,
-)
+from tests.helpers.keys import db_url, engine, sessions  # noqa: F401  (fixtures are found by name)

@@ -18,7 +18,7 @@ from gateway.db import create_engine, create_session_factory
 from gateway.migrate import upgrade
 from gateway.usage.models import UsageRecord
 from gateway.usage.recorder import UsageRecorder
-from tests.infra.postgres import PostgresServer
+from tests.helpers.postgres import PostgresServer
 
 Sessions = async_sessionmaker[AsyncSession]
 

@@ -14,8 +14,8 @@ from gateway.auth import service as auth_service
 from gateway.db import create_engine, create_session_factory, utcnow
 from gateway.usage.models import UsageRecord
 from gateway.users.models import User
-from tests.gateway.conftest import make_settings, running_app
 from tests.gateway.usage.test_service import seed_usage
+from tests.helpers.app import make_settings, running_app
 
 pytestmark = pytest.mark.postgres
 

@@ -14,7 +14,7 @@ from gateway.errors import GatewayError
 from gateway.keys.models import ApiKey
 from gateway.usage import service
 from gateway.usage.models import UsageRecord
-from tests.gateway.keys.conftest import add_user
+from tests.helpers.keys import add_user
 
 Sessions = async_sessionmaker[AsyncSession]
 NOW = datetime(2026, 3, 10, 15, 30, tzinfo=UTC)

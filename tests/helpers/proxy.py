@@ -1,0 +1,225 @@
+"""The proxy against simulator engines: profiles, settings, a served gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import yaml
+from fastapi import FastAPI
+
+from gateway.migrate import upgrade
+from gateway.settings import Settings
+from tests.helpers.app import engine_headers, make_settings, served_app
+from tests.helpers.ports import free_port
+
+ADMIN_KEY = "sk-admin-test-proxy-4f7a2c9e1b3d"
+
+
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+def sim_command(model: str, *flags: str, aliases: tuple[str, ...] = ()) -> list[str]:
+    """argv of a simulator engine serving `model` (and aliases) on the '{port}' placeholder."""
+    names = ["--served-model-name", model, *aliases] if aliases else []
+    return [
+        sys.executable,
+        "-m",
+        "simulator",
+        *("--host", "127.0.0.1", "--port", "{port}", "--model", model),
+        *names,
+        *("--log-level", "warning"),
+        *flags,
+    ]
+
+
+def sim_profile(model: str, *flags: str, aliases: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A process-runtime profile running the simulator with process-level flags."""
+    profile: dict[str, Any] = {
+        "display_name": f"Simulator {model}",
+        "engine": "command",
+        "runtime": "process",
+        "served_model_name": model,
+        "command": sim_command(model, *flags, aliases=aliases),
+        "startup_timeout_s": 30,
+    }
+    if aliases:
+        profile["aliases"] = list(aliases)
+    return profile
+
+
+def write_profiles(profiles: dict[str, dict[str, Any]], default: str) -> Path:
+    """A model_profiles.yml in a fresh temp dir."""
+    path = Path(tempfile.mkdtemp(prefix="vcg-proxy-")) / "model_profiles.yml"
+    path.write_text(yaml.safe_dump({"default": default, "profiles": profiles}))
+    return path
+
+
+def gateway_settings(
+    profiles: dict[str, dict[str, Any]], default: str, **overrides: Any
+) -> Settings:
+    """Settings that run `default` at startup from these profiles, on a fresh migrated database.
+
+    The proxy is tested without credentials (REQUIRE_AUTH off; the admin API uses ADMIN_KEY)
+    and without rate limits (0 = unlimited): an anonymous caller is limited per IP, and these
+    tests send hundreds of requests from 127.0.0.1.
+    """
+    database_url = f"sqlite+aiosqlite:///{Path(tempfile.mkdtemp(prefix='vcg-proxy-db-'))}/gw.db"
+    upgrade(database_url)
+    values: dict[str, Any] = {
+        "DATABASE_URL": database_url,
+        "REQUIRE_AUTH": False,
+        "RATE_LIMIT_REQUESTS": 0,
+        "RATE_LIMIT_STANDARD_PER_MINUTE": 0,
+        "RATE_LIMIT_STANDARD_PER_HOUR": 0,
+        "RATE_LIMIT_STANDARD_TOKENS_PER_MINUTE": 0,
+        "ADMIN_API_KEY": ADMIN_KEY,
+        "MODEL_PROFILES": str(write_profiles(profiles, default)),
+        "ENGINE": "auto",
+        "DEFAULT_PROFILE": default,
+        "LOG_LEVEL": "WARNING",
+    }
+    values.update(overrides)
+    return make_settings(**values)
+
+
+async def eventually(
+    check: Callable[[], Any], timeout_s: float = 5.0, interval_s: float = 0.05
+) -> Any:
+    """Poll an async check until it returns something truthy; return that (or fail)."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"condition not met in {timeout_s:g}s (last: {last!r})")
+
+
+@dataclass
+class Gateway:
+    """A gateway served on a loopback port, and an HTTP client on it."""
+
+    app: FastAPI
+    url: str
+    http: httpx.AsyncClient
+
+    @property
+    def manager(self) -> Any:
+        """The in-process engine manager."""
+        return self.app.state.resources.manager
+
+    def engine_headers(self) -> dict[str, str]:
+        """The Authorization header the running engine requires (its per-start API key)."""
+        return engine_headers(self.app)
+
+    def sdk(self, **options: Any) -> openai.AsyncOpenAI:
+        """The official async SDK on the gateway (no retries: every failure shows)."""
+        return openai.AsyncOpenAI(
+            base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **options
+        )
+
+    def sync_sdk(self, **options: Any) -> openai.OpenAI:
+        """The official sync SDK on the gateway (call it through asyncio.to_thread)."""
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **options)
+
+    async def engine_status(self) -> dict[str, Any]:
+        """GET /api/models/status -> engine."""
+        response = await self.http.get("/api/models/status", headers=AUTH)
+        assert response.status_code == 200, response.text
+        return dict(response.json()["engine"])
+
+    async def wait_ready(self, profile_id: str | None = None, timeout_s: float = 30.0) -> str:
+        """Wait until the engine (of this profile) is ready; return its URL."""
+
+        async def ready() -> str | None:
+            engine = await self.engine_status()
+            if engine["state"] == "ready" and profile_id in (None, engine["profile_id"]):
+                return str(engine["engine_url"])
+            return None
+
+        url: str = await eventually(ready, timeout_s)
+        return url
+
+    async def lb(self) -> dict[str, Any]:
+        """GET /lb/status."""
+        response = await self.http.get("/lb/status")
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    async def sim_stats(self, engine_url: str | None = None) -> dict[str, Any]:
+        """The simulator engine's own counters (requests_total, aborted_total, running...)."""
+        url = engine_url or await self.wait_ready()
+        response = await self.http.get(f"{url}/simulator/stats", headers=self.engine_headers())
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    async def switch(self, profile_id: str) -> dict[str, Any]:
+        """Switch through the admin API and wait for the job's outcome."""
+        accepted = await self.http.post(
+            "/api/models/switch", json={"profile_id": profile_id}, headers=AUTH
+        )
+        assert accepted.status_code == 202, accepted.text
+        job_id = accepted.json()["job_id"]
+
+        async def finished() -> dict[str, Any] | None:
+            job = (await self.http.get(f"/api/models/switch/{job_id}", headers=AUTH)).json()
+            return None if job["status"] in ("pending", "running") else dict(job)
+
+        job: dict[str, Any] = await eventually(finished, 60)
+        return job
+
+
+@asynccontextmanager
+async def gateway(settings: Settings, *, wait: bool = True) -> AsyncIterator[Gateway]:
+    """Serve the gateway with uvicorn (real sockets: streams and disconnects are real)."""
+    async with (
+        served_app(settings) as (app, url),
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
+        gw = Gateway(app=app, url=url, http=http)
+        if wait:
+            await gw.wait_ready()
+        yield gw
+
+
+@asynccontextmanager
+async def simulator_process(*args: str) -> AsyncIterator[str]:
+    """A simulator started by the test itself (e.g. standing in for the cloud); yields its URL."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "simulator"),
+        *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient() as client:
+
+            async def up() -> bool:
+                try:
+                    return (await client.get(f"{url}/health")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(up, 15)
+        yield url
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()
