@@ -10,7 +10,8 @@ first requested:
 - FastAPI's validation 422 becomes the gateway's 400;
 - every operation outside `PUBLIC_OPERATIONS` declares bearer authentication (a JWT or an
   API key), so clients and API fuzzers know which routes need credentials;
-- the OpenAI routes get their request bodies with the configured caps (proxy/docs.py).
+- the OpenAI routes get their request bodies with the configured caps (proxy/docs.py), and
+  /api/chat's `max_tokens` the same cap (its sampling parameters get the same checks).
 """
 
 from __future__ import annotations
@@ -98,6 +99,14 @@ def _fix_responses(responses: dict[str, Any], *, relayed: bool) -> None:
     }
 
 
+def _cap_chat_max_tokens(schemas: dict[str, Any], max_tokens: int) -> None:
+    # ChatRequest is defined in gateway.chat, a layer above this one: found by name.
+    field = schemas.get("ChatRequest", {}).get("properties", {}).get("max_tokens", {})
+    for branch in field.get("anyOf", [field]):
+        if branch.get("type") == "integer":
+            branch["maximum"] = min(max_tokens, branch.get("maximum", max_tokens))
+
+
 def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     """The document for this app and settings."""
     document = get_openapi(
@@ -120,6 +129,7 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
         }
     }
     limits = limits_from(settings)
+    _cap_chat_max_tokens(schemas, limits.max_tokens)
     bodies = {path: route for route, path in UPSTREAM_PATHS.items()}
     for path, operations in document.get("paths", {}).items():
         for method, operation in operations.items():

@@ -81,18 +81,20 @@ class MeUpdate(BaseModel):
     new_password: NewPassword | None = None
 
 
+_LOGIN_SCHEMA = LoginRequest.model_json_schema()
 LOGIN_OPENAPI: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": LoginRequest.model_json_schema()},
+            "application/json": {"schema": _LOGIN_SCHEMA},
             "application/x-www-form-urlencoded": {
                 "schema": {
                     "type": "object",
                     "required": ["username", "password"],
+                    "additionalProperties": False,
                     "properties": {
-                        "username": {"type": "string", "maxLength": 64},
-                        "password": {"type": "string", "maxLength": MAX_PASSWORD_CHARS},
+                        # The same fields as the JSON body, checked by the same model.
+                        **_LOGIN_SCHEMA["properties"],
                         "grant_type": {"type": "string", "enum": ["password"]},
                         "scope": {"type": "string"},
                         "client_id": {"type": "string"},

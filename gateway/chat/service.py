@@ -50,6 +50,7 @@ from gateway.proxy.service import (
 )
 from gateway.proxy.upstream import Outcome
 from gateway.proxy.validation import ProxyRequest, Route, parse_request
+from gateway.text import is_blank
 
 log = get_logger(__name__)
 
@@ -98,7 +99,7 @@ def new_messages(body: ChatRequest) -> list[dict[str, str]]:
     if body.action == "edit":
         if body.conversation_id is None:
             raise _bad("'edit' needs a 'conversation_id'.", "conversation_id")
-        if body.message is None or not body.message.strip():
+        if body.message is None:
             raise _bad("'edit' needs the new text in 'message'.", "message")
         return [{"role": "user", "content": body.message}]
     if body.messages is not None:
@@ -108,8 +109,14 @@ def new_messages(body: ChatRequest) -> list[dict[str, str]]:
     else:
         raise _bad("Send a 'message' (or 'messages').", "message")
     last = added[-1]
-    if last["role"] != "user" or not last["content"].strip():
-        raise _bad("The last message must be a non-empty user message.", "messages")
+    if last["role"] != "user" or is_blank(last["content"]):
+        # The one rule here that the OpenAPI document cannot state (JSON Schema has no "last
+        # item"), hence a code of its own.
+        raise _bad(
+            "The last message must be a non-empty user message.",
+            "messages",
+            "invalid_last_message",
+        )
     return added
 
 

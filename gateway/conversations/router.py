@@ -20,7 +20,7 @@ from gateway.conversations.schemas import (
     MessageView,
 )
 from gateway.deps import PrincipalDep, SessionDep, SettingsDep
-from gateway.errors import GatewayError
+from gateway.text import NoNul
 
 router = APIRouter(prefix="/api/conversations", tags=["conversations"])
 # Ids are matched as UUIDs in the path itself, so /api/conversations/import is never taken for
@@ -30,7 +30,20 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such conversation of yours"}
 }
 Limit = Annotated[int, Query(ge=1, le=service.MAX_PAGE)]
-Cursor = Annotated[str | None, Query(max_length=512)]
+ConversationCursor = Annotated[
+    str | None,
+    Query(
+        pattern=service.CONVERSATION_CURSOR_PATTERN,
+        description="`next_cursor` of the previous page: the conversations after it.",
+    ),
+]
+MessageCursor = Annotated[
+    str | None,
+    Query(
+        pattern=service.MESSAGE_CURSOR_PATTERN,
+        description="`next_cursor` of the previous page: the messages after it.",
+    ),
+]
 
 
 @router.get("", response_model=ConversationPage)
@@ -38,15 +51,13 @@ async def list_conversations(
     principal: PrincipalDep,
     session: SessionDep,
     limit: Limit = 20,
-    cursor: Cursor = None,
-    q: Annotated[str | None, Query(max_length=200, description="Title contains")] = None,
+    cursor: ConversationCursor = None,
+    # No title holds a NUL (they are refused), and Postgres refuses one in a query too.
+    q: Annotated[str | None, Query(max_length=200, description="Title contains"), NoNul] = None,
     archived: bool = False,
 ) -> ConversationPage:
     """Your conversations, most recently updated first."""
     user_id = service.require_user(principal)
-    if q is not None and "\x00" in q:
-        # No title holds one (they are refused), and Postgres refuses it in a query too.
-        raise GatewayError(400, "'q' must not contain the NUL character (\\u0000).", param="q")
     async with service.database_errors():
         page = await service.list_conversations(
             session, user_id=user_id, limit=limit, cursor=cursor, query=q, archived=archived
@@ -104,7 +115,7 @@ async def get_conversation(
     session: SessionDep,
     settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Cursor = None,
+    cursor: MessageCursor = None,
 ) -> ConversationDetail:
     """One conversation with its messages, oldest first (paginated)."""
     async with service.database_errors():

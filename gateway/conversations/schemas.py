@@ -7,23 +7,31 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     StrictBool,
-    StrictInt,
     StringConstraints,
 )
 
 from gateway.conversations.models import Conversation, Message
-from gateway.text import NoNul
+from gateway.integers import WHOLE_NUMBER
+from gateway.text import NoNul, NotBlank
 
 # Message text (the chat request's and an import's), up to about a megabyte.
-Text = Annotated[str, StringConstraints(max_length=1_000_000), NoNul]
+MAX_TEXT_CHARS = 1_000_000
+Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS), NoNul]
 Title = Annotated[str, StringConstraints(max_length=200), NoNul]
+# Checked as sent (the document's maxLength and pattern are the ones enforced), then stripped.
 ModelName = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256), NoNul
+    str,
+    StringConstraints(min_length=1, max_length=256),
+    NoNul,
+    NotBlank,
+    AfterValidator(str.strip),
 ]
+TokenCount = Annotated[int, Field(ge=0, le=2**31 - 1), WHOLE_NUMBER]
 
 
 class _Body(BaseModel):
@@ -122,9 +130,9 @@ class ImportMessage(_Body):
     model: ModelName | None = None
     status: Literal["complete", "streaming", "incomplete", "error", "interrupted"] = "complete"
     # Bounded to what an INTEGER column holds on every database (an unbounded int was a 500).
-    # Strict: "12" or 12.5 is an error in a document that claims to be an export.
-    prompt_tokens: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
-    completion_tokens: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
+    # Whole numbers only: "12" or 12.5 is an error in a document that claims to be an export.
+    prompt_tokens: TokenCount | None = None
+    completion_tokens: TokenCount | None = None
 
 
 class ImportConversation(BaseModel):

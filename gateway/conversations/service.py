@@ -8,10 +8,9 @@ ADMIN_CAN_READ_CONVERSATIONS is on; each such read is logged.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import os
+import re
 import socket
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -19,7 +18,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import (
     DBAPIError,
@@ -170,21 +168,37 @@ async def get_owned(
 
 
 # -- cursors -----------------------------------------------------------------------------------
+# A cursor is the position of the last row of a page, written in the clear so that the OpenAPI
+# document can state its exact shape: any string of that shape is a position (a page after it,
+# perhaps empty), and anything else is refused by the router before it gets here.
+
+# Conversations: updated_at in microseconds since the Unix epoch, a dot, the id in hex.
+CONVERSATION_CURSOR_PATTERN = r"^[0-9]{1,17}\.[0-9a-f]{32}$"
+# Messages: the seq of the last message (an INTEGER column).
+MESSAGE_CURSOR_PATTERN = r"^[0-9]{1,9}$"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
-def _encode_cursor(values: list[Any]) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps(values)).decode().rstrip("=")
+def _not_a_cursor() -> GatewayError:
+    return GatewayError(400, "'cursor' is not a cursor this API returned.", param="cursor")
 
 
-def _decode_cursor(cursor: str) -> list[Any]:
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        values = orjson.loads(base64.urlsafe_b64decode(padded.encode()))
-    except (ValueError, binascii.Error, orjson.JSONDecodeError):
-        values = None
-    if not isinstance(values, list):
-        raise GatewayError(400, "'cursor' is not a cursor this API returned.", param="cursor")
-    return values
+def _conversation_cursor(updated_at: datetime, conversation_id: uuid.UUID) -> str:
+    return f"{(updated_at - _EPOCH) // _MICROSECOND}.{conversation_id.hex}"
+
+
+def _read_conversation_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    if re.fullmatch(CONVERSATION_CURSOR_PATTERN, cursor) is None:
+        raise _not_a_cursor()
+    micros, hex_id = cursor.split(".")
+    return _EPOCH + int(micros) * _MICROSECOND, uuid.UUID(hex=hex_id)
+
+
+def _read_message_cursor(cursor: str) -> int:
+    if re.fullmatch(MESSAGE_CURSOR_PATTERN, cursor) is None:
+        raise _not_a_cursor()
+    return int(cursor)
 
 
 @dataclass(frozen=True)
@@ -211,14 +225,7 @@ async def list_conversations(
     if query:
         stmt = stmt.where(func.lower(Conversation.title).contains(query.lower(), autoescape=True))
     if cursor:
-        values = _decode_cursor(cursor)
-        try:
-            updated_at = datetime.fromisoformat(values[0])
-            last_id = uuid.UUID(values[1])
-        except (IndexError, TypeError, ValueError):
-            raise GatewayError(
-                400, "'cursor' is not a cursor this API returned.", param="cursor"
-            ) from None
+        updated_at, last_id = _read_conversation_cursor(cursor)
         stmt = stmt.where(
             (Conversation.updated_at < updated_at)
             | ((Conversation.updated_at == updated_at) & (Conversation.id < last_id))
@@ -229,7 +236,7 @@ async def list_conversations(
     if len(rows) > limit:
         rows = rows[:limit]
         last = rows[-1]
-        next_cursor = _encode_cursor([last.updated_at.isoformat(), str(last.id)])
+        next_cursor = _conversation_cursor(last.updated_at, last.id)
     return Page(rows, next_cursor)
 
 
@@ -245,12 +252,7 @@ async def messages_page(
     session: AsyncSession, *, conversation_id: uuid.UUID, limit: int, cursor: str | None
 ) -> MessagePage:
     """A conversation's messages, oldest first, from after the cursor."""
-    after = -1
-    if cursor:
-        values = _decode_cursor(cursor)
-        if len(values) != 1 or not isinstance(values[0], int) or isinstance(values[0], bool):
-            raise GatewayError(400, "'cursor' is not a cursor this API returned.", param="cursor")
-        after = values[0]
+    after = -1 if not cursor else _read_message_cursor(cursor)
     stmt = (
         select(Message)
         .where(Message.conversation_id == conversation_id, Message.seq > after)
@@ -261,7 +263,7 @@ async def messages_page(
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
-        next_cursor = _encode_cursor([rows[-1].seq])
+        next_cursor = str(rows[-1].seq)
     return MessagePage(rows, next_cursor)
 
 

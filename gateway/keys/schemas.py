@@ -6,19 +6,29 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from gateway.keys.models import ApiKey
 from gateway.keys.service import as_utc, key_status
-from gateway.text import NoNul
+from gateway.text import NoNul, NotBlank
 from gateway.users.models import User
+from gateway.users.schemas import Username
 
 TierName = Literal["free", "standard", "premium"]
-ModelName = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256), NoNul
-]
-ModelList = Annotated[list[ModelName], Field(max_length=64)]
+# Stripped by the service (keys.service._normalize_models), so checked here as sent.
+ModelName = Annotated[str, StringConstraints(min_length=1, max_length=256), NoNul, NotBlank]
+# An empty list would allow no model at all: null is how every model is allowed.
+ModelList = Annotated[list[ModelName], Field(min_length=1, max_length=64)]
+_EXPIRY = "Must be in the future (a past one is a 400 invalid_expiry); null: never expires."
 Description = Annotated[str, StringConstraints(max_length=500), NoNul]
 
 
@@ -46,9 +56,9 @@ class MyKeyCreate(_Body):
 
     tier: TierName | None = None
     description: Description = ""
-    expires_at: IsoDateTime | None = Field(default=None, description="None: never expires.")
+    expires_at: IsoDateTime | None = Field(default=None, description=_EXPIRY)
     allowed_models: ModelList | None = Field(
-        default=None, description="None: every model you may use."
+        default=None, description="null: every model you may use."
     )
 
 
@@ -56,9 +66,8 @@ class AdminKeyCreate(MyKeyCreate):
     """A key for any user. `user_id` is a user's id or username; an unknown name creates a
     service account (no password) of that name."""
 
-    user_id: Annotated[
-        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64), NoNul
-    ]
+    # A user id (a UUID) fits the username pattern too.
+    user_id: Username
 
     model_config = ConfigDict(
         extra="forbid",
@@ -74,9 +83,20 @@ class AdminKeyUpdate(_Body):
     """Fields to change; absent fields stay, null clears expires_at / allowed_models."""
 
     description: Description | None = None
-    tier: TierName | None = None
-    expires_at: IsoDateTime | None = None
-    allowed_models: ModelList | None = None
+    # Absent keeps the tier; null is refused (a key always has one), and not offered.
+    tier: TierName | SkipJsonSchema[None] = None
+    expires_at: IsoDateTime | None = Field(default=None, description=_EXPIRY)
+    allowed_models: ModelList | None = Field(
+        default=None, description="null: every model the owner may use."
+    )
+
+    @field_validator("tier")
+    @classmethod
+    def _tier_not_null(cls, tier: TierName | None) -> TierName:
+        # Runs only for a tier that was sent: the default (absent) is not validated.
+        if tier is None:
+            raise ValueError("tier cannot be null; leave it out to keep the key's tier")
+        return tier
 
 
 class KeyInfo(BaseModel):

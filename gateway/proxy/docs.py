@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.proxy.validation import CHAT_ROLES, REDIRECTING_FIELDS, Limits, Route
+from gateway.proxy.validation import (
+    CHAT_ROLES,
+    MAX_TOKEN_ID,
+    REDIRECTING_FIELDS,
+    Limits,
+    Route,
+)
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -39,14 +45,37 @@ def _sampling(limits: Limits) -> dict[str, Any]:
 
 _MESSAGE = {
     "type": "object",
-    "required": ["role", "content"],
+    "required": ["role"],
     "properties": {
         "role": {"type": "string", "enum": sorted(CHAT_ROLES)},
-        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+        "content": {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "object"}},
+                {"type": "null"},
+            ]
+        },
     },
+    # Content is required, except that an assistant's may be null or absent (a tool call).
+    "anyOf": [
+        {"required": ["content"], "properties": {"content": {"type": ["string", "array"]}}},
+        {"properties": {"role": {"const": "assistant"}, "content": {"type": "null"}}},
+    ],
 }
-_TEXT_OR_LIST = {
-    "anyOf": [{"type": "string"}, {"type": "array", "minItems": 1}],
+_TEXT = {"type": "string", "minLength": 1}
+_TOKEN_IDS = {
+    "type": "array",
+    "minItems": 1,
+    "items": {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID},
+}
+# What validation.py lets through: the shapes every engine takes.
+_PROMPT = {
+    "anyOf": [
+        _TEXT,
+        {"type": "array", "minItems": 1, "items": _TEXT},
+        _TOKEN_IDS,
+        {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
+    ],
 }
 _EXAMPLES: dict[Route, dict[str, Any]] = {
     Route.CHAT: {
@@ -67,13 +96,13 @@ def request_body_schema(route: Route, limits: Limits) -> dict[str, Any]:
         properties["messages"] = {"type": "array", "minItems": 1, "items": _MESSAGE}
         required = ["messages"]
     elif route is Route.COMPLETIONS:
-        properties["prompt"] = _TEXT_OR_LIST
+        properties["prompt"] = _PROMPT
         required = ["prompt"]
     else:
         # validation.py applies the same caps here, so they are documented too.
-        properties["input"] = _TEXT_OR_LIST
+        properties["input"] = _PROMPT
         required = ["input"]
-    return {
+    schema: dict[str, Any] = {
         "type": "object",
         "required": required,
         "properties": properties,
@@ -81,6 +110,13 @@ def request_body_schema(route: Route, limits: Limits) -> dict[str, Any]:
         "not": {"anyOf": [{"required": [name]} for name in sorted(REDIRECTING_FIELDS)]},
         "additionalProperties": True,
     }
+    if route is not Route.EMBEDDINGS:
+        # stream_options only with "stream": true (`properties` holds for an absent name).
+        schema["anyOf"] = [
+            {"properties": {"stream_options": {"type": "null"}}},
+            {"required": ["stream"], "properties": {"stream": {"const": True}}},
+        ]
+    return schema
 
 
 def request_body(route: Route, limits: Limits) -> dict[str, Any]:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
 from gateway.errors import GatewayError
+from gateway.integers import whole_number
 
 # Fields that would send the request (and a provider key) somewhere else: LiteLLM's
 # CVE-2024-6587 was a client-supplied api_base. The gateway alone decides where a request goes.
@@ -87,8 +88,11 @@ def _integer(body: dict[str, Any], name: str, low: int, high: int) -> None:
     value = body.get(name)
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int):
+    number = whole_number(value)
+    if number is None:
         raise _bad(f"'{name}' must be an integer.", name)
+    # 4.0 is the integer 4 to JSON Schema (and to vLLM); the engine is sent 4.
+    body[name] = value = number
     if value < low:
         raise _bad(f"'{name}' must be at least {low}, got {value}.", name)
     if value > high:
@@ -116,13 +120,43 @@ def _check_messages(messages: Any) -> None:
             )
 
 
+# Token ids index a vocabulary: no engine has more than 2^31 of them, and the bound keeps a
+# client's 1e25 from becoming an integer the upstream body cannot carry.
+MAX_TOKEN_ID = 2**31 - 1
+
+
+def _token_ids(value: object) -> list[int] | None:
+    """A non-empty list of token ids (whole numbers from 0) as ints; None if it is not one."""
+    if not isinstance(value, list) or not value:
+        return None
+    ids = [whole_number(token) for token in value]
+    if any(token is None or not 0 <= token <= MAX_TOKEN_ID for token in ids):
+        return None
+    return cast(list[int], ids)
+
+
 def _check_prompt(body: dict[str, Any], name: str) -> None:
+    # The shapes every engine takes (vLLM's str | list[str] | list[int] | list[list[int]]; it
+    # refuses an empty prompt), token ids sent on as ints (4.0 is the integer 4 to JSON Schema).
     value = body.get(name)
-    if isinstance(value, str):
+    if isinstance(value, str) and value:
+        return
+    ids = _token_ids(value)
+    if ids is not None:
+        body[name] = ids
         return
     if isinstance(value, list) and value:
-        return
-    raise _bad(f"'{name}' must be a string or a non-empty list.", name)
+        if all(isinstance(item, str) and item for item in value):
+            return
+        lists = [_token_ids(item) for item in value]
+        if all(item is not None for item in lists):
+            body[name] = lists
+            return
+    raise _bad(
+        f"'{name}' must be a non-empty string, a non-empty list of them, a non-empty list of "
+        f"token ids (integers from 0 to {MAX_TOKEN_ID}) or a non-empty list of such lists.",
+        name,
+    )
 
 
 def parse_request(route: Route, raw: bytes, limits: Limits) -> ProxyRequest:
@@ -169,8 +203,12 @@ def parse_request(route: Route, raw: bytes, limits: Limits) -> ProxyRequest:
     _number(body, "presence_penalty", -2.0, 2.0)
     _number(body, "frequency_penalty", -2.0, 2.0)
     options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise _bad("'stream_options' must be an object.", "stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _bad("'stream_options' must be an object.", "stream_options")
+        if not stream and route is not Route.EMBEDDINGS:
+            # vLLM's (and OpenAI's) rule, checked here so that the document can state it.
+            raise _bad("'stream_options' needs 'stream': true.", "stream_options")
     wants_usage = bool(options and options.get("include_usage") is True)
     return ProxyRequest(
         route=route, body=body, model=model, stream=stream, client_wants_usage=wants_usage

@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from gateway.principal import Role, Tier
-from gateway.text import NoNul
+from gateway.text import WHITESPACE_CLASS, NoNul
 from gateway.users.passwords import MAX_PASSWORD_CHARS
 from gateway.users.service import MIN_PASSWORD_CHARS
 
@@ -26,8 +26,12 @@ Username = Annotated[
 NewPassword = Annotated[
     str, StringConstraints(min_length=MIN_PASSWORD_CHARS, max_length=MAX_PASSWORD_CHARS)
 ]
+# No whitespace (as every regex engine reads it: see gateway.text), no NUL, one @, a dot after.
+_EMAIL_PART = f"[^@\\x00{WHITESPACE_CLASS}]+"
 Email = Annotated[
-    str, StringConstraints(max_length=320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"), NoNul
+    str,
+    StringConstraints(max_length=320, pattern=f"^{_EMAIL_PART}@{_EMAIL_PART}\\.{_EMAIL_PART}$"),
+    NoNul,
 ]
 
 
@@ -44,7 +48,8 @@ class UserCreate(BaseModel):
 
 
 class UserUpdate(BaseModel):
-    """Fields an admin may change; omitted fields stay as they are."""
+    """Fields an admin may change; omitted (or null) fields stay as they are, so `{}` changes
+    nothing and answers the user as it is."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -52,12 +57,6 @@ class UserUpdate(BaseModel):
     is_active: StrictBool | None = None
     role: Role | None = None
     tier: Tier | None = None
-
-    @model_validator(mode="after")
-    def _something(self) -> UserUpdate:
-        if self.is_active is None and self.role is None and self.tier is None:
-            raise ValueError("set at least one of is_active, role, tier")
-        return self
 
 
 class UserView(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.gateway.auth.conftest import (
+from tests.helpers.auth import (
     ADMIN_PASSWORD,
     USER_PASSWORD,
     ResponseLog,
@@ -64,7 +64,13 @@ async def test_create_list_update_deactivate(pg_url: str, response_log: Response
             json={"tier": "free"},
             headers=auth,
         )
+        # An empty patch (or one of nulls) changes nothing and answers the user as it is.
         empty = await client.patch(f"/admin/api/users/{carol['id']}", json={}, headers=auth)
+        nulls = await client.patch(
+            f"/admin/api/users/{carol['id']}",
+            json={"is_active": None, "role": None, "tier": None},
+            headers=auth,
+        )
         sneaky = [
             await client.patch(f"/admin/api/users/{carol['id']}", json=body, headers=auth)
             for body in (
@@ -104,7 +110,13 @@ async def test_create_list_update_deactivate(pg_url: str, response_log: Response
     assert_openai_error(refresh_after, 401, "invalid_token")
     assert_openai_error(login_after, 401, "invalid_credentials")
     assert_openai_error(missing, 404, "user_not_found")
-    assert_openai_error(empty, 400)
+    for unchanged in (empty, nulls):
+        assert unchanged.status_code == 200, unchanged.text
+        assert {k: unchanged.json()[k] for k in ("role", "tier", "is_active")} == {
+            "role": "user",
+            "tier": "free",
+            "is_active": True,
+        }
     for response in [*sneaky, *bad_create]:
         assert_openai_error(response, 400)
 

@@ -7,9 +7,8 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from gateway.db import create_engine, create_session_factory
-
-from ..conftest import running_app
-from .conftest import ADMIN_PASSWORD, auth_settings, bearer, login
+from tests.helpers.app import running_app
+from tests.helpers.auth import ADMIN_PASSWORD, auth_settings, bearer, login
 
 
 async def test_identity_routes_refuse_nul_naming_the_field(pg_url: str) -> None:
@@ -31,7 +30,8 @@ async def test_identity_routes_refuse_nul_naming_the_field(pg_url: str) -> None:
             assert response.status_code == 400, (path, response.text)
             error = response.json()["error"]
             assert error["param"] == param, (path, error)
-            assert "NUL" in error["message"]
+            # A user_id's pattern (letters, digits and . _ @ -) refuses the NUL first.
+            assert "NUL" in error["message"] or param == "user_id", error
         # Nothing was created by the refused requests.
         keys = await client.get("/admin/api/keys", headers=admin)
         assert keys.status_code == 200

@@ -12,8 +12,9 @@ from sqlalchemy import select
 
 from gateway.db import create_engine, create_session_factory
 from gateway.usage.models import UsageRecord
-from tests.gateway.proxy.conftest import eventually, sim_profile
-from tests.gateway.quota.conftest import (
+from tests.helpers.chat import chat, conversation, messages, stream_text
+from tests.helpers.proxy import eventually, sim_profile
+from tests.helpers.quota import (
     bearer,
     create_key,
     create_user,
@@ -22,8 +23,6 @@ from tests.gateway.quota.conftest import (
     quota_gateway,
     quota_settings,
 )
-
-from .conftest import chat, conversation, messages, stream_text
 
 pytestmark = pytest.mark.postgres
 
@@ -132,7 +131,9 @@ async def test_bad_input_is_refused_before_anything_is_saved(pg_url: str) -> Non
             ({"message": "hi", "max_tokens": -1}, "max_tokens"),
             ({"message": "hi", "messages": [{"role": "user", "content": "x"}]}, "messages"),
             ({}, "message"),
-            ({"message": "   "}, "messages"),
+            ({"message": "   "}, "message"),
+            ({"message": "hi", "max_tokens": 2.5}, "max_tokens"),
+            ({"message": "hi", "seed": 2**53}, "seed"),
             ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},
              "messages"),
             ({"message": "hi", "api_base": "http://evil.example"}, "api_base"),
@@ -378,7 +379,7 @@ async def test_anonymous_and_admin_key_callers_have_no_conversations(pg_url: str
         http = gw.http
         nobody = await http.post("/api/chat", json={"message": "hi"})
         assert nobody.status_code == 401
-        from tests.gateway.quota.conftest import ADMIN
+        from tests.helpers.quota import ADMIN
 
         admin_key = await http.post("/api/chat", json={"message": "hi"}, headers=ADMIN)
         assert admin_key.status_code == 401

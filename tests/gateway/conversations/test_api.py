@@ -8,8 +8,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.gateway.proxy.conftest import sim_profile
-from tests.gateway.quota.conftest import (
+from tests.helpers.chat import chat, messages
+from tests.helpers.proxy import sim_profile
+from tests.helpers.quota import (
     ADMIN_PASSWORD,
     bearer,
     create_user,
@@ -18,8 +19,6 @@ from tests.gateway.quota.conftest import (
     quota_gateway,
     quota_settings,
 )
-
-from .conftest import chat, messages
 
 pytestmark = pytest.mark.postgres
 
@@ -104,8 +103,24 @@ async def test_crud_pagination_and_search(pg_url: str) -> None:
         again = await http.get(f"/api/conversations/{target['id']}", headers=bearer(token))
         assert again.status_code == 404
 
+        # A cursor is a position in the clear (the document states its shape): any of that
+        # shape is answered with the page after it, another shape is a 400.
+        listed = (await http.get("/api/conversations", headers=bearer(token))).json()["data"]
+        before_all = await http.get(
+            "/api/conversations",
+            params={"cursor": "9" * 17 + "." + "f" * 32},
+            headers=bearer(token),
+        )
+        assert before_all.status_code == 200, before_all.text
+        assert before_all.json()["data"] == listed
+        after_all = await http.get(
+            "/api/conversations", params={"cursor": "0." + "0" * 32}, headers=bearer(token)
+        )
+        assert after_all.status_code == 200, after_all.text
+        assert after_all.json() == {"data": [], "next_cursor": None}
         for params, param in (
             ({"cursor": "not-a-cursor"}, "cursor"),
+            ({"cursor": "1." + "F" * 32}, "cursor"),
             ({"limit": 0}, "limit"),
             ({"limit": 1000}, "limit"),
         ):
@@ -213,6 +228,23 @@ async def test_messages_are_paginated_in_order(pg_url: str) -> None:
             if cursor is None:
                 break
         assert seen == list(range(8))
+        # The cursor is the seq of the last message seen: any seq is a position.
+        for cursor, seqs in (("5", [6, 7]), ("99", [])):
+            page = await http.get(
+                f"/api/conversations/{conversation_id}",
+                params={"cursor": cursor},
+                headers=bearer(token),
+            )
+            assert page.status_code == 200, page.text
+            assert [m["seq"] for m in page.json()["messages"]] == seqs
+        for cursor in ("-1", "1.5", "W1s1XQ"):
+            bad = await http.get(
+                f"/api/conversations/{conversation_id}",
+                params={"cursor": cursor},
+                headers=bearer(token),
+            )
+            assert bad.status_code == 400, bad.text
+            assert bad.json()["error"]["param"] == "cursor"
 
 
 async def test_export_json_and_markdown_and_import_round_trip(pg_url: str) -> None:
@@ -328,7 +360,7 @@ async def test_database_down_is_a_503_before_any_engine_call(
     pg_url: str, postgres_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from gateway.keys.service import KEY_CACHE
-    from tests.gateway.quota.conftest import create_key
+    from tests.helpers.quota import create_key
 
     # An API key is checked from the key cache without the database (a JWT's user is loaded
     # from it on every request): with the key cached, the 503 is /api/chat's own, never the

@@ -15,7 +15,7 @@ from sqlalchemy import select, text
 from gateway.auth import service as auth_service
 from gateway.keys.models import ApiKey
 from gateway.users.models import User
-from tests.gateway.conftest import make_settings, running_app
+from tests.helpers.app import make_settings, running_app
 
 pytestmark = pytest.mark.postgres
 
@@ -126,6 +126,20 @@ async def test_admin_updates_and_revokes_keys(gateway: tuple[FastAPI, httpx.Asyn
         f"/admin/api/keys/{key_id}", headers=ADMIN, json={"digest": "x"}
     )
     assert unknown_field.status_code == 400
+    # What the document forbids is refused, naming the field; the key stays as it was.
+    for body, param in (
+        ({"tier": None}, "tier"),
+        ({"allowed_models": []}, "allowed_models"),
+        ({"allowed_models": [" \u3000"]}, "allowed_models.0"),
+    ):
+        refused = await client.put(f"/admin/api/keys/{key_id}", headers=ADMIN, json=body)
+        assert refused.status_code == 400, (body, refused.text)
+        assert refused.json()["error"]["param"] == param, refused.text
+    padded = await client.post("/admin/api/keys", headers=ADMIN, json={"user_id": " svc"})
+    assert padded.status_code == 400, padded.text
+    assert padded.json()["error"]["param"] == "user_id"
+    kept = (await client.get("/admin/api/keys", headers=ADMIN)).json()["data"]
+    assert [(k["tier"], k["allowed_models"]) for k in kept] == [("standard", None)]
 
     as_key = {"Authorization": f"Bearer {raw}"}
     assert (await client.get("/api/keys", headers=as_key)).status_code == 200

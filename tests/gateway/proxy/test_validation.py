@@ -11,7 +11,7 @@ import openai
 import pytest
 from prometheus_client import REGISTRY
 
-from .conftest import HELLO, Gateway, gateway, gateway_settings, sim_profile
+from tests.helpers.proxy import HELLO, Gateway, gateway, gateway_settings, sim_profile
 
 MAX_TOKENS_CAP = 100
 MAX_N = 2
@@ -74,6 +74,14 @@ BAD_BODIES = {
         "max_completion_tokens",
     ),
     "string max_tokens": (CHAT, _chat(max_tokens="10"), 400, "invalid_request", "max_tokens"),
+    "fractional max_tokens": (CHAT, _chat(max_tokens=2.5), 400, "invalid_request", "max_tokens"),
+    "stream_options without stream": (
+        CHAT,
+        _chat(stream_options={"include_usage": True}),
+        400,
+        "invalid_request",
+        "stream_options",
+    ),
     "temperature 3": (CHAT, _chat(temperature=3), 400, "invalid_request", "temperature"),
     "top_p 1.5": (CHAT, _chat(top_p=1.5), 400, "invalid_request", "top_p"),
     "n above MAX_N": (CHAT, _chat(n=MAX_N + 1), 400, "invalid_request", "n"),
@@ -96,6 +104,38 @@ BAD_BODIES = {
         "prompt",
     ),
     "embeddings with empty input": (EMBEDDINGS, {"input": []}, 400, "invalid_request", "input"),
+    "embeddings with a list of nulls": (
+        EMBEDDINGS,
+        {"input": [None, None]},
+        400,
+        "invalid_request",
+        "input",
+    ),
+    "empty prompt": (COMPLETIONS, {"prompt": ""}, 400, "invalid_request", "prompt"),
+    "empty prompt in a list": (
+        COMPLETIONS,
+        {"prompt": ["a", ""]},
+        400,
+        "invalid_request",
+        "prompt",
+    ),
+    "prompt mixing text and token ids": (
+        COMPLETIONS,
+        {"prompt": ["a", [1, 2]]},
+        400,
+        "invalid_request",
+        "prompt",
+    ),
+    "negative token id": (COMPLETIONS, {"prompt": [1, -2]}, 400, "invalid_request", "prompt"),
+    # 1e25 would be an integer no upstream body can carry (it was a 500).
+    "token id beyond any vocabulary": (
+        EMBEDDINGS,
+        {"input": [[1, 1e25]]},
+        400,
+        "invalid_request",
+        "input",
+    ),
+    "max_tokens of 1e25": (CHAT, _chat(max_tokens=1e25), 400, "invalid_request", "max_tokens"),
     "JSON that is not an object": (CHAT, [1, 2], 400, "invalid_json", None),
     "unknown model": (CHAT, _chat(model="no-such-model"), 404, "model_not_found", "model"),
     "body above MAX_BODY_BYTES": (
@@ -228,6 +268,21 @@ async def test_a_valid_request_does_reach_the_engine(gw: Gateway) -> None:
     assert response.status_code == 200, response.text
     assert len(response.json()["choices"]) == MAX_N
     assert after["requests_total"] == before["requests_total"] + 1
+
+
+async def test_whole_numbers_written_as_floats_are_integers(gw: Gateway) -> None:
+    # JSON Schema reads 4.0 as the integer 4, and so does the gateway; the engine is sent 4
+    # (the simulator refuses 4.0, so these answers show what it was sent).
+    chat = await gw.http.post(CHAT, json=_chat(max_tokens=4.0, n=1.0))
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["usage"]["completion_tokens"] <= 4
+    completion = await gw.http.post(
+        COMPLETIONS, json={"prompt": [[1.0, 2.0], [3]], "max_tokens": 2.0}
+    )
+    assert completion.status_code == 200, completion.text
+    assert len(completion.json()["choices"]) == 2
+    embedding = await gw.http.post(EMBEDDINGS, json={"input": [5.0, 6]})
+    assert embedding.status_code == 200, embedding.text
 
 
 async def test_not_loaded_model_without_auto_switch_is_404(gw: Gateway) -> None:
