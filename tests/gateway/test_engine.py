@@ -16,6 +16,7 @@ from orchestrator.planner import plan_profile
 from orchestrator.profiles import ProfileRegistry
 from tests.helpers.app import make_settings, running_app
 from tests.helpers.processes import pid_alive
+from tests.helpers.profiles import llama_70b
 
 GPU_SNAPSHOT = Path(__file__).parents[1] / "fixtures" / "gpu" / "dual_rtx3090.json"
 ADMIN_KEY = "sk-admin-engine-test-4e7b2c9d1a"
@@ -99,24 +100,7 @@ def _profiles_whose_default_does_not_fit(tmp_path: Path) -> Path:
             {
                 "default": TOO_BIG,
                 "profiles": {
-                    TOO_BIG: {
-                        "display_name": "Llama 3 70B (too big)",
-                        "engine": "vllm",
-                        "runtime": "docker",
-                        "image": "vllm/vllm-openai:v0.9.2",
-                        "model": "meta-llama/Meta-Llama-3-70B-Instruct",
-                        "served_model_name": TOO_BIG,
-                        "architecture": {
-                            "params_b": 70.554,
-                            "layers": 80,
-                            "attention_heads": 64,
-                            "kv_heads": 8,
-                            "head_dim": 128,
-                            "hidden_size": 8192,
-                            "max_context": 8192,
-                        },
-                        "vllm": {"dtype": "bfloat16"},
-                    },
+                    TOO_BIG: llama_70b(TOO_BIG),
                     "simulator": {
                         "display_name": "Engine simulator",
                         "engine": "simulator",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page
 from gateway.migrate import upgrade
 from tests.helpers.app import engine_headers, make_settings, served_app
 from tests.helpers.paths import REPO
+from tests.helpers.profiles import llama_70b, simulator_command
 
 ARTIFACTS = REPO / "test-artifacts" / "ui"
 
@@ -62,13 +62,6 @@ GPU_SNAPSHOT = REPO / "tests" / "fixtures" / "gpu" / "dual_rtx3090.json"
 def ui_profiles() -> dict[str, Any]:
     """Model profiles of engine simulators for the browser tests."""
 
-    def simulator(model: str, *extra: str) -> list[str]:
-        return [
-            sys.executable,
-            *("-m", "simulator", "--host", "127.0.0.1", "--port", "{port}"),
-            *("--model", model, *extra),
-        ]
-
     return {
         "default": "sim-a",
         "profiles": {
@@ -77,7 +70,7 @@ def ui_profiles() -> dict[str, Any]:
                 "engine": "command",
                 "runtime": "process",
                 "served_model_name": "sim-a",
-                "command": simulator(
+                "command": simulator_command(
                     "sim-a",
                     *("--tokens-per-second", "25", "--response-tokens", str(REPLY_WORDS)),
                 ),
@@ -88,7 +81,7 @@ def ui_profiles() -> dict[str, Any]:
                 "engine": "command",
                 "runtime": "process",
                 "served_model_name": "sim-b",
-                "command": simulator("sim-b", "--startup-delay", "1.0"),
+                "command": simulator_command("sim-b", "--startup-delay", "1.0"),
                 "startup_timeout_s": 30,
             },
             "sim-broken": {
@@ -96,29 +89,10 @@ def ui_profiles() -> dict[str, Any]:
                 "engine": "command",
                 "runtime": "process",
                 "served_model_name": "sim-broken",
-                "command": simulator("sim-broken", "--fail-at-start"),
+                "command": simulator_command("sim-broken", "--fail-at-start"),
                 "startup_timeout_s": 30,
             },
-            # A real vLLM profile far too big for the recorded 2 x 24 GiB GPUs (131 GiB of bf16
-            # weights): the planner calls it "does not fit", so it is never started here.
-            BIG_PROFILE: {
-                "display_name": "Llama 3 70B (too big)",
-                "engine": "vllm",
-                "runtime": "docker",
-                "image": "vllm/vllm-openai:v0.9.2",
-                "model": "meta-llama/Meta-Llama-3-70B-Instruct",
-                "served_model_name": BIG_PROFILE,
-                "architecture": {
-                    "params_b": 70.554,
-                    "layers": 80,
-                    "attention_heads": 64,
-                    "kv_heads": 8,
-                    "head_dim": 128,
-                    "hidden_size": 8192,
-                    "max_context": 8192,
-                },
-                "vllm": {"dtype": "bfloat16"},
-            },
+            BIG_PROFILE: llama_70b(BIG_PROFILE),
         },
     }
 

@@ -15,8 +15,8 @@ import httpx
 
 from gateway.migrate import upgrade
 from tests.helpers.app import TEST_SECRET
-from tests.helpers.metrics import wait_for
 from tests.helpers.paths import REPO
+from tests.helpers.polling import eventually
 from tests.helpers.ports import free_port
 
 
@@ -65,7 +65,7 @@ async def gateway_process(
                 except httpx.TransportError:
                     return False
 
-            await wait_for(up, 60, 0.1)
+            await eventually(up, 60, 0.1)
             yield client, process
     finally:
         if process.returncode is None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers.polling import eventually
 
 Labels = dict[str, str]
 
@@ -50,27 +49,13 @@ async def scrape(client: httpx.AsyncClient, token: str | None = None) -> Scrape:
     return Scrape(response.text)
 
 
-async def wait_for(
-    check: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.05
-) -> Any:
-    """Poll an async check until it returns something truthy."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(interval_s)
-    raise AssertionError(f"not met within {timeout_s:g}s (last: {last!r})")
-
-
 async def wait_engine_ready(client: httpx.AsyncClient, timeout_s: float = 30.0) -> None:
     """Until /health/ready says the engine is up."""
 
     async def ready() -> bool:
         return (await client.get("/health/ready")).status_code == 200
 
-    await wait_for(ready, timeout_s)
+    await eventually(ready, timeout_s)
 
 
 def all_label_values(samples: Iterable[tuple[str, Labels, float]]) -> set[str]:

@@ -1,26 +1,46 @@
-"""Profiles for switching tests."""
+"""Model profiles the tests write: simulator commands, a model too big for the recorded GPUs,
+the switching set."""
 
 from __future__ import annotations
 
 import sys
+from typing import Any
+
+
+def simulator_command(model: str, *extra: str) -> list[str]:
+    """A process engine running the simulator as `model` on the port the runtime picks."""
+    return [
+        sys.executable,
+        *("-m", "simulator", "--host", "127.0.0.1", "--port", "{port}"),
+        *("--model", model, *extra),
+    ]
+
+
+def llama_70b(served_name: str) -> dict[str, Any]:
+    """A real vLLM profile far too big for the recorded 2 x 24 GiB GPUs (131 GiB of bf16
+    weights): the planner calls it "does not fit", so it is never started."""
+    return {
+        "display_name": "Llama 3 70B (too big)",
+        "engine": "vllm",
+        "runtime": "docker",
+        "image": "vllm/vllm-openai:v0.9.2",
+        "model": "meta-llama/Meta-Llama-3-70B-Instruct",
+        "served_model_name": served_name,
+        "architecture": {
+            "params_b": 70.554,
+            "layers": 80,
+            "attention_heads": 64,
+            "kv_heads": 8,
+            "head_dim": 128,
+            "hidden_size": 8192,
+            "max_context": 8192,
+        },
+        "vllm": {"dtype": "bfloat16"},
+    }
 
 
 def switching_profiles(delay_s: float = 0.0) -> dict[str, object]:
     """Three process-runtime profiles: two healthy simulators and one that fails to load."""
-
-    def simulator_command(model: str, *extra: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "simulator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "{port}",
-            "--model",
-            model,
-            *extra,
-        ]
 
     delay = ["--startup-delay", str(delay_s)] if delay_s else []
     return {

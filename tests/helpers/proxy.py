@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import tempfile
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from fastapi import FastAPI
 from gateway.migrate import upgrade
 from gateway.settings import Settings
 from tests.helpers.app import engine_headers, make_settings, served_app
+from tests.helpers.polling import eventually
 from tests.helpers.ports import free_port
 
 ADMIN_KEY = "sk-admin-test-proxy-4f7a2c9e1b3d"
@@ -93,20 +93,6 @@ def gateway_settings(
     }
     values.update(overrides)
     return make_settings(**values)
-
-
-async def eventually(
-    check: Callable[[], Any], timeout_s: float = 5.0, interval_s: float = 0.05
-) -> Any:
-    """Poll an async check until it returns something truthy; return that (or fail)."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(interval_s)
-    raise AssertionError(f"condition not met in {timeout_s:g}s (last: {last!r})")
 
 
 @dataclass

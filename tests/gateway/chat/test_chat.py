@@ -13,7 +13,8 @@ from sqlalchemy import select
 from gateway.db import create_engine, create_session_factory
 from gateway.usage.models import UsageRecord
 from tests.helpers.chat import chat, conversation, messages, stream_text
-from tests.helpers.proxy import eventually, sim_profile
+from tests.helpers.polling import eventually
+from tests.helpers.proxy import sim_profile
 from tests.helpers.quota import (
     bearer,
     create_key,

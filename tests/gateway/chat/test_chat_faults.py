@@ -23,8 +23,9 @@ from tests.helpers.chat import (
     settled_reply,
     stream_text,
 )
+from tests.helpers.polling import eventually
 from tests.helpers.ports import free_port
-from tests.helpers.proxy import eventually, sim_profile, write_profiles
+from tests.helpers.proxy import sim_profile, write_profiles
 from tests.helpers.quota import (
     bearer,
     create_user,

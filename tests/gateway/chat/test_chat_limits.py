@@ -11,7 +11,8 @@ import pytest
 from gateway.limits.base import Decision
 from gateway.limits.rules import tier_rules
 from tests.helpers.chat import chat, messages
-from tests.helpers.proxy import Gateway, eventually, sim_profile
+from tests.helpers.polling import eventually
+from tests.helpers.proxy import Gateway, sim_profile
 from tests.helpers.quota import (
     bearer,
     create_key,

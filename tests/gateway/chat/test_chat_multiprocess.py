@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from tests.helpers.chat import engine_ready, gateway_process, messages, stop_process
+from tests.helpers.polling import eventually
 from tests.helpers.ports import free_port
-from tests.helpers.proxy import eventually, sim_profile, write_profiles
+from tests.helpers.proxy import sim_profile, write_profiles
 from tests.helpers.quota import bearer, create_user, login
 
 pytestmark = pytest.mark.postgres

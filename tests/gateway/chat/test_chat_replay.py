@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from tests.helpers.chat import chat, messages, settled_reply, stream_text
-from tests.helpers.proxy import Gateway, eventually, sim_profile
+from tests.helpers.polling import eventually
+from tests.helpers.proxy import Gateway, sim_profile
 from tests.helpers.quota import (
     bearer,
     create_user,

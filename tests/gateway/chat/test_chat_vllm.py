@@ -20,8 +20,9 @@ import yaml
 from gateway.migrate import upgrade
 from tests.helpers.chat import chat, messages, settled_reply, stream_text
 from tests.helpers.paths import REPO
+from tests.helpers.polling import eventually
 from tests.helpers.postgres import PostgresServer
-from tests.helpers.proxy import Gateway, eventually, gateway, write_profiles
+from tests.helpers.proxy import Gateway, gateway, write_profiles
 from tests.helpers.quota import bearer, create_user, login, quota_settings
 from tests.helpers.vllm_engine import VLLMEngine
 

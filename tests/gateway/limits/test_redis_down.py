@@ -10,7 +10,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.helpers.proxy import eventually
+from tests.helpers.polling import eventually
 from tests.helpers.quota import (
     ADMIN,
     ADMIN_PASSWORD,

@@ -10,7 +10,7 @@ import pytest
 from gateway.limits.base import Decision
 from gateway.limits.rules import tier_rules
 from gateway.settings import Settings
-from tests.helpers.proxy import eventually
+from tests.helpers.polling import eventually
 from tests.helpers.quota import (
     Gateway,
     bearer,

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from gateway.limits.base import Decision
 from gateway.limits.ledger import TokenLedger
 from gateway.limits.rules import tier_rules
-from tests.helpers.proxy import eventually
+from tests.helpers.polling import eventually
 from tests.helpers.quota import (
     bearer,
     chat,

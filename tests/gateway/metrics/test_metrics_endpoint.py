@@ -14,8 +14,9 @@ from asgi_lifespan import LifespanManager
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.helpers.app import make_settings, running_app
-from tests.helpers.metrics import Scrape, all_label_values, scrape, wait_engine_ready, wait_for
+from tests.helpers.metrics import Scrape, all_label_values, scrape, wait_engine_ready
 from tests.helpers.paths import REPO
+from tests.helpers.polling import eventually
 
 SNAPSHOT = REPO / "tests" / "fixtures" / "gpu" / "dual_rtx3090.json"
 TOKEN = "scrape-Tq8wZ3kP0vN5xR2mL7yB"
@@ -198,7 +199,7 @@ async def test_gpu_series_come_from_the_reader_on_an_interval_not_per_scrape(
             got = await scrape(client)
             return got if got.value("gateway_gpu_count") == 2 else None
 
-        first: Scrape = await wait_for(sampled)
+        first: Scrape = await eventually(sampled)
         await asyncio.sleep(0.3)
         second = await scrape(client)
     stamp = "gateway_gpu_last_sample_timestamp_seconds"
@@ -224,4 +225,4 @@ async def test_gpu_series_come_from_the_reader_on_an_interval_not_per_scrape(
         async def moved() -> bool:
             return (await scrape(client)).value(stamp) > start
 
-        await wait_for(moved, 5)
+        await eventually(moved, 5)

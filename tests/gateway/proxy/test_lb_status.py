@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers.polling import eventually
 from tests.helpers.proxy import (
     HELLO,
     Gateway,
-    eventually,
     gateway,
     gateway_settings,
     sim_profile,

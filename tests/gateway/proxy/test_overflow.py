@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers.polling import eventually
 from tests.helpers.proxy import (
     AUTH,
     HELLO,
     Gateway,
-    eventually,
     gateway,
     gateway_settings,
     sim_profile,

@@ -19,7 +19,8 @@ from gateway.proxy.service import route_timeout
 from gateway.proxy.validation import Route
 from gateway.usage.models import UsageRecord
 from tests.helpers.app import make_settings
-from tests.helpers.proxy import HELLO, Gateway, eventually, gateway, gateway_settings, sim_profile
+from tests.helpers.polling import eventually
+from tests.helpers.proxy import HELLO, Gateway, gateway, gateway_settings, sim_profile
 
 IGNORE_EOS = {"ignore_eos": True}
 

@@ -12,11 +12,11 @@ import orjson
 import pytest
 
 from gateway.proxy.service import LOADING_NOTICE_S
+from tests.helpers.polling import eventually
 from tests.helpers.proxy import (
     AUTH,
     HELLO,
     Gateway,
-    eventually,
     gateway,
     gateway_settings,
     sim_profile,
