@@ -23,11 +23,12 @@ vLLM engine SIMULATOR for the vLLM Chat Gateway. This is NOT vLLM: it loads no
 model and needs no GPU. It serves vLLM's OpenAI-compatible API (/v1/models,
 /v1/chat/completions, /v1/completions, /v1/embeddings), /health, /metrics and the
 sleep contract with deterministic pseudo-text, for tests and benchmarks.
-Per-request fault injection headers: X-Simulator-Die-After-Chunks,
-X-Simulator-Error-After-Chunks, X-Simulator-Stall-After-Chunks,
+With --test-routes (for tests only), also /simulator/stats, /simulator/requests (the last
+request bodies), /simulator/reset and the per-request fault injection headers
+X-Simulator-Die-After-Chunks, X-Simulator-Error-After-Chunks, X-Simulator-Stall-After-Chunks,
 X-Simulator-Tokens-Per-Second, X-Simulator-First-Token-Delay, X-Simulator-Status.
-Every option may also be set as SIMULATOR_<OPTION> in the environment; the API key also as
-VLLM_API_KEY, as vLLM reads it."""
+Every option but --test-routes may also be set as SIMULATOR_<OPTION> in the environment; the
+API key also as VLLM_API_KEY, as vLLM reads it."""
 
 
 # vLLM's own variable for its API key (read when --api-key is not given).
@@ -160,6 +161,15 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         f"default: ${_env_name('--api-key')}, else ${VLLM_API_KEY_ENV}",
     )
     p.add_argument(
+        "--test-routes",
+        action="store_true",
+        # Never from the environment: the gateway passes SIMULATOR_* on to the engines it
+        # starts, and these routes show other users' prompts; only an explicit flag turns them on.
+        help="FOR TESTS ONLY: serve /simulator/stats, /simulator/requests (the last request "
+        "bodies) and /simulator/reset, and obey the X-Simulator-* fault headers; off by "
+        "default, when the simulator keeps no request body",
+    )
+    p.add_argument(
         "--log-level",
         default=_env_default(env, "--log-level", str, "info"),
         choices=("critical", "error", "warning", "info", "debug", "trace"),
@@ -197,6 +207,7 @@ def config_from_args(
             response_tokens=args.response_tokens,
             kv_cache_tokens=args.kv_cache_tokens,
             log_level=args.log_level,
+            test_routes=args.test_routes,
         )
     except ValueError as exc:
         parser.error(str(exc))

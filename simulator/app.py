@@ -120,15 +120,18 @@ def _header_number(name: bytes, value: bytes, integer: bool) -> float:
     return number
 
 
-def parse_request_options(headers: list[tuple[bytes, bytes]]) -> RequestOptions:
-    """Read authorization, request id and ``X-Simulator-*`` headers (400 on bad values)."""
+def parse_request_options(
+    headers: list[tuple[bytes, bytes]], *, faults: bool = False
+) -> RequestOptions:
+    """Read authorization, request id and, with ``faults`` (``--test-routes``), the
+    ``X-Simulator-*`` headers (400 on bad values); without it those headers are ignored."""
     opts = RequestOptions()
     for name, value in headers:
         if name == b"authorization":
             opts.authorization = value
         elif name == b"x-request-id":
             opts.request_id = value.decode("latin-1")
-        elif name.startswith(HEADER_PREFIX):
+        elif faults and name.startswith(HEADER_PREFIX):
             if name == HEADER_DIE:
                 opts.drop_after = int(_header_number(name, value, True))
             elif name == HEADER_ERROR:
@@ -351,8 +354,11 @@ class SimulatorApp:
         self.config = config
         self.stats = SimulatorStats()
         # The last request bodies, for tests that check what a client sent (GET
-        # /simulator/requests); bounded, cleared by /simulator/reset.
-        self.recent_requests: collections.deque[object] = collections.deque(maxlen=64)
+        # /simulator/requests); bounded, cleared by /simulator/reset. Only with --test-routes:
+        # otherwise they are other users' prompts, and nothing keeps them.
+        self.recent_requests: collections.deque[object] | None = (
+            collections.deque(maxlen=64) if config.test_routes else None
+        )
         self.sleep_level = 0
         self.started_at = time.time()
         self.metrics = SimulatorMetrics(
@@ -374,10 +380,15 @@ class SimulatorApp:
             "/sleep": {"POST": self._sleep},
             "/wake_up": {"POST": self._wake_up},
             "/is_sleeping": {"GET": self._is_sleeping},
-            "/simulator/stats": {"GET": self._stats},
-            "/simulator/requests": {"GET": self._recent},
-            "/simulator/reset": {"POST": self._reset},
         }
+        if config.test_routes:
+            self._routes.update(
+                {
+                    "/simulator/stats": {"GET": self._stats},
+                    "/simulator/requests": {"GET": self._recent},
+                    "/simulator/reset": {"POST": self._reset},
+                }
+            )
 
     def _kv_usage(self) -> float:
         return min(1.0, self.stats.reserved_tokens / self.config.kv_capacity_tokens)
@@ -439,7 +450,7 @@ class SimulatorApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         try:
-            opts = parse_request_options(scope["headers"])
+            opts = parse_request_options(scope["headers"], faults=self.config.test_routes)
         except SimulatorRequestError as exc:
             await send_bytes(send, exc.status, exc.body())
             return
@@ -506,7 +517,8 @@ class SimulatorApp:
                 return None
             try:
                 decoded: object = orjson.loads(body)
-                self.recent_requests.append(decoded)
+                if self.recent_requests is not None:
+                    self.recent_requests.append(decoded)
             except orjson.JSONDecodeError as exc:
                 raise SimulatorRequestError(f"JSON decode error: {exc}") from exc
             return decoded
@@ -882,12 +894,13 @@ class SimulatorApp:
     async def _recent(
         self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
     ) -> None:
-        await send_bytes(send, 200, orjson.dumps({"data": list(self.recent_requests)}))
+        await send_bytes(send, 200, orjson.dumps({"data": list(self.recent_requests or ())}))
 
     async def _reset(
         self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
     ) -> None:
-        self.recent_requests.clear()
+        if self.recent_requests is not None:
+            self.recent_requests.clear()
         self.stats.reset()
         await send_bytes(send, 200, orjson.dumps(self.stats_snapshot()))
 

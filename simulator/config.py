@@ -18,7 +18,10 @@ class SimulatorConfig:
     ``model`` is the "model path" (vLLM's ``--model``); ``served_model_names`` are the
     names clients may use (vLLM's ``--served-model-name``), defaulting to ``model``.
     Fault settings (``*_after_chunks``) apply to every streamed response; ``None``
-    disables them. ``die_after_chunks`` terminates the whole process.
+    disables them. ``die_after_chunks`` terminates the whole process. ``test_routes`` turns
+    on what only tests may use: the ``/simulator/*`` routes (counters, the log of recent
+    request bodies, reset) and the per-request ``X-Simulator-*`` fault headers; without it
+    the simulator keeps no request body once it has answered.
     """
 
     model: str = "simulated-model"
@@ -38,6 +41,7 @@ class SimulatorConfig:
     response_tokens: int = 0
     kv_cache_tokens: int = 0
     log_level: str = "info"
+    test_routes: bool = False
 
     def __post_init__(self) -> None:
         """Reject impossible settings early, with a message naming the setting."""

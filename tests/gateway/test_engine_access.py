@@ -27,6 +27,7 @@ from pydantic import SecretStr
 from gateway.engine import ModelControl
 from gateway.settings import Settings
 from tests.helpers import docker_engine
+from tests.helpers.profiles import TEST_ROUTES
 from tests.helpers.proxy import gateway, gateway_settings
 from tests.helpers.simulator_container import simulator_docker_profile
 
@@ -231,9 +232,11 @@ async def test_a_docker_engine_gets_no_gateway_secret(
 
 
 async def test_only_the_gateway_can_use_the_engine_it_started() -> None:
+    # With its test routes: the test reads the engine's own counters (the embedded default
+    # never has them).
     profiles = {
         "sim": {"display_name": "Simulator", "engine": "simulator", "runtime": "process",
-                "served_model_name": "sim"},
+                "served_model_name": "sim", "vllm": {"extra_args": [TEST_ROUTES]}},
     }  # fmt: skip
     async with gateway(gateway_settings(profiles, "sim")) as gw:
         engine_url = await gw.wait_ready()

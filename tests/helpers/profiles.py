@@ -6,12 +6,18 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+# The simulator's flag for its test-only routes (/simulator/stats, /simulator/requests,
+# /simulator/reset) and fault headers: the simulators the tests start pass it, to look at what
+# the engine itself saw; the embedded `simulator` profile (what `make run` serves) never does.
+TEST_ROUTES = "--test-routes"
+
 
 def simulator_command(model: str, *extra: str) -> list[str]:
-    """A process engine running the simulator as `model` on the port the runtime picks."""
+    """A process engine running the simulator as `model` on the port the runtime picks, with
+    its test-only routes."""
     return [
         sys.executable,
-        *("-m", "simulator", "--host", "127.0.0.1", "--port", "{port}"),
+        *("-m", "simulator", "--host", "127.0.0.1", "--port", "{port}", TEST_ROUTES),
         *("--model", model, *extra),
     ]
 

@@ -21,6 +21,7 @@ from gateway.settings import Settings
 from tests.helpers.app import engine_headers, make_settings, served_app
 from tests.helpers.polling import eventually
 from tests.helpers.ports import free_port
+from tests.helpers.profiles import TEST_ROUTES
 
 ADMIN_KEY = "sk-admin-test-proxy-4f7a2c9e1b3d"
 
@@ -32,7 +33,8 @@ HELLO = [{"role": "user", "content": "hello there"}]
 
 
 def sim_command(model: str, *flags: str, aliases: tuple[str, ...] = ()) -> list[str]:
-    """argv of a simulator engine serving `model` (and aliases) on the '{port}' placeholder."""
+    """argv of a simulator engine serving `model` (and aliases) on the '{port}' placeholder,
+    with its test-only routes (`Gateway.sim_stats` reads what the engine itself saw)."""
     names = ["--served-model-name", model, *aliases] if aliases else []
     return [
         sys.executable,
@@ -40,7 +42,7 @@ def sim_command(model: str, *flags: str, aliases: tuple[str, ...] = ()) -> list[
         "simulator",
         *("--host", "127.0.0.1", "--port", "{port}", "--model", model),
         *names,
-        *("--log-level", "warning"),
+        *("--log-level", "warning", TEST_ROUTES),
         *flags,
     ]
 
@@ -184,10 +186,11 @@ async def gateway(settings: Settings, *, wait: bool = True) -> AsyncIterator[Gat
 
 @asynccontextmanager
 async def simulator_process(*args: str) -> AsyncIterator[str]:
-    """A simulator started by the test itself (e.g. standing in for the cloud); yields its URL."""
+    """A simulator started by the test itself (e.g. standing in for the cloud), with its
+    test-only routes (the tests read its /simulator/stats); yields its URL."""
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "simulator"),
+        *(sys.executable, "-m", "simulator", TEST_ROUTES),
         *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,

@@ -227,6 +227,8 @@ def test_simulator_process_serves_its_names(shipped: ProfileSet, fixtures: Profi
     assert spec.gpu_ids == ()
     assert spec.env == {}  # no HF token or cache for something that loads no model
     assert spec.startup_timeout_s == 60.0
+    # What `make run` serves: never the test-only routes that show other users' prompts.
+    assert config_from_args(spec.command[3:], env={}).test_routes is False
 
     aliased = spec_for(fixtures.get("sim"), NO_GPU, port=9001)
     # The simulator's own parser accepts the argv and serves the name and the alias.

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import gc
 import math
 import struct
 import time
+import types
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,8 +30,13 @@ HELLO = [{"role": "user", "content": "Say hello to the simulator please"}]
 
 
 def make_app(**overrides: Any) -> SimulatorApp:
-    """A simulator app serving ``sim-model`` as ``sim`` and ``sim-alias``."""
-    settings: dict[str, Any] = {"model": "sim-model", "served_model_names": ("sim", "sim-alias")}
+    """A simulator app serving ``sim-model`` as ``sim`` and ``sim-alias``, with its test routes
+    (these tests read its counters and inject faults) unless ``test_routes=False``."""
+    settings: dict[str, Any] = {
+        "model": "sim-model",
+        "served_model_names": ("sim", "sim-alias"),
+        "test_routes": True,
+    }
     settings.update(overrides)
     return create_simulator_app(SimulatorConfig(**settings))
 
@@ -584,6 +591,103 @@ async def test_die_header_drops_a_non_streamed_response_mid_body(app: SimulatorA
     assert sent[1]["more_body"] is True
     assert app.stats.failed_total == 1
     assert app.stats.running == 0
+
+
+# --- the test routes exist only with --test-routes ---------------------------------------------
+
+CANARY = "canary-prompt-7f3e9a51 do not keep me"
+
+
+def strings_held_by(root: object) -> list[str]:
+    """Every string reachable from ``root`` through containers and instance attributes.
+
+    Modules, classes, functions and code are not entered: they lead to every module (and to the
+    canary in this file's own constants), not to what the simulator keeps for itself.
+    """
+    skip = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType, types.CodeType)
+    seen: set[int] = set()
+    found: list[str] = []
+    todo = [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, str):
+            found.append(obj)
+        elif not isinstance(obj, (bytes, int, float)):
+            todo.extend(gc.get_referents(obj))
+    return found
+
+
+async def _chat_with_the_canary(client: httpx.AsyncClient) -> list[bytes]:
+    """A plain and a streamed chat carrying the canary; the raw bodies of the answers."""
+    body = {"messages": [{"role": "user", "content": CANARY}], "max_tokens": 3}
+    plain = await client.post(CHAT, content=orjson.dumps(body))
+    assert plain.status_code == 200, plain.text
+    streamed = await client.post(CHAT, content=orjson.dumps({**body, "stream": True}))
+    assert streamed.status_code == 200, streamed.text
+    return [plain.content, streamed.content]
+
+
+async def test_without_test_routes_the_simulator_keeps_no_prompt_and_has_no_test_routes() -> None:
+    app = make_app(test_routes=False)
+    async with client_for(app) as client:
+        answers = await _chat_with_the_canary(client)
+        assert app.recent_requests is None
+        assert not [text for text in strings_held_by(app) if CANARY in text]
+        for method, path in (
+            ("GET", "/simulator/requests"),
+            ("GET", "/simulator/stats"),
+            ("POST", "/simulator/reset"),
+        ):
+            response = await client.request(method, path)
+            assert response.status_code == 404, (path, response.text)
+            answers.append(response.content)
+        answers.append((await client.get("/metrics")).content)
+        assert not [body for body in answers if CANARY.encode() in body]
+        # The fault headers are ignored: a forced status, an error event, even a bad value.
+        for header, value in (
+            ("X-Simulator-Status", "503"),
+            ("X-Simulator-Error-After-Chunks", "1"),
+            ("X-Simulator-Die-After-Chunks", "1"),
+            ("X-Simulator-Stall-After-Chunks", "soon"),
+        ):
+            response = await client.post(
+                CHAT,
+                json={"messages": HELLO, "max_tokens": 4, "stream": True},
+                headers={header: value},
+            )
+            assert response.status_code == 200, (header, response.text)
+            events = sse_events(response.text)
+            assert events[-1] == "[DONE]", header
+            assert not [e for e in events[:-1] if "error" in e], header
+        assert app.stats.failed_total == 0
+
+
+async def test_with_test_routes_the_request_log_and_faults_work() -> None:
+    app = make_app(test_routes=True)
+    async with client_for(app) as client:
+        await _chat_with_the_canary(client)
+        # The same search finds the prompt where the flag says to keep it.
+        assert [text for text in strings_held_by(app) if CANARY in text]
+        logged = (await client.get("/simulator/requests")).json()["data"]
+        assert [r["messages"][0]["content"] for r in logged] == [CANARY, CANARY]
+        forced = await client.post(
+            CHAT, json={"messages": HELLO}, headers={"X-Simulator-Status": "503"}
+        )
+        assert forced.status_code == 503
+        assert (await client.post("/simulator/reset")).status_code == 200
+        assert (await client.get("/simulator/requests")).json() == {"data": []}
+        assert not [text for text in strings_held_by(app) if CANARY in text]
+
+
+def test_test_routes_come_only_from_the_command_line() -> None:
+    assert config_from_args([], {}).test_routes is False
+    # The gateway passes SIMULATOR_* on to its engines: the environment never turns them on.
+    assert config_from_args([], {"SIMULATOR_TEST_ROUTES": "1"}).test_routes is False
+    assert config_from_args(["--test-routes"], {}).test_routes is True
+    assert "FOR TESTS ONLY" in build_parser({}).format_help()
 
 
 # --- pieces ------------------------------------------------------------------------------------

@@ -96,9 +96,11 @@ class SimProcess:
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimProcess]:
-    """One simulator process shared by the tests of this module."""
+    """One simulator process shared by the tests of this module, with its test routes (the
+    tests read its counters and inject faults through headers)."""
     process = SimProcess(
-        tmp_path_factory.mktemp("sim"), "--model", "sim-model", "--served-model-name", "sim"
+        tmp_path_factory.mktemp("sim"),
+        *("--model", "sim-model", "--served-model-name", "sim", "--test-routes"),
     )
     try:
         process.wait_healthy()
@@ -309,6 +311,42 @@ async def test_process_level_die_after_chunks_kills_the_process(
         assert len(seen) == 2
         assert process.proc.wait(timeout=5) == 1
         assert "SIMULATOR" in process.log()
+    finally:
+        process.stop()
+
+
+async def test_without_test_routes_the_process_serves_no_test_route_and_no_fault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    canary = "canary-prompt-2b8d41 nobody may read this back"
+    # Even with SIMULATOR_TEST_ROUTES in its environment: only the flag turns them on.
+    monkeypatch.setenv("SIMULATOR_TEST_ROUTES", "1")
+    process = SimProcess(tmp_path, "--model", "sim")
+    try:
+        process.wait_healthy()
+        answers: list[bytes] = []
+        async with httpx.AsyncClient(base_url=process.base_url, timeout=5.0) as client:
+            body = {"messages": [{"role": "user", "content": canary}], "max_tokens": 3}
+            for stream in (False, True):
+                response = await client.post(
+                    CHAT,
+                    json={**body, "stream": stream},
+                    headers={"X-Simulator-Status": "503", "X-Simulator-Die-After-Chunks": "1"},
+                )
+                assert response.status_code == 200, response.text
+                answers.append(response.content)
+            for method, path in (
+                ("GET", "/simulator/requests"),
+                ("GET", "/simulator/stats"),
+                ("POST", "/simulator/reset"),
+            ):
+                response = await client.request(method, path)
+                assert response.status_code == 404, (path, response.text)
+                answers.append(response.content)
+            answers.append((await client.get("/metrics")).content)
+        assert not [answer for answer in answers if canary.encode() in answer]
+        assert process.proc.poll() is None
+        assert canary not in process.log()
     finally:
         process.stop()
 
