@@ -119,6 +119,14 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         help="exit the whole process abruptly after N content chunks of a response",
     )
     p.add_argument(
+        "--die-after-seconds",
+        type=float,
+        metavar="SECONDS",
+        default=_env_default(env, "--die-after-seconds", float, None),
+        help="exit the whole process abruptly SECONDS after it starts serving "
+        "(an engine that crashes soon after start)",
+    )
+    p.add_argument(
         "--error-after-chunks",
         type=int,
         metavar="N",
@@ -157,7 +165,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         # Like vLLM, the key may come from VLLM_API_KEY: the gateway passes an engine's key
         # that way (the environment of a process is private to its user; argv is not).
         default=_env_default(env, "--api-key", str, None) or env.get(VLLM_API_KEY_ENV) or None,
-        help="require 'Authorization: Bearer KEY' on /v1/* and /simulator/* (401 otherwise); "
+        help="require 'Authorization: Bearer KEY' on /v1/*, the sleep routes (/sleep, "
+        "/wake_up, /is_sleeping) and /simulator/* (401 otherwise); "
         f"default: ${_env_name('--api-key')}, else ${VLLM_API_KEY_ENV}",
     )
     p.add_argument(
@@ -199,6 +208,7 @@ def config_from_args(
             first_token_delay=args.first_token_delay,
             fail_at_start=args.fail_at_start,
             die_after_chunks=args.die_after_chunks,
+            die_after_seconds=args.die_after_seconds,
             error_after_chunks=args.error_after_chunks,
             stall_after_chunks=args.stall_after_chunks,
             max_model_len=args.max_model_len,

@@ -60,7 +60,9 @@ _NOT_ALLOWED = b'{"detail":"Method Not Allowed"}'
 _UNAUTHORIZED = b'{"error":"Unauthorized"}'
 # With an API key, what needs it: vLLM's /v1/* (its /health, /metrics, ... stay open, as in
 # vLLM), and the simulator's own test routes, which show recent request bodies and reset counters.
-_GUARDED_PREFIXES = ("/v1", "/simulator/")
+# The sleep contract too: vLLM leaves it open (it serves it only in its dev mode), but whoever
+# can reach the port could put the engine to sleep, and every user would get 503 until it wakes.
+_GUARDED_PREFIXES = ("/v1", "/simulator/", "/sleep", "/wake_up", "/is_sleeping")
 
 
 class FaultKind(enum.Enum):
@@ -442,6 +444,13 @@ class SimulatorApp:
                     self.config.model,
                     ", ".join(self.config.model_names),
                 )
+                crash_after = self.config.die_after_seconds
+                if crash_after is not None:
+                    # An engine that crashes soon after it started serving (a bad driver, a
+                    # leak): what restarts and crash-loop detection are tested against.
+                    asyncio.get_running_loop().call_later(
+                        crash_after, _exit_process, f"--die-after-seconds {crash_after:g} elapsed"
+                    )
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
@@ -861,14 +870,15 @@ class SimulatorApp:
             return
         self.sleep_level = int(level)
         logger.info("vLLM SIMULATOR: sleeping at level %s", level)
-        await send_bytes(send, 200, b"")
+        # vLLM's answer (vllm/entrypoints/serve/dev/sleep/api_router.py).
+        await send_bytes(send, 200, orjson.dumps({"status": "sleeping", "level": self.sleep_level}))
 
     async def _wake_up(
         self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
     ) -> None:
         self.sleep_level = 0
         logger.info("vLLM SIMULATOR: woken up")
-        await send_bytes(send, 200, b"")
+        await send_bytes(send, 200, orjson.dumps({"status": "awake", "tags": None}))
 
     async def _is_sleeping(
         self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions

@@ -33,6 +33,8 @@ class SimulatorConfig:
     first_token_delay: float = 0.0
     fail_at_start: bool = False
     die_after_chunks: int | None = None
+    # Exit abruptly this long after it starts serving (an engine that crashes soon after start).
+    die_after_seconds: float | None = None
     error_after_chunks: int | None = None
     stall_after_chunks: int | None = None
     max_model_len: int = 4096
@@ -54,6 +56,8 @@ class SimulatorConfig:
         for name in ("startup_delay", "tokens_per_second", "first_token_delay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.die_after_seconds is not None and self.die_after_seconds < 0:
+            raise ValueError("die_after_seconds must be >= 0")
         for name in ("die_after_chunks", "error_after_chunks", "stall_after_chunks"):
             value = getattr(self, name)
             if value is not None and value < 0:
