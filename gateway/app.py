@@ -85,7 +85,17 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
         auto_switch=settings.AUTO_SWITCH,
         cloud=cloud,
         enabled=settings.LB_ENABLED,
+        secret_prefixes=_secret_prefixes(settings),
     )
+
+
+def _secret_prefixes(settings: Settings) -> tuple[str, ...]:
+    """How this gateway's secrets start (its key prefix, the admin key's first characters):
+    a model name like them is never logged or echoed, even one that names a model."""
+    prefixes = [settings.API_KEY_PREFIX]
+    if settings.ADMIN_API_KEY is not None:
+        prefixes.append(settings.ADMIN_API_KEY.get_secret_value()[:12])
+    return tuple(prefixes)
 
 
 @asynccontextmanager

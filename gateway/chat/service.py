@@ -270,8 +270,10 @@ async def chat(
     user_id = conversations.require_user(principal)
     added = new_messages(body)
     _check_sampling(body, state)
+    request.state.model = scheduler.shown_model(body.model)
     check_model_scope(principal, body.model, state)
-    request.state.model = body.model
+    # An unknown model is refused before anything is saved (its name is no conversation's).
+    scheduler.check_model(body.model)
     if idempotency_key is not None:
         earlier = await replay_earlier(state, user_id, idempotency_key, body)
         if earlier is not None:

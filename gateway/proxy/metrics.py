@@ -51,6 +51,12 @@ class ModelNames:
         ]
         return [*local, *((name, "cloud") for name in sorted(self._cloud))]
 
+    def is_known(self, name: str) -> bool:
+        """Whether `name` names a model here: a profile's served name or alias, a configured
+        cloud model, or a name the running engine lists."""
+        self.label(name)  # (re)builds the names of the profiles loaded now
+        return name in self._names or name in self._control.manager.status().served_names
+
     def label(self, name: str | None) -> str:
         """The bounded label of `name` (None or "current": the active model)."""
         if not name or name == "current":

@@ -26,6 +26,9 @@ CURRENT = "current"
 _RETRY_AFTER = {"Retry-After": "5"}
 # The waiters' key of requests for "current" (no profile id has angle brackets).
 _CURRENT_KEY = "<current>"
+# How every key of this gateway starts (API_KEY_PREFIX must match ^sk-, and so do generated
+# admin keys), and most providers' keys: a model name like this is never shown, even a known one.
+KEY_LIKE_PREFIX = "sk-"
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class SchedulerConfig:
     auto_switch: bool
     cloud: CloudUpstream | None
     enabled: bool = True
+    # Model names starting like one of these are never logged or echoed (see shown_model):
+    # API_KEY_PREFIX and the start of ADMIN_API_KEY, besides KEY_LIKE_PREFIX.
+    secret_prefixes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -144,6 +150,32 @@ class Scheduler:
         if ahead is None:
             ahead = self.queue_depth
         return (ahead + 1) * self._service_time_s / max(self.config.max_local, 1)
+
+    # -- model names in logs and errors ------------------------------------------------------
+
+    def shown_model(self, name: str | None) -> str | None:
+        """`name` as a log line may show it: itself when it names a known model (a profile's
+        served name or alias, a cloud model, a name the running engine lists, or "current")
+        and does not start like a key; otherwise only its length. Whatever a client puts in
+        `model` (a pasted API key, say) never reaches the logs or an error message."""
+        if name is None:
+            return None
+        if name == CURRENT or (
+            not name.startswith((KEY_LIKE_PREFIX, *self.config.secret_prefixes))
+            and self.metrics.names.is_known(name)
+        ):
+            return name
+        return f"<unknown model name of {len(name)} characters>"
+
+    def quoted_model(self, name: str | None) -> str:
+        """`name` for an error message: quoted when it may be shown (`shown_model`)."""
+        shown = self.shown_model(name or CURRENT)
+        return f"'{shown}'" if shown == (name or CURRENT) else str(shown)
+
+    def check_model(self, model: str | None) -> None:
+        """404 (`model_not_found`) when `model` names nothing here; a check that decides
+        nothing else, for callers that must refuse before they save anything."""
+        self._wanted_profile(model, self._control.manager.status())
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -343,7 +375,7 @@ class Scheduler:
         served = sorted({*status.served_names, *self._all_served_names()})
         raise GatewayError(
             404,
-            f"The model '{model}' does not exist. Available: {', '.join(served)}.",
+            f"The model {self.quoted_model(model)} does not exist. Available: {', '.join(served)}.",
             code="model_not_found",
             param="model",
         )
@@ -375,7 +407,8 @@ class Scheduler:
                 )
             raise GatewayError(
                 404,
-                f"The model '{model}' is not loaded (active: {status.served_model_name or 'none'})."
+                f"The model {self.quoted_model(model)} is not loaded "
+                f"(active: {status.served_model_name or 'none'})."
                 " Switch with POST /api/models/switch, or enable AUTO_SWITCH.",
                 code="model_not_loaded",
                 param="model",
@@ -394,7 +427,8 @@ class Scheduler:
         except ProfileDoesNotFit as exc:
             raise GatewayError(
                 409,
-                f"The model '{model}' does not fit this hardware: {'; '.join(exc.verdict.reasons)}",
+                f"The model {self.quoted_model(model)} does not fit this hardware: "
+                f"{'; '.join(exc.verdict.reasons)}",
                 code="profile_does_not_fit",
                 param="model",
             ) from None

@@ -58,7 +58,7 @@ async def relay(
     settings = state.settings
     body = await read_capped_body(request, settings.MAX_BODY_BYTES)
     checked = parse_request(route, body, limits_from(settings))
-    request.state.model = checked.model
+    request.state.model = scheduler.shown_model(checked.model)
     check_model_scope(principal, checked.model, state)
     admission = await admit(state=state, principal=principal, request=request)
     return await relay_checked(
@@ -219,7 +219,7 @@ def check_model_scope(principal: Principal, model: str | None, state: ProxyResou
     if not any(name in allowed for name in names):
         raise GatewayError(
             403,
-            f"This API key may not use the model '{model or CURRENT}'.",
+            f"This API key may not use the model {state.scheduler.quoted_model(model)}.",
             code="model_not_allowed",
             param="model",
         )
