@@ -49,6 +49,7 @@ from gateway.state import AppState
 from gateway.text import install_text_errors
 from gateway.ui.router import router as ui_router
 from gateway.usage.recorder import UsageRecorder
+from gateway.usage.retention import prune_forever
 from gateway.usage.router import router as usage_router
 from gateway.users.service import bootstrap_identity
 
@@ -167,6 +168,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
     )
     state.background.add(sweeper)
+    if settings.USAGE_RETENTION_DAYS:
+        # Raw usage rows past the retention become daily totals, a small batch at a time.
+        pruner = asyncio.ensure_future(
+            prune_forever(
+                state.session_factory,
+                retention_days=settings.USAGE_RETENTION_DAYS,
+                batch_size=settings.USAGE_PRUNE_BATCH_SIZE,
+                interval_s=settings.USAGE_PRUNE_INTERVAL_S,
+            )
+        )
+        state.background.add(pruner)
     scheduler.start()
     usage.start()
     remove_dead_processes()  # live gauges a killed worker left behind (multiprocess mode)

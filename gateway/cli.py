@@ -1,14 +1,15 @@
-"""Command line: `vllm-gateway serve | migrate | check-config | create-admin`."""
+"""Command line: `vllm-gateway serve | migrate | check-config | create-admin | backup | restore`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
 
-from gateway import migrate
+from gateway import backup, migrate
 from gateway.app import create_app
 from gateway.auth.admin_cli import create_admin
 from gateway.settings import Settings
@@ -67,6 +68,15 @@ def main(argv: list[str] | None = None) -> None:
     admin.add_argument(
         "--password-stdin", action="store_true", help="read the password from stdin, not a prompt"
     )
+    for name, helptext in (
+        ("backup", "write a backup of the database to FILE (safe while the gateway runs)"),
+        ("restore", "restore FILE into the empty database DATABASE_URL names"),
+    ):
+        command = sub.add_parser(name, help=helptext)
+        command.add_argument("file", type=Path, metavar="FILE")
+        command.add_argument(
+            "--pg-bin", type=Path, help="directory of pg_dump/pg_restore (default: PATH)"
+        )
     args = parser.parse_args(argv)
     settings = load_settings()
     if args.command == "serve":
@@ -76,6 +86,15 @@ def main(argv: list[str] | None = None) -> None:
             migrate.upgrade(settings.DATABASE_URL, args.revision or "head")
         else:
             migrate.downgrade(settings.DATABASE_URL, args.revision or "base")
+    elif args.command in ("backup", "restore"):
+        run = backup.backup if args.command == "backup" else backup.restore
+        try:
+            run(settings.DATABASE_URL, args.file, pg_bin=args.pg_bin)
+        except backup.BackupError as exc:
+            sys.stderr.write(f"{args.command} failed: {exc}\n")
+            raise SystemExit(1) from None
+        done = "written to" if args.command == "backup" else "restored from"
+        sys.stdout.write(f"database {done} {args.file}\n")
     elif args.command == "create-admin":
         create_admin(settings, username=args.username, password_stdin=args.password_stdin)
     else:

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     DATABASE_POOL_SIZE: int = Field(default=10, ge=1)
     AUTO_MIGRATE: bool = True
     REDIS_URL: str | None = None
+    # False: with Redis down the gateway stays ready (200, "degraded"): inference limits run per
+    # process and login/admin answer 503. True: readiness is 503 while Redis is down.
+    REDIS_REQUIRED: bool = False
 
     JWT_SECRET: SecretStr | None = None
     JWT_ALGORITHM: str = "HS256"
@@ -136,6 +139,11 @@ class Settings(BaseSettings):
     USAGE_ENABLED: bool = True
     USAGE_FLUSH_INTERVAL_S: float = Field(default=1.0, gt=0)
     USAGE_BATCH_SIZE: int = Field(default=500, ge=1)
+    # Raw usage rows are kept this many UTC days (today included), then rolled up into daily
+    # totals (usage_daily) and deleted, in batches by a background task; 0 keeps them forever.
+    USAGE_RETENTION_DAYS: int = Field(default=90, ge=0, le=36500)
+    USAGE_PRUNE_INTERVAL_S: float = Field(default=3600.0, gt=0)
+    USAGE_PRUNE_BATCH_SIZE: int = Field(default=1000, ge=1, le=2000)
 
     CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     LOG_LEVEL: str = "INFO"

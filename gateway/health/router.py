@@ -33,9 +33,10 @@ async def liveness(state: HealthDep) -> Liveness:
     responses={503: {"model": Readiness, "description": "A required dependency is down"}},
 )
 async def ready(state: HealthDep) -> JSONResponse:
-    """Database, Redis (when configured) and the active engine; 503 when one required is down."""
+    """Database, Redis (when configured) and the active engine; 503 when one required is down,
+    200 with status `degraded` when only an optional one is (Redis, unless REDIS_REQUIRED)."""
     result = await service.readiness(state)
-    if result.status == "ready":
+    if result.status != "not_ready":
         return JSONResponse(result.model_dump())
     return JSONResponse(
         result.model_dump(), status_code=503, headers={"Retry-After": READY_RETRY_AFTER_S}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 CheckStatus = Literal["up", "down", "disabled", "starting"]
 
@@ -30,5 +30,8 @@ class DependencyCheck(BaseModel):
 class Readiness(BaseModel):
     """Whether the gateway can serve traffic, per dependency."""
 
-    status: Literal["ready", "not_ready"]
+    status: Literal["ready", "degraded", "not_ready"] = Field(
+        description="not_ready (503): a required dependency is not up; degraded (200): serving, "
+        "but an optional one (Redis unless REDIS_REQUIRED) is down."
+    )
     checks: dict[str, DependencyCheck]

@@ -29,14 +29,17 @@ async def check_database(state: HealthResources) -> DependencyCheck:
 
 
 async def check_redis(state: HealthResources) -> DependencyCheck:
-    """PING Redis when it is configured."""
+    """PING Redis when it is configured. Required only with REDIS_REQUIRED: without Redis,
+    inference goes on with per-process limits (login and the admin API answer 503), so by
+    default an outage makes the gateway degraded, not unready."""
     if state.redis is None:
         return DependencyCheck(status="disabled", required=False, detail="REDIS_URL not set")
+    required = state.settings.REDIS_REQUIRED
     try:
         latency = await _timed(state.redis.ping())
     except Exception as exc:
-        return DependencyCheck(status="down", required=True, detail=type(exc).__name__)
-    return DependencyCheck(status="up", required=True, latency_ms=latency)
+        return DependencyCheck(status="down", required=required, detail=type(exc).__name__)
+    return DependencyCheck(status="up", required=required, latency_ms=latency)
 
 
 async def check_engine(state: HealthResources) -> DependencyCheck:
@@ -63,10 +66,14 @@ async def check_engine(state: HealthResources) -> DependencyCheck:
 
 
 async def readiness(state: HealthResources) -> Readiness:
-    """Run every check; not ready when any required one is not up."""
+    """Run every check: not ready when a required one is not up, degraded when an optional one
+    is down."""
     database, redis, engine = await asyncio.gather(
         check_database(state), check_redis(state), check_engine(state)
     )
     checks = {"database": database, "redis": redis, "engine": engine}
-    ready = all(c.status == "up" for c in checks.values() if c.required)
-    return Readiness(status="ready" if ready else "not_ready", checks=checks)
+    if not all(c.status == "up" for c in checks.values() if c.required):
+        return Readiness(status="not_ready", checks=checks)
+    # Serving, but something optional is down (Redis without REDIS_REQUIRED): still a 200.
+    degraded = any(c.status == "down" for c in checks.values() if not c.required)
+    return Readiness(status="degraded" if degraded else "ready", checks=checks)
