@@ -24,6 +24,7 @@ from gateway.conversations.service import startup_sweep, sweep_forever
 from gateway.db import create_engine, create_session_factory
 from gateway.engine import ModelControl
 from gateway.errors import install_error_handlers
+from gateway.fields import check_tier_grants
 from gateway.health.router import router as health_router
 from gateway.keys.router import router as keys_router
 from gateway.limits.factory import build_limiters
@@ -222,6 +223,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> FastAPI:
     """Build the gateway for these settings; nothing is read from the environment here."""
     configure_logging(settings)
+    # A routing field in ALLOWED_FIELDS_<TIER> stops startup instead of being ignored later.
+    check_tier_grants(settings)
     app = FastAPI(
         title=settings.APP_NAME,
         version=__version__,

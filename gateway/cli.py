@@ -12,13 +12,14 @@ from pydantic import ValidationError
 from gateway import backup, migrate
 from gateway.app import create_app
 from gateway.auth.admin_cli import create_admin
+from gateway.fields import check_tier_grants
 from gateway.settings import Settings
 
 
 def load_settings() -> Settings:
     """Read settings from the environment (and .env) once; exit with a clear message if bad."""
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
         # Only the messages: pydantic's own rendering would echo the offending (secret) input.
         lines = [
@@ -27,6 +28,13 @@ def load_settings() -> Settings:
         ]
         sys.stderr.write("invalid configuration, refusing to start:\n" + "\n".join(lines) + "\n")
         raise SystemExit(2) from None
+    try:
+        # A field the tier settings may not allow (gateway.fields); the message names both.
+        check_tier_grants(settings)
+    except ValueError as exc:
+        sys.stderr.write(f"invalid configuration, refusing to start:\n  {exc}\n")
+        raise SystemExit(2) from None
+    return settings
 
 
 def serve(settings: Settings) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from gateway.fields import field_schemas
 from gateway.proxy.docs import request_body
 from gateway.proxy.service import limits_from
 from gateway.proxy.validation import UPSTREAM_PATHS
@@ -121,6 +122,9 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
     schemas.update(_ERROR_SCHEMAS)
+    # The field policy's names (gateway.fields), referred to by the bodies of /v1/*, /api/chat
+    # and the admin key routes.
+    schemas.update(field_schemas())
     components["securitySchemes"] = {
         BEARER_SCHEME: {
             "type": "http",

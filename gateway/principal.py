@@ -48,6 +48,8 @@ class Principal:
     key_id: uuid.UUID | None = None
     # None: every model; otherwise the names an API key is limited to.
     allowed_models: tuple[str, ...] | None = None
+    # Request fields an admin allowed this API key beyond the default policy (gateway.fields).
+    allowed_fields: tuple[str, ...] = ()
 
     @functools.cached_property
     def user_ref(self) -> str | None:

@@ -193,6 +193,11 @@ class Settings(BaseSettings):
     MAX_TOKENS_CAP: int = Field(default=32768, ge=1)
     MAX_BODY_BYTES: int = Field(default=4 * 1024 * 1024, ge=1024)
     MAX_HEADER_BYTES: int = Field(default=32 * 1024, ge=1024)
+    # Request fields a tier may send beyond the default policy (gateway/fields.py), e.g.
+    # "chat_template"; JSON list or comma-separated; routing fields are refused at startup.
+    ALLOWED_FIELDS_FREE: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    ALLOWED_FIELDS_STANDARD: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    ALLOWED_FIELDS_PREMIUM: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Conversations and /api/chat.
     CHAT_DEFAULT_CONTEXT: int = Field(default=4096, ge=256)
@@ -208,9 +213,16 @@ class Settings(BaseSettings):
     jwt_secret_problem: str | None = Field(default=None, exclude=True)
     admin_key_generated: bool = Field(default=False, exclude=True)
 
-    @field_validator("CORS_ORIGINS", "TRUSTED_PROXIES", mode="before")
+    @field_validator(
+        "CORS_ORIGINS",
+        "TRUSTED_PROXIES",
+        "ALLOWED_FIELDS_FREE",
+        "ALLOWED_FIELDS_STANDARD",
+        "ALLOWED_FIELDS_PREMIUM",
+        mode="before",
+    )
     @classmethod
-    def _parse_origins(cls, value: Any) -> Any:
+    def _parse_lists(cls, value: Any) -> Any:
         """Accept a JSON list (as in the seeds) or a comma-separated string."""
         if isinstance(value, str):
             text = value.strip()

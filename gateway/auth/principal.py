@@ -228,6 +228,7 @@ def _key_principal(key: ApiKey, user: User) -> Principal:
         via="api_key",
         key_id=key.id,
         allowed_models=tuple(key.allowed_models) if key.allowed_models is not None else None,
+        allowed_fields=tuple(key.allowed_fields or ()),
     )
 
 

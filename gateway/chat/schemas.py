@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StringConstraints
 from pydantic.config import JsonDict, JsonValue
 
 from gateway.conversations.schemas import MAX_TEXT_CHARS, Text
+from gateway.fields import TEMPLATE_KWARGS_SCHEMA, field_names_schema
 from gateway.integers import WHOLE_NUMBER
 from gateway.text import NoNul, NotBlank
 
@@ -62,6 +63,21 @@ _ACTIONS: list[JsonValue] = [
 ]
 
 
+# Engine fields /api/chat sets itself or that would change the one reply it stores per turn.
+CHAT_OWNED_FIELDS = frozenset({"n", "echo", "stream_options"})
+
+
+def _chat_schema(schema: dict[str, Any]) -> None:
+    # Any other field goes to the engine under the proxy's policy (gateway.fields), so the
+    # document states the same names as the OpenAI routes, plus this body's own.
+    schema["examples"] = [{"model": "current", "message": "안녕하세요!", "stream": True}]
+    schema["anyOf"] = _ACTIONS
+    schema["propertyNames"] = field_names_schema(
+        also=ChatRequest.model_fields, refused=CHAT_OWNED_FIELDS
+    )
+    schema["properties"]["chat_template_kwargs"] = TEMPLATE_KWARGS_SCHEMA
+
+
 class ChatMessage(BaseModel):
     """A message the client adds to the conversation."""
 
@@ -77,16 +93,13 @@ class ChatRequest(BaseModel):
     `message` is one user message; `messages` adds several (system, earlier turns) ending with
     the user's (not both). `action`: `send` (default), `regenerate` (replace the last reply; no
     message, a `conversation_id`) or `edit` (replace the last user message with `message` and
-    answer it again; a `conversation_id`). Sampling parameters pass to the engine.
+    answer it again; a `conversation_id`). Sampling parameters pass to the engine, and so do
+    other engine fields (e.g. `response_format`, `chat_template_kwargs`) under the same field
+    policy as /v1/chat/completions; `n`, `echo` and `stream_options` are refused (one reply is
+    kept per turn).
     """
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [{"model": "current", "message": "안녕하세요!", "stream": True}],
-            "anyOf": _ACTIONS,
-        },
-    )
+    model_config = ConfigDict(extra="allow", json_schema_extra=_chat_schema)
 
     conversation_id: uuid.UUID | None = None
     model: Annotated[str, StringConstraints(min_length=1, max_length=256), NoNul] | None = None

@@ -33,7 +33,7 @@ from gateway.chat.deps import ChatResources
 from gateway.chat.history import context_window, trim_history
 from gateway.chat.relay import ChatRelay, ReplyRecorder
 from gateway.chat.replay import replay_earlier, request_hash
-from gateway.chat.schemas import ChatRequest
+from gateway.chat.schemas import CHAT_OWNED_FIELDS, ChatRequest
 from gateway.conversations import service as conversations
 from gateway.conversations.models import ChatIdempotency, Conversation, Message, MessageStatus
 from gateway.db import utcnow
@@ -45,6 +45,7 @@ from gateway.proxy.service import (
     Admission,
     admit,
     check_model_scope,
+    field_grants,
     limits_from,
     relay_checked,
 )
@@ -120,10 +121,33 @@ def new_messages(body: ChatRequest) -> list[dict[str, str]]:
     return added
 
 
-def _check_sampling(body: ChatRequest, state: ChatResources) -> None:
-    """The proxy's own checks of sampling parameters (400 naming the field)."""
-    probe = {"messages": [{"role": "user", "content": "."}], **body.sampling()}
-    parse_request(Route.CHAT, orjson.dumps(probe), limits_from(state.settings))
+def _check_engine_fields(
+    body: ChatRequest, state: ChatResources, principal: Principal
+) -> dict[str, Any]:
+    """The proxy's own checks of the sampling parameters and of the other engine fields (the
+    same field policy as /v1/*; 400 naming the field); the extra fields to send, as checked."""
+    extras = body.model_extra or {}
+    for name, value in extras.items():
+        if name in CHAT_OWNED_FIELDS:
+            raise _bad(
+                f"'{name}' is not accepted on /api/chat: it keeps one reply per turn and asks "
+                "the engine for usage itself (send it to /v1/chat/completions).",
+                name,
+                "forbidden_field",
+            )
+        try:
+            orjson.dumps(value)
+        except orjson.JSONEncodeError as exc:
+            # An integer beyond 64 bits or nesting past orjson's limit: no engine body holds it.
+            raise _bad(f"'{name}' cannot be sent to the engine: {exc}.", name) from None
+    probe = {"messages": [{"role": "user", "content": "."}], **body.sampling(), **extras}
+    checked = parse_request(
+        Route.CHAT,
+        orjson.dumps(probe),
+        limits_from(state.settings),
+        field_grants(principal, state.settings),
+    )
+    return {name: checked.body[name] for name in extras}
 
 
 # -- the transaction ---------------------------------------------------------------------------
@@ -269,7 +293,7 @@ async def chat(
     """Save, relay and record one chat turn (see the module doc for the order of work)."""
     user_id = conversations.require_user(principal)
     added = new_messages(body)
-    _check_sampling(body, state)
+    extras = _check_engine_fields(body, state, principal)
     request.state.model = scheduler.shown_model(body.model)
     check_model_scope(principal, body.model, state)
     # An unknown model is refused before anything is saved (its name is no conversation's).
@@ -311,6 +335,7 @@ async def chat(
         request=request,
         principal=principal,
         body=body,
+        extras=extras,
         prepared=prepared,
         admission=admission,
     )
@@ -323,6 +348,7 @@ async def _relay(
     request: Request,
     principal: Principal,
     body: ChatRequest,
+    extras: dict[str, Any],
     prepared: Prepared,
     admission: Admission,
 ) -> Response:
@@ -330,6 +356,7 @@ async def _relay(
     if body.model:
         upstream["model"] = body.model
     upstream.update(body.sampling())
+    upstream.update(extras)
     checked = ProxyRequest(
         route=Route.CHAT,
         body=upstream,

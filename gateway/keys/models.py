@@ -29,6 +29,8 @@ class ApiKey(TimestampMixin, Base):
     description: Mapped[str] = mapped_column(String(500), default="")
     # None: every model; else the served names (or aliases) this key may use.
     allowed_models: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    # None: the default policy; else request fields an admin allowed this key (gateway.fields).
+    allowed_fields: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)

@@ -44,6 +44,7 @@ async def admin_create_key(
         caller_id=None,
         caller_is_admin=True,
         caller_tier=owner.tier,
+        allowed_fields=body.allowed_fields,
     )
     return KeyCreated(**KeyInfo.of(key, owner).model_dump(), key=raw)
 
@@ -58,7 +59,8 @@ async def admin_list_keys(_: AdminDep, session: SessionDep) -> KeyList:
 async def admin_update_key(
     key_id: uuid.UUID, body: AdminKeyUpdate, _: AdminDep, session: SessionDep
 ) -> KeyInfo:
-    """Change a key's description, tier, expiry or models."""
+    """Change a key's description, tier, expiry, models or the request fields it may send
+    beyond the default policy (`allowed_fields`)."""
     key, owner = await service.get_key(session, key_id=key_id)
     changes = body.model_dump(include=body.model_fields_set)
     await service.update_key(session, key=key, changes=changes, caller_is_admin=True)

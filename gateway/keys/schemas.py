@@ -7,16 +7,19 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
+    WithJsonSchema,
     field_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
+from gateway.fields import GRANTABLE_FIELD_REF, MAX_FIELD_NAME_CHARS, check_grant
 from gateway.keys.models import ApiKey
 from gateway.keys.service import as_utc, key_status
 from gateway.text import NoNul, NotBlank
@@ -28,6 +31,19 @@ TierName = Literal["free", "standard", "premium"]
 ModelName = Annotated[str, StringConstraints(min_length=1, max_length=256), NoNul, NotBlank]
 # An empty list would allow no model at all: null is how every model is allowed.
 ModelList = Annotated[list[ModelName], Field(min_length=1, max_length=64)]
+# A request field an admin allows a key beyond the default policy (gateway.fields); the
+# document's GrantableFieldName states the same rules.
+FieldName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_FIELD_NAME_CHARS, pattern="[A-Za-z0-9]"),
+    AfterValidator(check_grant),
+    WithJsonSchema({"$ref": GRANTABLE_FIELD_REF}),
+]
+FieldList = Annotated[list[FieldName], Field(max_length=64)]
+_FIELDS = (
+    "Request fields this key may send beyond the default policy (e.g. `chat_template`); "
+    "never a routing field such as `api_base`. null or []: the default policy."
+)
 _EXPIRY = "Must be in the future (a past one is a 400 invalid_expiry); null: never expires."
 Description = Annotated[str, StringConstraints(max_length=500), NoNul]
 
@@ -68,6 +84,8 @@ class AdminKeyCreate(MyKeyCreate):
 
     # A user id (a UUID) fits the username pattern too.
     user_id: Username
+    # Admins only: MyKeyCreate has no such field, so a user cannot widen their own key.
+    allowed_fields: FieldList | None = Field(default=None, description=_FIELDS)
 
     model_config = ConfigDict(
         extra="forbid",
@@ -80,7 +98,8 @@ class AdminKeyCreate(MyKeyCreate):
 
 
 class AdminKeyUpdate(_Body):
-    """Fields to change; absent fields stay, null clears expires_at / allowed_models."""
+    """Fields to change; absent fields stay, null clears expires_at / allowed_models /
+    allowed_fields."""
 
     description: Description | None = None
     # Absent keeps the tier; null is refused (a key always has one), and not offered.
@@ -89,6 +108,7 @@ class AdminKeyUpdate(_Body):
     allowed_models: ModelList | None = Field(
         default=None, description="null: every model the owner may use."
     )
+    allowed_fields: FieldList | None = Field(default=None, description=_FIELDS)
 
     @field_validator("tier")
     @classmethod
@@ -109,6 +129,9 @@ class KeyInfo(BaseModel):
     tier: TierName
     description: str
     allowed_models: list[str] | None
+    allowed_fields: list[str] = Field(
+        description="Request fields an admin allowed this key beyond the default policy."
+    )
     expires_at: datetime | None
     revoked_at: datetime | None
     last_used_at: datetime | None
@@ -128,6 +151,7 @@ class KeyInfo(BaseModel):
             tier=key.tier,
             description=key.description,
             allowed_models=key.allowed_models,
+            allowed_fields=key.allowed_fields or [],
             expires_at=as_utc(key.expires_at),
             revoked_at=as_utc(key.revoked_at),
             last_used_at=as_utc(key.last_used_at),

@@ -27,6 +27,7 @@ from sqlalchemy.orm import make_transient_to_detached
 
 from gateway.db import utcnow
 from gateway.errors import GatewayError
+from gateway.fields import normalize_grants
 from gateway.keys.models import ApiKey
 from gateway.logging import get_logger
 from gateway.principal import Role, Tier
@@ -320,6 +321,28 @@ def _check_models_within(
     return requested
 
 
+def _normalize_fields(fields: list[str] | None) -> list[str] | None:
+    """Checked field grants (None when there are none); 400 naming a name that cannot be
+    allowed (the schema checks the same; this is for callers of the service)."""
+    try:
+        names = normalize_grants(fields or ())
+    except ValueError as exc:
+        raise GatewayError(
+            400, f"allowed_fields: {exc}.", code="invalid_fields", param="allowed_fields"
+        ) from None
+    return names or None
+
+
+def _fields_for_admins() -> GatewayError:
+    # Function-level authorization: a user must not widen what their own key may send.
+    return GatewayError(
+        403,
+        "Only admins allow request fields for a key.",
+        code="fields_not_allowed",
+        param="allowed_fields",
+    )
+
+
 async def resolve_owner(session: AsyncSession, *, user_ref: str, tier: str | None) -> User:
     """The user a new key belongs to: an existing user's id or username; any other name gets
     a new service account (no password, role user) so `{"user_id": "dev-team"}` just works."""
@@ -397,14 +420,17 @@ async def create_key(
     caller_is_admin: bool,
     caller_tier: str,
     caller_allowed_models: Sequence[str] | None = None,
+    allowed_fields: list[str] | None = None,
 ) -> tuple[ApiKey, str]:
     """Issue a key for `owner` and commit; returns the row and the raw key (shown once).
 
     Function-level authorization: a non-admin may only create keys for itself, with a tier up
-    to its own and models within its own.
+    to its own and models within its own, and never allow request fields (admins only).
     """
     now = utcnow()
     if not caller_is_admin:
+        if allowed_fields:
+            raise _fields_for_admins()
         if caller_id is None or owner.id != caller_id:
             raise GatewayError(
                 403, "You can only create keys for yourself.", code="forbidden", param="user_id"
@@ -429,6 +455,7 @@ async def create_key(
         tier=tier,
         description=description,
         allowed_models=_normalize_models(allowed_models),
+        allowed_fields=_normalize_fields(allowed_fields),
         expires_at=_check_expiry(expires_at, now),
     )
     session.add(key)
@@ -472,19 +499,31 @@ async def update_key(
     caller_is_admin: bool,
     cache: KeyCache = KEY_CACHE,
 ) -> ApiKey:
-    """Change description, tier (admins only), expires_at or allowed_models, and commit.
+    """Change description, tier and allowed_fields (admins only), expires_at or allowed_models,
+    and commit.
 
-    `changes` holds only the fields the client sent; None clears expires_at / allowed_models.
+    `changes` holds only the fields the client sent; None clears expires_at, allowed_models and
+    allowed_fields.
     """
     if key.revoked_at is not None:
         raise GatewayError(409, "This key is revoked.", code="key_revoked")
-    unknown = set(changes) - {"description", "tier", "expires_at", "allowed_models"}
+    unknown = set(changes) - {
+        "description",
+        "tier",
+        "expires_at",
+        "allowed_models",
+        "allowed_fields",
+    }
     if unknown:
         raise GatewayError(400, f"Cannot change {', '.join(sorted(unknown))}.", code="invalid")
     if "tier" in changes:
         if not caller_is_admin:
             raise GatewayError(403, "Only admins change a key's tier.", code="forbidden")
         key.tier = _check_tier(changes["tier"])
+    if "allowed_fields" in changes:
+        if not caller_is_admin:
+            raise _fields_for_admins()
+        key.allowed_fields = _normalize_fields(changes["allowed_fields"])
     if "description" in changes:
         key.description = changes["description"] or ""
     if "expires_at" in changes:

@@ -2,17 +2,18 @@
 
 The bodies are read raw and forwarded as sent (see router.py), so nothing here parses them;
 these schemas only tell clients and API fuzzers what the gateway accepts. Every field the
-gateway does not check stays open (`additionalProperties`), as the engine defines it.
+gateway does not check stays open (`additionalProperties`), as the engine defines it, within
+the field policy of gateway.fields (`propertyNames`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from gateway.fields import TEMPLATE_KWARGS_SCHEMA, field_names_schema
 from gateway.proxy.validation import (
     CHAT_ROLES,
     MAX_TOKEN_ID,
-    REDIRECTING_FIELDS,
     Limits,
     Route,
 )
@@ -40,6 +41,7 @@ def _sampling(limits: Limits) -> dict[str, Any]:
         "top_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
         "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
         "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
+        "chat_template_kwargs": TEMPLATE_KWARGS_SCHEMA,
     }
 
 
@@ -106,8 +108,9 @@ def request_body_schema(route: Route, limits: Limits) -> dict[str, Any]:
         "type": "object",
         "required": required,
         "properties": properties,
-        # Fields that would send the request elsewhere are refused (CVE-2024-6587).
-        "not": {"anyOf": [{"required": [name]} for name in sorted(REDIRECTING_FIELDS)]},
+        # Routing fields (CVE-2024-6587), code the engine would run, and unknown names that
+        # look like either are refused (gateway.fields).
+        "propertyNames": field_names_schema(),
         "additionalProperties": True,
     }
     if route is not Route.EMBEDDINGS:

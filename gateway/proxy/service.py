@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ from fastapi import Request
 
 from gateway.body import read_capped_body
 from gateway.errors import GatewayError
+from gateway.fields import tier_grants
 from gateway.limits.enforce import check_inference
 from gateway.limits.rules import Rule
 from gateway.principal import Principal
@@ -36,6 +38,12 @@ def limits_from(settings: Settings) -> Limits:
     )
 
 
+def field_grants(principal: Principal, settings: Settings) -> Iterable[str]:
+    """The request fields an admin allowed this caller: its API key's and its tier's (lazily:
+    they are read only for a body with a field outside the data fields)."""
+    return itertools.chain(principal.allowed_fields, tier_grants(settings, principal.tier))
+
+
 def route_timeout(settings: Settings, route: Route) -> float:
     """The upstream timeout of a route."""
     return {
@@ -57,7 +65,7 @@ async def relay(
     build the response that relays the request; usage is counted when it finishes."""
     settings = state.settings
     body = await read_capped_body(request, settings.MAX_BODY_BYTES)
-    checked = parse_request(route, body, limits_from(settings))
+    checked = parse_request(route, body, limits_from(settings), field_grants(principal, settings))
     request.state.model = scheduler.shown_model(checked.model)
     check_model_scope(principal, checked.model, state)
     admission = await admit(state=state, principal=principal, request=request)

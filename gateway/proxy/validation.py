@@ -7,6 +7,7 @@ re-serialise every request and cost more than the rest of the proxy path).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, cast
@@ -14,24 +15,9 @@ from typing import Any, cast
 import orjson
 
 from gateway.errors import GatewayError
+from gateway.fields import check_fields
 from gateway.integers import whole_number
 
-# Fields that would send the request (and a provider key) somewhere else: LiteLLM's
-# CVE-2024-6587 was a client-supplied api_base. The gateway alone decides where a request goes.
-REDIRECTING_FIELDS = frozenset(
-    {
-        "api_base",
-        "base_url",
-        "api_key",
-        "api_version",
-        "azure_endpoint",
-        "custom_llm_provider",
-        "endpoint",
-        "organization",
-        "proxy",
-        "url",
-    }
-)
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
@@ -159,8 +145,15 @@ def _check_prompt(body: dict[str, Any], name: str) -> None:
     )
 
 
-def parse_request(route: Route, raw: bytes, limits: Limits) -> ProxyRequest:
-    """Parse and check one request body; raise a 400 GatewayError naming the field."""
+def parse_request(
+    route: Route, raw: bytes, limits: Limits, grants: Iterable[str] = ()
+) -> ProxyRequest:
+    """Parse and check one request body; raise a 400 GatewayError naming the field.
+
+    `grants`: the request fields an admin allowed this caller beyond the policy of
+    gateway.fields (routing fields such as `api_base` and code the engine would run, such as
+    `chat_template`, are refused without one).
+    """
     if len(raw) > limits.max_body_bytes:
         raise GatewayError(
             413,
@@ -173,14 +166,7 @@ def parse_request(route: Route, raw: bytes, limits: Limits) -> ProxyRequest:
         raise _bad(f"Request body is not valid JSON: {exc}", None, "invalid_json") from None
     if not isinstance(body, dict):
         raise _bad("Request body must be a JSON object.", None, "invalid_json")
-    redirecting = REDIRECTING_FIELDS.intersection(body)
-    if redirecting:
-        name = sorted(redirecting)[0]
-        raise _bad(
-            f"'{name}' is not accepted: the gateway decides where requests go.",
-            name,
-            "forbidden_field",
-        )
+    check_fields(body, grants)
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or not model or len(model) > 256):
         raise _bad("'model' must be a non-empty string.", "model")

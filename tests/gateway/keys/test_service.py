@@ -332,3 +332,46 @@ async def test_owner_reference_errors(sessions: Sessions) -> None:
         with pytest.raises(GatewayError) as bad:
             await service.resolve_owner(session, user_ref="no spaces; please", tier=None)
         assert bad.value.status_code == 400
+
+
+async def test_only_an_admin_allows_request_fields(sessions: Sessions) -> None:
+    alice = await add_user(sessions)
+    as_alice = {"caller_id": alice.id, "caller_is_admin": False, "caller_tier": "standard"}
+    with pytest.raises(GatewayError) as created:
+        await _issue(sessions, alice, allowed_fields=["chat_template"], **as_alice)
+    assert (created.value.status_code, created.value.param) == (403, "allowed_fields")
+    key, raw = await _issue(sessions, alice, **as_alice)
+    assert key.allowed_fields is None
+    async with sessions() as session:
+        row, _ = await service.get_key(session, key_id=key.id)
+        with pytest.raises(GatewayError) as changed:
+            await service.update_key(
+                session,
+                key=row,
+                changes={"allowed_fields": ["chat_template"]},
+                caller_is_admin=False,
+            )
+        assert changed.value.status_code == 403
+        # An admin's grant is checked, kept once per field and seen by the next authentication.
+        await service.update_key(
+            session,
+            key=row,
+            changes={"allowed_fields": [" chat_template", "chatTemplate", "vllm_xargs"]},
+            caller_is_admin=True,
+        )
+        with pytest.raises(GatewayError) as routed:
+            await service.update_key(
+                session, key=row, changes={"allowed_fields": ["base_url"]}, caller_is_admin=True
+            )
+        assert (routed.value.status_code, routed.value.param) == (400, "allowed_fields")
+    found = await _auth(sessions, raw)
+    assert found is not None
+    assert found[0].allowed_fields == ["chat_template", "vllm_xargs"]
+    async with sessions() as session:
+        row, _ = await service.get_key(session, key_id=key.id)
+        await service.update_key(
+            session, key=row, changes={"allowed_fields": []}, caller_is_admin=True
+        )
+    found = await _auth(sessions, raw)
+    assert found is not None
+    assert found[0].allowed_fields is None
