@@ -24,6 +24,7 @@ from orchestrator.profiles import (
     RuntimeKind,
     UnknownProfileError,
 )
+from orchestrator.recovery import RestartPolicy
 from orchestrator.runtimes import EngineSpec, ExternalRuntime, ProcessRuntime, Runtime
 from orchestrator.runtimes.docker import DockerRuntime
 from orchestrator.specs import build_engine_spec
@@ -82,6 +83,16 @@ def external_profile(settings: Settings) -> Profile:
     )
 
 
+def restart_policy(settings: Settings) -> RestartPolicy:
+    """The manager's restart policy from the ENGINE_RESTART_* settings."""
+    return RestartPolicy(
+        max_restarts=settings.ENGINE_RESTART_MAX,
+        window_s=settings.ENGINE_RESTART_WINDOW_S,
+        backoff_s=settings.ENGINE_RESTART_BACKOFF_S,
+        backoff_max_s=settings.ENGINE_RESTART_BACKOFF_MAX_S,
+    )
+
+
 class ModelControl:
     """What the gateway knows about models: profiles, GPUs, fit, and the engine manager."""
 
@@ -107,6 +118,7 @@ class ModelControl:
             runtimes=self.runtimes,
             spec_factory=self.spec_for,
             drain_timeout_s=settings.DRAIN_TIMEOUT_S,
+            restart_policy=restart_policy(settings),
         )
 
     # -- reading -----------------------------------------------------------------------------

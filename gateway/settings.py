@@ -166,6 +166,13 @@ class Settings(BaseSettings):
     HF_TOKEN: SecretStr | None = None
     DRAIN_TIMEOUT_S: float = Field(default=30.0, ge=0)
     ENGINE_STARTUP_TIMEOUT_S: float | None = Field(default=None, gt=0)
+    # An engine that dies on its own is restarted after a backoff (doubling per crash, capped),
+    # at most ENGINE_RESTART_MAX times within ENGINE_RESTART_WINDOW_S; one crash more is a crash
+    # loop and it stays failed. 0 turns restarts off.
+    ENGINE_RESTART_MAX: int = Field(default=3, ge=0, le=100)
+    ENGINE_RESTART_WINDOW_S: float = Field(default=600.0, gt=0)
+    ENGINE_RESTART_BACKOFF_S: float = Field(default=2.0, ge=0)
+    ENGINE_RESTART_BACKOFF_MAX_S: float = Field(default=60.0, ge=0)
     UPSTREAM_CONNECT_TIMEOUT_S: float = Field(default=5.0, gt=0)
     UPSTREAM_READ_TIMEOUT_S: float = Field(default=300.0, gt=0)
     # Guards the model management API until user accounts exist (seed: ADMIN_API_KEY).
@@ -193,6 +200,11 @@ class Settings(BaseSettings):
     MAX_TOKENS_CAP: int = Field(default=32768, ge=1)
     MAX_BODY_BYTES: int = Field(default=4 * 1024 * 1024, ge=1024)
     MAX_HEADER_BYTES: int = Field(default=32 * 1024, ge=1024)
+    # POST /api/conversations/import takes a whole exported conversation: its own, larger cap.
+    MAX_IMPORT_BYTES: int = Field(default=32 * 1024 * 1024, ge=1024)
+    # Nesting of a JSON body (every route). orjson re-serializes at most 254 levels, so the
+    # ceiling stays below that: a deeper body would be accepted, then fail when relayed.
+    MAX_JSON_DEPTH: int = Field(default=64, ge=8, le=200)
     # Request fields a tier may send beyond the default policy (gateway/fields.py), e.g.
     # "chat_template"; JSON list or comma-separated; routing fields are refused at startup.
     ALLOWED_FIELDS_FREE: Annotated[list[str], NoDecode] = Field(default_factory=list)

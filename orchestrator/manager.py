@@ -13,6 +13,7 @@ from enum import StrEnum
 import httpx
 import structlog
 
+from orchestrator.recovery import PUBLIC_REASONS, CrashWindow, Failure, RestartPolicy
 from orchestrator.runtimes.base import EngineSpec, Runtime, RuntimeError_, RuntimeHandle
 
 log = structlog.get_logger(__name__)
@@ -27,21 +28,39 @@ class EngineState(StrEnum):
     READY = "ready"
     DRAINING = "draining"
     STOPPING = "stopping"
+    RESTARTING = "restarting"
     FAILED = "failed"
 
 
 # The only transitions the manager makes; anything else is a bug and raises.
 ALLOWED_TRANSITIONS: Mapping[EngineState, frozenset[EngineState]] = {
     EngineState.IDLE: frozenset({EngineState.STARTING, EngineState.LOADING}),
-    EngineState.STARTING: frozenset({EngineState.LOADING, EngineState.FAILED}),
-    EngineState.LOADING: frozenset({EngineState.READY, EngineState.FAILED}),
-    EngineState.READY: frozenset({EngineState.DRAINING, EngineState.FAILED}),
+    # STARTING/LOADING -> RESTARTING: a restart after a crash failed too; another one waits.
+    EngineState.STARTING: frozenset(
+        {EngineState.LOADING, EngineState.FAILED, EngineState.RESTARTING}
+    ),
+    EngineState.LOADING: frozenset({EngineState.READY, EngineState.FAILED, EngineState.RESTARTING}),
+    # READY -> RESTARTING: the engine died while serving and the restart policy allows a restart;
+    # READY -> FAILED: it died and is not restarted (restarts off, or a crash loop).
+    EngineState.READY: frozenset(
+        {EngineState.DRAINING, EngineState.FAILED, EngineState.RESTARTING}
+    ),
     # DRAINING -> FAILED: a switch that crashes mid-drain (the engine may still run; FAILED keeps
     # its handle, so it is stopped before anything else starts).
     EngineState.DRAINING: frozenset({EngineState.STOPPING, EngineState.FAILED}),
     EngineState.STOPPING: frozenset({EngineState.IDLE, EngineState.FAILED}),
+    # RESTARTING -> STARTING without passing IDLE: requests held for the restart keep waiting
+    # (an IDLE engine refuses them). RESTARTING -> STOPPING: stop() or a switch cancels the
+    # restart. RESTARTING -> FAILED: the dead engine's remains could not be removed.
+    EngineState.RESTARTING: frozenset(
+        {EngineState.STARTING, EngineState.STOPPING, EngineState.FAILED}
+    ),
     EngineState.FAILED: frozenset({EngineState.STARTING, EngineState.STOPPING}),
 }
+
+# vLLM's sleep contract (served with VLLM_SERVER_DEV_MODE=1; the simulator always serves it):
+# GET /is_sleeping -> {"is_sleeping": bool}. An engine that answers it is watched for sleep.
+SLEEP_STATE_PATH = "/is_sleeping"
 
 # States in which an engine process/container may exist and must be stopped before another.
 _HAS_ENGINE = frozenset({EngineState.READY, EngineState.FAILED})
@@ -95,7 +114,12 @@ class EngineEvent:
 
 @dataclass(frozen=True)
 class EngineStatus:
-    """A point-in-time view of the managed engine."""
+    """A point-in-time view of the managed engine.
+
+    `error` is the admin's detail and may quote the engine's output (its last log line names
+    its port and paths); `failure` and `reason` are what users and the public are told: a
+    stable code and its fixed sentence (or the gateway's own reason why none was started).
+    """
 
     profile_id: str | None
     served_model_name: str | None
@@ -105,16 +129,27 @@ class EngineStatus:
     since: float
     in_flight: int
     error: str | None = None
+    failure: Failure | None = None
+    reason: str | None = None
+    # READY, but the engine says it is asleep (vLLM's sleep mode): it serves nothing until woken.
+    asleep: bool = False
+    # Crashes within the restart policy's window, and when the next restart begins (RESTARTING).
+    recent_crashes: int = 0
+    restart_at: float | None = None
+    # The engine's last log lines when it last failed or crashed (admins only).
+    logs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class EngineHealth:
-    """The outcome of one health probe."""
+    """The outcome of one health probe; `detail` is safe to show to anyone (never engine
+    output), `failure` the stable code when the engine does not serve."""
 
     ok: bool
     state: EngineState
     detail: str
     latency_ms: float | None = None
+    failure: Failure | None = None
 
 
 @dataclass
@@ -164,6 +199,7 @@ class VLLMModelManager:
         spec_factory: SpecFactory,
         drain_timeout_s: float = 30.0,
         poll_interval_s: float = 0.25,
+        restart_policy: RestartPolicy | None = None,
     ) -> None:
         self._http = http
         self._runtimes = dict(runtimes)
@@ -177,6 +213,21 @@ class VLLMModelManager:
         self._handle: RuntimeHandle | None = None
         self._served_names: tuple[str, ...] = ()
         self._error: str | None = None
+        self._failure: Failure | None = None
+        self._reason: str | None = None
+        self._last_logs: tuple[str, ...] = ()
+        # Sleep: whether the engine answers GET /is_sleeping (learned when it becomes ready),
+        # and what it said last.
+        self._sleep_capable = False
+        self._asleep = False
+        # Restarts: the policy, the crash window, the pending restart (a task that waits out the
+        # backoff; the generation invalidates one that an operator's action superseded).
+        self._restart_policy = restart_policy or RestartPolicy()
+        self._crashes = CrashWindow(self._restart_policy)
+        self._restart_at: float | None = None
+        self._restart_task: asyncio.Task[None] | None = None
+        self._restart_generation = 0
+        self._restarts: dict[str, int] = {}
         self._subscribers: set[asyncio.Queue[EngineEvent]] = set()
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -217,8 +268,18 @@ class VLLMModelManager:
         """The switch job in progress, if any."""
         return self._job if self._job and not self._job.done else None
 
+    @property
+    def restart_policy(self) -> RestartPolicy:
+        """When an engine that died on its own is restarted."""
+        return self._restart_policy
+
+    def restart_counts(self) -> dict[str, int]:
+        """Restarts begun after a crash since the manager was created, by profile id."""
+        return dict(self._restarts)
+
     def status(self) -> EngineStatus:
-        """A snapshot of what is running."""
+        """A snapshot of what is running (cheap: the proxy reads it for every request)."""
+        asleep = self._asleep and self._state is EngineState.READY
         return EngineStatus(
             profile_id=self._spec.profile_id if self._spec else None,
             served_model_name=self._spec.served_model_name if self._spec else None,
@@ -228,7 +289,28 @@ class VLLMModelManager:
             since=self._since,
             in_flight=self._in_flight,
             error=self._error,
+            failure=Failure.ASLEEP if asleep else self._failure,
+            reason=self._public_reason(),
+            asleep=asleep,
+            recent_crashes=self._crashes.count(time.monotonic()),
+            restart_at=self._restart_at if self._state is EngineState.RESTARTING else None,
+            logs=self._last_logs,
         )
+
+    def _public_reason(self) -> str | None:
+        """What users and the public are told about why the engine does not serve."""
+        if self._asleep and self._state is EngineState.READY:
+            return PUBLIC_REASONS[Failure.ASLEEP]
+        if self._failure is None:
+            return None
+        return self._reason or PUBLIC_REASONS[self._failure]
+
+    def _set_failure(
+        self, failure: Failure | None, detail: str | None, reason: str | None = None
+    ) -> None:
+        """Record why the engine does not serve: the code, the admin's detail, and (only when
+        the gateway wrote it) a public reason other than the code's fixed sentence."""
+        self._failure, self._error, self._reason = failure, detail, reason
 
     def job(self, job_id: str) -> SwitchJob | None:
         """A switch job by id (recent jobs are kept)."""
@@ -254,8 +336,9 @@ class VLLMModelManager:
     # -- serving -----------------------------------------------------------------------------
 
     def acquire_slot(self) -> bool:
-        """Count one in-flight request on the ready engine; False when it is not ready."""
-        if self._state is not EngineState.READY or self._handle is None:
+        """Count one in-flight request on the ready engine; False when it is not ready (or
+        asleep)."""
+        if self._state is not EngineState.READY or self._handle is None or self._asleep:
             return False
         self._in_flight += 1
         self._idle.clear()
@@ -279,22 +362,64 @@ class VLLMModelManager:
             self.release_slot()
 
     async def probe(self, timeout_s: float = 2.0) -> EngineHealth:
-        """One health request to the engine (used by /health/ready)."""
-        if self._state is not EngineState.READY or self._handle is None or self._spec is None:
-            detail = self._error or f"engine is {self._state.value}"
-            return EngineHealth(ok=False, state=self._state, detail=detail)
+        """One health request to the engine (used by /health/ready), and for an engine with
+        vLLM's sleep contract whether it is asleep: an engine that is asleep serves nothing,
+        so it is not healthy. The detail never quotes the engine (the public reads it)."""
+        handle, spec = self._handle, self._spec
+        if self._state is not EngineState.READY or handle is None or spec is None:
+            detail = self._public_reason() or f"engine is {self._state.value}"
+            return EngineHealth(ok=False, state=self._state, detail=detail, failure=self._failure)
         started = time.perf_counter()
         try:
-            response = await self._http.get(
-                self._handle.base_url + self._spec.health_path, timeout=timeout_s
-            )
+            response = await self._http.get(handle.base_url + spec.health_path, timeout=timeout_s)
         except httpx.HTTPError as exc:
-            return EngineHealth(ok=False, state=self._state, detail=f"unreachable: {exc!r}")
+            detail = f"unreachable ({type(exc).__name__})"
+            return EngineHealth(ok=False, state=self._state, detail=detail)
         latency = round((time.perf_counter() - started) * 1000, 2)
         if response.status_code != 200:
             detail = f"health returned {response.status_code}"
             return EngineHealth(ok=False, state=self._state, detail=detail, latency_ms=latency)
+        if self._sleep_capable:
+            asleep = await self._sleep_state(handle, spec, timeout_s)
+            if asleep is not None and self._handle is handle and self._is_ready():
+                self._set_asleep(asleep)
+            if self._asleep:
+                return EngineHealth(
+                    ok=False,
+                    state=self._state,
+                    detail=PUBLIC_REASONS[Failure.ASLEEP],
+                    latency_ms=latency,
+                    failure=Failure.ASLEEP,
+                )
         return EngineHealth(ok=True, state=self._state, detail="healthy", latency_ms=latency)
+
+    async def _sleep_state(
+        self, handle: RuntimeHandle, spec: EngineSpec, timeout_s: float
+    ) -> bool | None:
+        """The engine's GET /is_sleeping answer; None when it has no such route or did not
+        answer (vLLM serves it only in its dev mode; other engines not at all)."""
+        try:
+            response = await self._http.get(
+                handle.base_url + SLEEP_STATE_PATH, headers=_auth(spec), timeout=timeout_s
+            )
+            if response.status_code != 200:
+                return None
+            value = response.json().get("is_sleeping")
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, bool) else None
+
+    def _set_asleep(self, asleep: bool) -> None:
+        """Follow what the engine says of its sleep; say so once when it changes."""
+        if asleep == self._asleep:
+            return
+        self._asleep = asleep
+        log.warning("engine_sleep", profile=self._profile_label(), asleep=asleep)
+        self._emit(
+            "the engine is asleep: requests get 503 until it is woken up (POST /wake_up)"
+            if asleep
+            else "the engine woke up and serves again"
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -306,6 +431,7 @@ class VLLMModelManager:
         runtime = self._runtime_for(spec)
         if self._lock.locked():
             raise EngineBusy("an engine start, stop or switch is already in progress")
+        self._operator_acts()
         async with self._lock:
             await self._stop_locked()
             await self._start_locked(runtime, spec)
@@ -315,7 +441,9 @@ class VLLMModelManager:
         """Drain and stop the engine if one runs (FAILED with the reason when the stop fails).
 
         Also the retry after a failed stop: once it succeeds, engines may be started again.
+        A pending restart is cancelled (one in progress is cut short): stopped means stopped.
         """
+        self._operator_acts()
         async with self._lock:
             await self._stop_locked()
             return self.status()
@@ -347,7 +475,8 @@ class VLLMModelManager:
                     # The engine keeps the API key it was started with (the runtime read it back);
                     # the spec just built carries a new one, which the engine would refuse.
                     spec = replace(spec, api_key=handle.api_key)
-                    self._spec, self._handle, self._error = spec, handle, None
+                    self._spec, self._handle = spec, handle
+                    self._set_failure(None, None)
                     self._enter(EngineState.LOADING, f"adopting running {spec.served_model_name}")
                     try:
                         await self._wait_serving(runtime, spec)
@@ -367,7 +496,9 @@ class VLLMModelManager:
         state the state's own error already says more, and it is kept.
         """
         if self._state is EngineState.IDLE:
-            self._error = reason
+            # The gateway wrote this reason from the validated profiles and the GPU reading,
+            # not from an engine's output: it is also what users and the public are told.
+            self._set_failure(Failure.NOT_STARTED, reason, reason)
 
     def request_switch(self, profile_id: str) -> SwitchJob:
         """Start a background switch to `profile_id`; refuse while another one runs.
@@ -379,6 +510,8 @@ class VLLMModelManager:
             job_id = running.id if running else None
             target = running.profile_id if running else "another operation"
             raise EngineBusy(f"a switch to {target} is already running", job_id=job_id)
+        # A switch supersedes a restart that waits out its backoff (the switch stops first).
+        self._operator_acts()
         job = SwitchJob(
             id=uuid.uuid4().hex[:16],
             profile_id=profile_id,
@@ -402,7 +535,8 @@ class VLLMModelManager:
         return job
 
     def start_watchdog(self, interval_s: float = 1.0) -> None:
-        """Notice an engine that died while READY (crash, OOM kill) and mark it FAILED."""
+        """Notice an engine that died while READY (crash, OOM kill) and restart it (or mark it
+        FAILED, per the restart policy); follow whether a sleep-capable engine is asleep."""
         task = asyncio.create_task(self._watch(interval_s), name="engine-watchdog")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -420,17 +554,119 @@ class VLLMModelManager:
             await self._check_alive()
 
     async def _check_alive(self) -> None:
-        handle = self._handle
-        if self._state is not EngineState.READY or handle is None or self._lock.locked():
+        handle, spec = self._handle, self._spec
+        if (
+            self._state is not EngineState.READY
+            or handle is None
+            or spec is None
+            or self._lock.locked()
+        ):
             return
         runtime = self._runtimes.get(handle.runtime)
-        if runtime is None or await runtime.is_running(handle):
+        if runtime is None:
+            return
+        if await runtime.is_running(handle):
+            if self._sleep_capable:
+                asleep = await self._sleep_state(handle, spec, timeout_s=1.0)
+                if asleep is not None and self._handle is handle and self._is_ready():
+                    self._set_asleep(asleep)
             return
         # Re-check after the await: a switch may have replaced the engine meanwhile.
         if self._handle is handle and self._state is EngineState.READY:
-            self._error = f"engine exited while serving: {self._last_log_line()}"
-            log.warning("engine_died", profile=self._profile_label(), logs=self.logs_tail(20))
-            self._enter(EngineState.FAILED, self._error)
+            self._last_logs = tuple(self.logs_tail(50))
+            detail = f"engine exited while serving: {self._last_log_line()}"
+            log.warning("engine_died", profile=self._profile_label(), logs=self._last_logs[-20:])
+            self._after_crash(detail)
+
+    # -- restarts (DESIGN.md, "Restarts") -----------------------------------------------------
+
+    def _operator_acts(self) -> None:
+        """A start, stop or switch: it decides what runs now, so a pending restart is dropped
+        and earlier crashes no longer count towards a crash loop."""
+        self._restart_generation += 1
+        task, self._restart_task = self._restart_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        self._crashes.clear()
+
+    def _after_crash(self, detail: str) -> None:
+        """The engine died on its own (while serving, or during a restart's start): restart it
+        after a backoff, or stay FAILED when restarts are off or it crashes in a loop."""
+        policy = self._restart_policy
+        crashes = self._crashes.record(time.monotonic())
+        if not policy.enabled:
+            self._set_failure(Failure.CRASHED, detail)
+            self._enter(EngineState.FAILED, detail)
+            return
+        if self._crashes.is_loop(crashes):
+            detail = (
+                f"crash loop: the engine crashed {crashes} times within {policy.window_s:g}s "
+                f"(at most {policy.max_restarts} restarts), so it is not restarted again; "
+                f"last crash: {detail}. Switch to it again once the cause is fixed"
+            )
+            log.error("engine_crash_loop", profile=self._profile_label(), crashes=crashes)
+            self._set_failure(Failure.CRASH_LOOP, detail)
+            self._enter(EngineState.FAILED, detail)
+            return
+        delay = policy.delay_s(crashes)
+        self._set_failure(Failure.RESTARTING, detail)
+        self._restart_at = time.time() + delay
+        self._enter(
+            EngineState.RESTARTING,
+            f"{detail}; restart {crashes} of at most {policy.max_restarts} "
+            f"within {policy.window_s:g}s in {delay:g}s",
+        )
+        self._restart_generation += 1
+        task = asyncio.create_task(
+            self._restart_after(delay, self._restart_generation), name="engine-restart"
+        )
+        self._restart_task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _restart_after(self, delay_s: float, generation: int) -> None:
+        await asyncio.sleep(delay_s)
+        async with self._lock:
+            # A start, stop or switch since (or a newer restart) has decided otherwise.
+            if generation != self._restart_generation or self._state is not (
+                EngineState.RESTARTING
+            ):
+                return
+            await self._restart_locked()
+
+    async def _restart_locked(self) -> None:
+        """Remove what is left of the dead engine, then start its profile again."""
+        assert self._spec is not None
+        previous = self._spec
+        handle = self._handle
+        if handle is not None:
+            runtime = self._runtimes.get(handle.runtime)
+            try:
+                if runtime is not None:
+                    # A dead process still has a state file, a container still exists: a stop
+                    # removes them. One that fails keeps the handle (no start over it).
+                    await runtime.stop(handle)
+            except Exception as exc:
+                detail = (
+                    f"the crashed engine ({self._profile_label()}, {handle.runtime} {handle.id}) "
+                    f"could not be cleaned up (stop failed: {_reason(exc)}), so it is not "
+                    "restarted. Retry the stop (a new switch retries it first)"
+                )
+                self._set_failure(Failure.NOT_STOPPED, detail)
+                self._enter(EngineState.FAILED, detail)
+                return
+            self._handle = None
+        try:
+            # A fresh spec: a new port and API key, planned against the GPUs as they are now.
+            spec = self._spec_factory(previous.profile_id)
+            runtime = self._runtime_for(spec)
+        except Exception as exc:
+            # The profile changed or no longer fits: what ran before is the best bet.
+            log.warning("engine_restart_respec_failed", profile=previous.profile_id, error=str(exc))
+            spec, runtime = previous, self._runtime_for(previous)
+        self._restart_at = None
+        self._restarts[spec.profile_id] = self._restarts.get(spec.profile_id, 0) + 1
+        await self._start_locked(runtime, spec, restart=True)
 
     async def aclose(self) -> None:
         """Cancel switch jobs and stop the engine on shutdown."""
@@ -506,7 +742,7 @@ class VLLMModelManager:
         """Leave a state from which the next start or switch can proceed (FAILED, not mid-step)."""
         if self._state in (EngineState.IDLE, EngineState.READY, EngineState.FAILED):
             return
-        self._error = reason
+        self._set_failure(Failure.ERROR, reason)
         self._enter(EngineState.FAILED, reason)
 
     def _is_ready(self) -> bool:
@@ -534,15 +770,24 @@ class VLLMModelManager:
             known = ", ".join(sorted(self._runtimes))
             raise RuntimeError_(f"unknown runtime {spec.runtime!r} (known: {known})") from None
 
-    async def _start_locked(self, runtime: Runtime, spec: EngineSpec) -> None:
+    async def _start_locked(
+        self, runtime: Runtime, spec: EngineSpec, *, restart: bool = False
+    ) -> None:
+        """Start `spec` and wait until it serves. A `restart` (after a crash) keeps the crash's
+        reason until it serves, and its failure counts as another crash."""
         if self._handle is not None:
             # FAILED still holding a handle: the last stop failed and that engine may still
             # run (and hold its GPUs). Starting now would overwrite the only handle to it.
-            self._error = self._not_stopped_reason()
-            log.warning("engine_start_refused", profile=spec.profile_id, reason=self._error)
-            self._emit(self._error)
-            raise EngineNotStopped(self._error)
-        self._spec, self._error, self._served_names = spec, None, ()
+            refused = self._not_stopped_reason()
+            self._set_failure(Failure.NOT_STOPPED, refused)
+            log.warning("engine_start_refused", profile=spec.profile_id, reason=refused)
+            self._emit(refused)
+            raise EngineNotStopped(refused)
+        self._spec, self._served_names = spec, ()
+        self._sleep_capable = self._asleep = False
+        if not restart:
+            self._set_failure(None, None)
+            self._last_logs = ()
         self._enter(EngineState.STARTING, f"starting {spec.served_model_name} ({spec.runtime})")
         try:
             self._handle = await runtime.start(spec)
@@ -552,14 +797,15 @@ class VLLMModelManager:
             await self._abort_start(runtime, "start cancelled")
             raise
         except (RuntimeError_, TimeoutError, httpx.HTTPError, OSError) as exc:
-            await self._abort_start(runtime, str(exc) or type(exc).__name__)
+            await self._abort_start(runtime, str(exc) or type(exc).__name__, restart=restart)
             return
         except Exception as exc:
             # Anything else (a runtime bug, a library's own error type) still fails the start
             # cleanly: FAILED with the reason, so a switch can roll back.
             log.exception("engine_start_crashed", profile=spec.profile_id)
-            await self._abort_start(runtime, f"{type(exc).__name__}: {exc}")
+            await self._abort_start(runtime, f"{type(exc).__name__}: {exc}", restart=restart)
             return
+        self._set_failure(None, None)
         self._enter(EngineState.READY, f"{spec.served_model_name} is ready")
 
     async def _wait_serving(self, runtime: Runtime, spec: EngineSpec) -> None:
@@ -573,6 +819,9 @@ class VLLMModelManager:
             names, why_not = await self._served_names_if_healthy(spec)
             if names is not None:
                 self._served_names = names
+                # An engine with vLLM's sleep contract is watched for sleep from now on.
+                asleep = await self._sleep_state(self._handle, spec, timeout_s=2.0)
+                self._sleep_capable, self._asleep = asleep is not None, bool(asleep)
                 return
             if time.monotonic() > deadline:
                 # The last probe's reason goes with the error: "healthy but serves another
@@ -589,13 +838,12 @@ class VLLMModelManager:
     ) -> tuple[tuple[str, ...] | None, str]:
         """The served names once the engine serves the profile's name, else None and why not."""
         assert self._handle is not None
-        headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else None
         try:
             health = await self._http.get(self._handle.base_url + spec.health_path, timeout=2.0)
             if health.status_code != 200:
                 return None, f"{spec.health_path} returned {health.status_code}"
             models = await self._http.get(
-                self._handle.base_url + "/v1/models", headers=headers, timeout=5.0
+                self._handle.base_url + "/v1/models", headers=_auth(spec), timeout=5.0
             )
             if models.status_code != 200:
                 return None, f"/v1/models returned {models.status_code}"
@@ -624,21 +872,28 @@ class VLLMModelManager:
         tail = self.logs_tail(5)
         return tail[-1] if tail else "no output"
 
-    async def _abort_start(self, runtime: Runtime, reason: str) -> None:
-        self._error = reason
+    async def _abort_start(self, runtime: Runtime, reason: str, *, restart: bool = False) -> None:
+        """A start failed: stop what it launched, then FAILED (or, for a restart, the crash
+        policy decides: another restart or a crash loop)."""
+        failure = Failure.START_FAILED
         if self._handle is not None:
-            log.warning("engine_start_failed", reason=reason, logs=self.logs_tail(20))
+            self._last_logs = tuple(self.logs_tail(50))
+            log.warning("engine_start_failed", reason=reason, logs=self._last_logs[-20:])
             if self._job is not None and not self._job.done:
-                self._job.logs = self.logs_tail(50)
+                self._job.logs = list(self._last_logs)
             try:
                 await runtime.stop(self._handle)
             except Exception as exc:
                 # Keep the handle: the engine may still run, and FAILED with a handle makes the
                 # next stop or switch retry the stop before anything else starts.
                 reason = f"{reason}; stop failed: {_reason(exc)}"
-                self._error = reason
+                failure, restart = Failure.NOT_STOPPED, False
             else:
                 self._handle = None
+        if restart:
+            self._after_crash(f"the restart failed: {reason}")
+            return
+        self._set_failure(failure, reason)
         self._enter(EngineState.FAILED, reason)
 
     async def _stop_locked(self) -> None:
@@ -665,11 +920,14 @@ class VLLMModelManager:
                 await runtime.stop(self._handle)
             except Exception as exc:
                 # Any error: FAILED keeps the handle, so the next stop or switch tries again.
-                self._error = f"stop failed: {_reason(exc)}"
-                self._enter(EngineState.FAILED, self._error)
+                self._set_failure(Failure.NOT_STOPPED, f"stop failed: {_reason(exc)}")
+                self._enter(EngineState.FAILED, f"stop failed: {_reason(exc)}")
                 return
             self._handle = None
         self._served_names = ()
+        self._sleep_capable = self._asleep = False
+        self._restart_at = None
+        self._set_failure(None, None)
         self._enter(EngineState.IDLE, "engine stopped")
 
     def _enter(self, state: EngineState, message: str) -> None:
@@ -696,6 +954,11 @@ class VLLMModelManager:
         for queue in self._subscribers:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(event)
+
+
+def _auth(spec: EngineSpec) -> dict[str, str] | None:
+    """The header that carries the engine's API key (None for an engine without one)."""
+    return {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else None
 
 
 def _reason(exc: BaseException) -> str:

@@ -25,6 +25,11 @@ class DependencyCheck(BaseModel):
     required: bool
     latency_ms: float | None = None
     detail: str | None = None
+    code: str | None = Field(
+        default=None,
+        description="Why a dependency does not serve, as a stable code (the engine's: "
+        "engine_crashed, engine_restarting, engine_crash_loop, engine_asleep, ...).",
+    )
 
 
 class Readiness(BaseModel):

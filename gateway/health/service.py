@@ -8,7 +8,8 @@ from collections.abc import Awaitable
 
 from gateway.db import ping
 from gateway.health.deps import HealthResources
-from gateway.health.schemas import DependencyCheck, Readiness
+from gateway.health.schemas import CheckStatus, DependencyCheck, Readiness
+from orchestrator.manager import EngineState
 
 CHECK_TIMEOUT_S = 2.0
 
@@ -42,8 +43,15 @@ async def check_redis(state: HealthResources) -> DependencyCheck:
     return DependencyCheck(status="up", required=required, latency_ms=latency)
 
 
+# The engine is on its way back (a restart after a crash, or a start without a switch job).
+_COMING_UP = frozenset({EngineState.RESTARTING, EngineState.STARTING, EngineState.LOADING})
+
+
 async def check_engine(state: HealthResources) -> DependencyCheck:
-    """The active engine's own health endpoint."""
+    """The active engine's own health endpoint (and, for a sleep-capable engine, whether it is
+    asleep). Public: the detail is the engine's stable reason and `code`, never its output
+    (a crashed engine's last log line names its port and paths; admins see it in the admin
+    API)."""
     required = state.engine_required
     manager = state.manager
     job = manager.current_job
@@ -51,8 +59,10 @@ async def check_engine(state: HealthResources) -> DependencyCheck:
         if not required:
             return DependencyCheck(status="disabled", required=False, detail="no engine configured")
         # The planner's reason when none was started (ModelControl.startup records it).
-        why = manager.status().error or "no engine is running"
-        return DependencyCheck(status="down", required=True, detail=why)
+        status = manager.status()
+        why = status.reason or "no engine is running"
+        code = status.failure.value if status.failure else None
+        return DependencyCheck(status="down", required=True, detail=why, code=code)
     health = await manager.probe(CHECK_TIMEOUT_S)
     model = manager.spec.served_model_name if manager.spec else job.profile_id if job else "-"
     if health.ok:
@@ -62,7 +72,10 @@ async def check_engine(state: HealthResources) -> DependencyCheck:
     if job is not None:
         detail = f"switching to {job.profile_id}: {health.state.value}"
         return DependencyCheck(status="starting", required=required, detail=detail)
-    return DependencyCheck(status="down", required=required, detail=f"{model}: {health.detail}")
+    code = health.failure.value if health.failure else None
+    detail = f"{model}: {health.detail}"
+    check_status: CheckStatus = "starting" if health.state in _COMING_UP else "down"
+    return DependencyCheck(status=check_status, required=required, detail=detail, code=code)
 
 
 async def readiness(state: HealthResources) -> Readiness:

@@ -1,5 +1,6 @@
 """Series kept up to date off the request path: GPU readings on an interval, and the engine's
-state and switch jobs from the manager's events (the orchestrator knows nothing of metrics)."""
+state, switch jobs and restarts from the manager's events (the orchestrator knows nothing of
+metrics)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from prometheus_client import Gauge
 
 from gateway.logging import get_logger
 from gateway.metrics.series import (
+    ENGINE_RESTARTS,
     ENGINE_STATE,
     GPU_COUNT,
     GPU_INFO,
@@ -114,12 +116,13 @@ def _set_or_drop(gauge: Gauge, label: str, value: float | None) -> None:
 
 
 class EngineSeries:
-    """The engine state of every profile (one-hot) and finished switch jobs."""
+    """The engine state of every profile (one-hot), finished switch jobs, and restarts."""
 
     def __init__(self, control: EngineView) -> None:
         self._control = control
         self._profiles: set[str] = set()
         self._counted: deque[str] = deque(maxlen=256)  # job ids already counted
+        self._restarts: dict[str, int] = {}  # restarts already counted, by profile
 
     def sync_state(self) -> None:
         """Set the state gauge from the manager's status (inactive profiles are idle)."""
@@ -140,11 +143,21 @@ class EngineSeries:
         self._profiles = profiles
 
     def start_at_zero(self) -> None:
-        """Create the switch counter at 0 for every profile and outcome (dashboards show 0
-        switches, not "no data", on a fresh gateway)."""
+        """Create the switch counter at 0 for every profile and outcome, and the restart counter
+        for every profile (dashboards show 0, not "no data", on a fresh gateway)."""
         for profile in self._control.profile_ids():
             for outcome in _SWITCH_OUTCOMES:
                 SWITCHES.labels(profile=profile, outcome=outcome)
+            ENGINE_RESTARTS.labels(profile=profile)
+
+    def count_restarts(self) -> None:
+        """Add the restarts the manager began since the last call (it keeps the totals, so an
+        event lost to a full queue loses no restart)."""
+        for profile, total in self._control.manager.restart_counts().items():
+            new = total - self._restarts.get(profile, 0)
+            if new > 0:
+                ENGINE_RESTARTS.labels(profile=profile).inc(new)
+                self._restarts[profile] = total
 
     def job_event(self, job_id: str) -> None:
         """Count a switch job once, when it has an outcome."""
@@ -200,5 +213,6 @@ class BackgroundMetrics:
         self.engine.sync_state()
         async for event in self._control.manager.subscribe():
             self.engine.sync_state()
+            self.engine.count_restarts()
             if event.job_id is not None:
                 self.engine.job_event(event.job_id)

@@ -147,6 +147,12 @@ SWITCHES = Counter(
     "Finished model switch jobs, by target profile and outcome.",
     ["profile", "outcome"],
 )
+ENGINE_RESTARTS = Counter(
+    "gateway_engine_restarts_total",
+    "Restarts of an engine that died on its own (crash, OOM kill, kill -9), by profile; past "
+    "ENGINE_RESTART_MAX within the window the engine stays failed (a crash loop).",
+    ["profile"],
+)
 SWITCH_DURATION = Histogram(
     "gateway_engine_switch_duration_seconds",
     "Duration of model switch jobs (drain + stop + start + health), by outcome.",

@@ -28,7 +28,8 @@ JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-f0-9]+$")
 
 @router.get("/api/models/status", response_model=ModelStatus)
 async def status(models: ModelsDep) -> ModelStatus:
-    """The active profile, its state and engine URL, the running switch job, and the GPUs."""
+    """The active profile, its state and engine URL, why it does not serve (with the engine's
+    last log lines after a crash), its restarts, the running switch job, and the GPUs."""
     return service.model_status(control=models)
 
 

@@ -16,7 +16,7 @@ class SwitchRequest(BaseModel):
 
 
 class EngineView(BaseModel):
-    """The managed engine right now."""
+    """The managed engine right now (admins only: `error` and `logs` quote the engine)."""
 
     profile_id: str | None
     served_model_name: str | None
@@ -24,8 +24,34 @@ class EngineView(BaseModel):
     state: str
     since: float
     in_flight: int
-    error: str | None
+    error: str | None = Field(
+        description="Why the engine does not serve, in detail (may quote the engine's output)."
+    )
     engine_url: str | None
+    failure: str | None = Field(
+        default=None,
+        description="The stable code users and /health/ready see (engine_crashed, "
+        "engine_restarting, engine_crash_loop, engine_asleep, ...).",
+    )
+    reason: str | None = Field(default=None, description="The sentence users see with it.")
+    asleep: bool = Field(default=False, description="Ready, but the engine says it is asleep.")
+    recent_crashes: int = Field(
+        default=0,
+        description="Crashes within ENGINE_RESTART_WINDOW_S (a crash loop at more "
+        "than restart_limit).",
+    )
+    restart_limit: int = Field(default=0, description="ENGINE_RESTART_MAX (0: no restarts).")
+    restart_window_s: float = Field(default=0.0, description="ENGINE_RESTART_WINDOW_S.")
+    restart_at: float | None = Field(
+        default=None, description="When the pending restart begins (state restarting)."
+    )
+    restarts: int = Field(
+        default=0, description="Restarts of this profile after a crash since the gateway started."
+    )
+    logs: list[str] = Field(
+        default_factory=list,
+        description="The engine's last log lines when it last crashed or failed to start.",
+    )
 
 
 class JobEventView(BaseModel):

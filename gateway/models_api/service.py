@@ -59,8 +59,10 @@ def job_view(job: SwitchJob) -> SwitchJobView:
 
 
 def engine_view(*, control: ModelControl) -> EngineView:
-    """The engine's current state."""
+    """The engine's current state, with the detail only admins see (errors, log lines)."""
     status = control.status()
+    policy = control.manager.restart_policy
+    restarts = control.manager.restart_counts()
     return EngineView(
         profile_id=status.profile_id,
         served_model_name=status.served_model_name,
@@ -70,6 +72,15 @@ def engine_view(*, control: ModelControl) -> EngineView:
         in_flight=status.in_flight,
         error=status.error,
         engine_url=status.base_url,
+        failure=status.failure.value if status.failure else None,
+        reason=status.reason,
+        asleep=status.asleep,
+        recent_crashes=status.recent_crashes,
+        restart_limit=policy.max_restarts,
+        restart_window_s=policy.window_s,
+        restart_at=status.restart_at,
+        restarts=restarts.get(status.profile_id, 0) if status.profile_id else 0,
+        logs=list(status.logs),
     )
 
 

@@ -5,7 +5,8 @@ configured, a request overflows to it when local is down or switching, and when 
 saturated: at once without OVERFLOW_SLO_S; with it, only when the request's predicted wait for a
 local slot exceeds the SLO or it has waited the SLO (`_overflows`). Without a cloud upstream it
 waits in a bounded queue for a bounded time.
-Requests for a model that is loading wait for it; with AUTO_SWITCH a request for a model that is
+Requests for a model that is loading (or restarting after a crash) wait for it; an engine that
+is asleep is refused at once (503). With AUTO_SWITCH a request for a model that is
 not loaded starts the switch, and waiters for the loaded model are served first (no thrash).
 """
 
@@ -280,7 +281,7 @@ class Scheduler:
         status = manager.status()
         job = manager.current_job
         wanted = self._wanted_profile(model, status)
-        if status.state is EngineState.READY and wanted == status.profile_id:
+        if status.state is EngineState.READY and wanted == status.profile_id and not status.asleep:
             if self.local_in_flight < self.config.max_local:
                 return self._local(model, status)
             if self._overflows(ahead, waited_s):
@@ -299,8 +300,11 @@ class Scheduler:
             return lease
         if job is not None:
             return _Wait(f"the engine is switching to {job.profile_id}")
-        if status.state in (EngineState.FAILED, EngineState.IDLE):
-            why = status.error or f"engine is {status.state.value}"
+        # An engine that is asleep serves nothing until someone wakes it: say so at once rather
+        # than hold requests. (RESTARTING is not here: requests wait for the restart.)
+        if status.state in (EngineState.FAILED, EngineState.IDLE) or status.asleep:
+            # The public reason (a fixed sentence per failure code), never the engine's output.
+            why = status.reason or f"engine is {status.state.value}"
             raise GatewayError(
                 503,
                 f"No engine is serving: {why}.",
@@ -310,8 +314,9 @@ class Scheduler:
         return _Wait(f"the engine is {status.state.value}")
 
     def loading(self, model: str | None) -> str | None:
-        """The model that a request for `model`, waiting, waits to be loaded (a switch or a
-        start in progress); None when it waits for something else, such as a free slot.
+        """The model that a request for `model`, waiting, waits to be loaded (a switch, a start
+        or a restart after a crash in progress); None when it waits for something else, such as
+        a free slot.
 
         The requested name when it is the model loading, else the loading profile's name (a
         request for another model waits for this switch before its own).
@@ -322,7 +327,11 @@ class Scheduler:
             loading: str | None = job.profile_id
         else:
             status = manager.status()
-            if status.state not in (EngineState.STARTING, EngineState.LOADING):
+            if status.state not in (
+                EngineState.STARTING,
+                EngineState.LOADING,
+                EngineState.RESTARTING,
+            ):
                 return None
             loading = status.profile_id
         if loading is None:
@@ -394,14 +403,14 @@ class Scheduler:
         if not self.config.auto_switch:
             if (
                 status.state is EngineState.IDLE
-                and status.error
+                and status.reason
                 and self._control.manager.current_job is None
             ):
                 # Nothing runs and the manager knows why (e.g. the default profile does not fit
                 # this machine): that reason says more than "switch to it".
                 raise GatewayError(
                     503,
-                    f"No engine is serving: {status.error}.",
+                    f"No engine is serving: {status.reason}.",
                     code="engine_unavailable",
                     headers=_RETRY_AFTER,
                 )

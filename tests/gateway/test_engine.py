@@ -75,13 +75,17 @@ async def test_external_engine_that_is_down_is_reported(sqlite_url: str) -> None
         VLLM_BASE_URL="http://127.0.0.1:9/v1",
         ENGINE_STARTUP_TIMEOUT_S=0.5,
     )
-    async with running_app(settings) as (_, client):
+    async with running_app(settings) as (app, client):
         await asyncio.sleep(1.0)
         response = await client.get("/health/ready")
+        admin_error = app.state.resources.manager.status().error
     assert response.status_code == 503
     engine = response.json()["checks"]["engine"]
     assert engine["status"] == "down"
-    assert "not serving after" in engine["detail"]
+    # The public sees the stable reason and its code; the detail is the admin's.
+    assert engine["code"] == "engine_start_failed"
+    assert engine["detail"] == "external: the engine failed to start"
+    assert "not serving after" in admin_error
 
 
 @pytest.mark.parametrize("mode", ["none"])

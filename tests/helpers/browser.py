@@ -149,13 +149,22 @@ async def _login(client: httpx.AsyncClient, username: str, password: str) -> str
 
 @asynccontextmanager
 async def serve_gateway(
-    postgres_url: str, tmp_path: Path, *, default_profile: str = "sim-a"
+    postgres_url: str,
+    tmp_path: Path,
+    *,
+    default_profile: str = "sim-a",
+    extra_profiles: dict[str, Any] | None = None,
+    wait_ready: bool = True,
+    **overrides: Any,
 ) -> AsyncIterator[Gateway]:
     """The gateway on Postgres with an admin and the user alice, once the default profile is
-    ready; with a default that does not fit (production: no engine is started), at once."""
+    ready (unless `wait_ready` is off); with a default that does not fit (production: no engine
+    is started), at once. `extra_profiles` join ui_profiles(); `overrides` are settings."""
     await asyncio.to_thread(upgrade, postgres_url)
     profiles = tmp_path / "model_profiles.yml"
-    profiles.write_text(yaml.safe_dump({**ui_profiles(), "default": default_profile}))
+    shipped = ui_profiles()
+    shipped["profiles"].update(extra_profiles or {})
+    profiles.write_text(yaml.safe_dump({**shipped, "default": default_profile}))
     settings = make_settings(
         DATABASE_URL=postgres_url,
         REQUIRE_AUTH=True,
@@ -165,6 +174,7 @@ async def serve_gateway(
         MODEL_PROFILES=str(profiles),
         # A recorded dual RTX 3090 host: the console shows GPU cards on a machine without GPUs.
         GPU_SNAPSHOT=str(GPU_SNAPSHOT),
+        **overrides,
     )
     async with (
         served_app(settings) as (app, base_url),
@@ -178,7 +188,7 @@ async def serve_gateway(
             headers=admin,
         )
         assert created.status_code == 201, created.text
-        if default_profile != BIG_PROFILE:
+        if default_profile != BIG_PROFILE and wait_ready:
             for _ in range(600):
                 status = (await client.get("/api/models/status", headers=admin)).json()
                 if status["engine"]["state"] == "ready":

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import os
 import re
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,33 +27,12 @@ from orchestrator.runtimes import (
     ExternalRuntime,
     ProcessRuntime,
     RuntimeError_,
-    RuntimeHandle,
 )
 from orchestrator.runtimes.external import engine_root_url
 from tests.helpers.ports import free_port
 from tests.helpers.processes import pid_alive
-
-
-def _simulator_spec(port: int, *extra: str, timeout_s: float = 30.0) -> EngineSpec:
-    return EngineSpec(
-        profile_id="sim",
-        served_model_name="sim-model",
-        runtime="process",
-        command=(
-            sys.executable,
-            "-m",
-            "simulator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--model",
-            "sim-model",
-            *extra,
-        ),
-        port=port,
-        startup_timeout_s=timeout_s,
-    )
+from tests.helpers.runtimes import StopFailsRuntime
+from tests.helpers.runtimes import simulator_spec as _simulator_spec
 
 
 def _no_profiles(profile_id: str) -> EngineSpec:
@@ -214,8 +192,16 @@ def test_transition_table_has_no_dead_ends() -> None:
     for state in EngineState:
         assert ALLOWED_TRANSITIONS[state], f"{state} has no way out"
     assert EngineState.READY not in ALLOWED_TRANSITIONS[EngineState.IDLE]
-    # A ready engine is always drained before it is stopped.
-    assert ALLOWED_TRANSITIONS[EngineState.READY] == {EngineState.DRAINING, EngineState.FAILED}
+    # A ready engine is always drained before it is stopped (RESTARTING: it died already).
+    assert ALLOWED_TRANSITIONS[EngineState.READY] == {
+        EngineState.DRAINING,
+        EngineState.FAILED,
+        EngineState.RESTARTING,
+    }
+    # A restart never passes IDLE (requests held for it would be refused there) and never
+    # skips the start's own checks.
+    assert EngineState.IDLE not in ALLOWED_TRANSITIONS[EngineState.RESTARTING]
+    assert EngineState.READY not in ALLOWED_TRANSITIONS[EngineState.RESTARTING]
 
 
 async def test_invalid_transition_raises(manager: VLLMModelManager) -> None:
@@ -257,41 +243,6 @@ async def test_adopt_skips_a_docker_runtime_whose_daemon_is_down(
             assert mgr.status().state is EngineState.IDLE
         finally:
             await mgr.aclose()
-
-
-class StopFailsRuntime:
-    """A real ProcessRuntime whose stop fails while `fail_stop` is set, leaving the engine
-    running, as a Docker daemon that times out or a kill that is refused would."""
-
-    name = "process"
-
-    def __init__(self) -> None:
-        self._inner = ProcessRuntime()
-        self.fail_stop = False
-        self.starts = 0
-
-    async def start(self, spec: EngineSpec) -> RuntimeHandle:
-        """Launch through the real runtime, counting launches."""
-        self.starts += 1
-        return await self._inner.start(spec)
-
-    async def stop(self, handle: RuntimeHandle, *, timeout_s: float = 20.0) -> None:
-        """Fail without touching the engine while `fail_stop` is set, else really stop it."""
-        if self.fail_stop:
-            raise RuntimeError_("the stop timed out")
-        await self._inner.stop(handle, timeout_s=timeout_s)
-
-    async def is_running(self, handle: RuntimeHandle) -> bool:
-        """The real runtime's answer."""
-        return await self._inner.is_running(handle)
-
-    def logs_tail(self, handle: RuntimeHandle, lines: int = 50) -> list[str]:
-        """The real runtime's log tail."""
-        return self._inner.logs_tail(handle, lines)
-
-    async def adopt(self) -> list[RuntimeHandle]:
-        """Nothing to adopt in these tests."""
-        return []
 
 
 @pytest.fixture

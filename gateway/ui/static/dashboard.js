@@ -7,6 +7,8 @@
   const TIERS = ["free", "standard", "premium"];
   const ROLES = ["user", "admin"];
   const FINAL_STATES = new Set(["ready", "failed", "idle"]);
+  // States after which the whole engine status is read again (restarts, error, log lines).
+  const REFRESH_STATES = new Set([...FINAL_STATES, "restarting"]);
 
   const state = {
     me: null,
@@ -123,22 +125,48 @@
     }
   }
 
+  /** "1 restart; 2 crashes in the last 600 s (at most 3 restarts)", or "off". */
+  function restartsText(engine) {
+    if (!engine.restart_limit) return "off (ENGINE_RESTART_MAX=0)";
+    const restarts = engine.restarts || 0;
+    const crashes = engine.recent_crashes || 0;
+    return (
+      formatNumber(restarts) + (restarts === 1 ? " restart; " : " restarts; ") +
+      formatNumber(crashes) + (crashes === 1 ? " crash" : " crashes") +
+      " in the last " + formatNumber(engine.restart_window_s) + " s (at most " +
+      formatNumber(engine.restart_limit) + " restarts)"
+    );
+  }
+
   function renderEngine(engine) {
     state.engine = engine;
-    figures($("#engine-figures"), [
+    const pairs = [
       ["Profile", engine.profile_id || "none"],
-      ["State", stateText(engine.state)],
+      // Ready but asleep: it serves nothing until it is woken up.
+      ["State", engine.asleep ? el("span", null, stateText(engine.state), " ", stateText("asleep")) : stateText(engine.state)],
       ["Serves", (engine.served_names || []).join(", ") || "—"],
       ["Since", formatDate(engine.since)],
       ["In flight", formatNumber(engine.in_flight)],
       ["Engine", engine.engine_url || "—"],
+      ["Restarts", restartsText(engine)],
+    ];
+    if (engine.state === "restarting" && engine.restart_at) {
+      pairs.push(["Next restart", formatDate(engine.restart_at)]);
+    }
+    pairs.push(
       // Idle with an error: why no engine runs (e.g. the default profile does not fit here).
       [
         engine.state === "idle" && engine.error ? "Not serving" : "Error",
-        engine.error || "—",
-        engine.error ? "error" : null,
+        engine.error || (engine.asleep ? engine.reason : null) || "—",
+        engine.error || engine.asleep ? "error" : null,
       ],
-    ]);
+    );
+    if (engine.failure) pairs.push(["Code", engine.failure]);
+    figures($("#engine-figures"), pairs);
+    // The engine's own last lines (admins only): why it crashed or did not start.
+    const logs = engine.logs || [];
+    $("#engine-logs-box").hidden = !logs.length;
+    $("#engine-logs").textContent = logs.join("\n");
   }
 
   function renderJob(job) {
@@ -168,17 +196,23 @@
   }
 
   function onProgress(event) {
-    $("#switch-panel").hidden = false;
-    const progress = $("#switch-progress");
-    if (typeof event.progress === "number") progress.value = event.progress;
-    $("#switch-message").textContent = event.message;
-    $("#switch-events").append(el("li", null, stateText(event.state), " ", event.message));
+    // Events of a switch job go to its panel; the engine's own (a crash, a restart, sleep) show
+    // in the engine's figures, read again below.
+    if (event.job_id) {
+      $("#switch-panel").hidden = false;
+      const progress = $("#switch-progress");
+      if (typeof event.progress === "number") progress.value = event.progress;
+      $("#switch-message").textContent = event.message;
+      $("#switch-events").append(el("li", null, stateText(event.state), " ", event.message));
+    }
     if (state.engine) renderEngine(Object.assign({}, state.engine, { state: event.state }));
-    if (FINAL_STATES.has(event.state)) {
+    if (!event.job_id || REFRESH_STATES.has(event.state)) {
       loadStatus();
-      loadProfiles();
-      loadLb();
-      if (event.job_id) pollJob(event.job_id);
+      if (FINAL_STATES.has(event.state)) {
+        loadProfiles();
+        loadLb();
+        if (event.job_id) pollJob(event.job_id);
+      }
     }
   }
 

@@ -42,6 +42,7 @@ async def test_ready_without_redis_reports_it_disabled(sqlite_url: str) -> None:
         "required": False,
         "latency_ms": None,
         "detail": "REDIS_URL not set",
+        "code": None,
     }
 
 

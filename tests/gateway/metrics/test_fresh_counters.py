@@ -71,3 +71,6 @@ async def test_every_dashboard_counter_exists_at_zero_on_a_fresh_gateway(tmp_pat
     for profile_id in profiles.profiles:
         for outcome in ("succeeded", "rolled_back", "failed"):
             assert (profile_id, outcome) in switches
+    # Engine restarts after a crash: 0 for every profile, not "no data".
+    assert "gateway_engine_restarts_total" in counters
+    assert set(profiles.profiles) <= fresh.label_values("gateway_engine_restarts_total", "profile")

@@ -261,7 +261,9 @@ async def test_auto_switch_still_switches_when_a_cloud_is_configured(cloud: str)
 
 
 async def test_dead_engine_overflows_to_the_cloud(cloud: str) -> None:
-    async with gateway(_cloud_settings(cloud, {"sim": sim_profile("sim")}, "sim")) as gw:
+    # Restarts off: the engine stays dead (while a restart waits, requests overflow the same way).
+    settings = _cloud_settings(cloud, {"sim": sim_profile("sim")}, "sim", ENGINE_RESTART_MAX=0)
+    async with gateway(settings) as gw:
         os.killpg(int(gw.manager.handle.id), signal.SIGKILL)
         # The manager's watchdog notices the dead engine (checked every second).
         for _ in range(60):

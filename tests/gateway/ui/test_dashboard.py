@@ -24,6 +24,7 @@ from tests.helpers.browser import (
     serve_gateway,
     sign_in,
 )
+from tests.helpers.profiles import simulator_command
 
 UI = tuple[Page, PageProblems]
 
@@ -121,6 +122,53 @@ async def test_console_says_why_no_engine_runs(postgres_url: str, tmp_path: Path
         await expect(not_serving.locator("dd")).to_have_text(reason)
         await expect(not_serving.locator("dd")).to_have_class("error")
         await screenshot(page, "dashboard_no_engine")
+        # Leave the console before the gateway goes: its polling would log refused connections.
+        await page.goto("about:blank")
+
+
+async def test_console_shows_a_crash_loop_with_the_engine_log(
+    postgres_url: str, tmp_path: Path, ui: UI
+) -> None:
+    """An engine that crashes soon after every start: restarted once, then a crash loop; the
+    console says so, with the code, the restarts and the engine's own last lines."""
+    page, _ = ui
+    crashing = {
+        "sim-crashing": {
+            "display_name": "Simulator that crashes after start",
+            "engine": "command",
+            "runtime": "process",
+            "served_model_name": "sim-crashing",
+            "command": simulator_command("sim-crashing", "--die-after-seconds", "0.5"),
+            "startup_timeout_s": 30,
+        }
+    }
+    async with serve_gateway(
+        postgres_url,
+        tmp_path,
+        default_profile="sim-crashing",
+        extra_profiles=crashing,
+        wait_ready=False,
+        ENGINE_RESTART_MAX=1,
+        ENGINE_RESTART_BACKOFF_S=0.1,
+    ) as gw:
+        await sign_in_to_console(page, gw)
+        engine = page.locator("#engine-figures")
+        # Followed live: the crash, the restart, the second crash.
+        await expect(engine.locator("[data-state]")).to_have_text("failed", timeout=60_000)
+        error = engine.locator("div").filter(has=page.locator("dt", has_text="Error"))
+        await expect(error.locator("dd")).to_contain_text("crash loop: the engine crashed 2 times")
+        await expect(error.locator("dd")).to_have_class("error")
+        code = engine.locator("div").filter(has=page.locator("dt", has_text="Code"))
+        await expect(code.locator("dd")).to_have_text("engine_crash_loop")
+        restarts = engine.locator("div").filter(has=page.locator("dt", has_text="Restarts"))
+        await expect(restarts.locator("dd")).to_contain_text("1 restart; 2 crashes")
+        await expect(page.locator("#engine-logs-box")).to_be_visible()
+        await expect(page.locator("#engine-logs")).to_contain_text(
+            "--die-after-seconds 0.5 elapsed"
+        )
+        status = (await gw.as_admin("GET", "/api/models/status")).json()["engine"]
+        assert status["failure"] == "engine_crash_loop"
+        await screenshot(page, "dashboard_crash_loop")
         # Leave the console before the gateway goes: its polling would log refused connections.
         await page.goto("about:blank")
 
