@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.types import Message as AsgiMessage
 from starlette.types import Receive, Scope, Send
 
-from gateway.conversations.models import Conversation, Message, MessageStatus
+from gateway.conversations.models import ChatIdempotency, Conversation, Message, MessageStatus
 from gateway.db import utcnow
 from gateway.logging import get_logger
 from gateway.proxy.upstream import Outcome, RelayResponse, SSEDecoder
@@ -33,6 +33,8 @@ log = get_logger(__name__)
 # Saving a reply is best effort once the client has it: any database error (down, or a value
 # it refuses) is logged, and the crash sweep marks a row that stayed `streaming`.
 _SAVE_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
+# The fields every chunk of a stream shares, kept so that a replay's chunks carry them too.
+_CHUNK_ENVELOPE = ("id", "object", "created", "model", "system_fingerprint")
 
 
 def storable(text: str) -> str:
@@ -63,6 +65,7 @@ class ReplyRecorder:
         message_id: uuid.UUID,
         stream: bool,
         save_interval_s: float,
+        idempotent: bool = False,
     ) -> None:
         self._factory = factory
         self.conversation_id = conversation_id
@@ -78,6 +81,10 @@ class ReplyRecorder:
         self.status_code = 0
         self.error_event: str | None = None
         self.whole_body: bytes | None = None
+        # With an Idempotency-Key: what a replay needs to send the same response again.
+        self._idempotent = idempotent
+        self._envelope: dict[str, Any] | None = None
+        self._finish_reason: str | None = None
 
     @property
     def text(self) -> str:
@@ -112,11 +119,17 @@ class ReplyRecorder:
         if error is not None:
             self.error_event = error
             return
+        if self._idempotent and self._envelope is None and isinstance(event, dict):
+            self._envelope = {name: event[name] for name in _CHUNK_ENVELOPE if name in event}
         for choice in event.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
             delta = choice.get("delta") or {}
             content = delta.get("content")
-            if isinstance(content, str) and choice.get("index", 0) == 0:
+            if isinstance(content, str):
                 self._parts.append(content)
+            if choice.get("finish_reason") is not None:
+                self._finish_reason = choice["finish_reason"]
 
     async def _save_partial(self) -> None:
         parts = len(self._parts)
@@ -166,6 +179,26 @@ class ReplyRecorder:
         error = _error_text(parsed) or outcome.error or f"status {outcome.status}"
         return MessageStatus.ERROR.value, "", error
 
+    def _replayable(self, status: str) -> str | None:
+        """What a retry with the same Idempotency-Key sends again (gateway.chat.replay): a
+        whole reply's JSON body exactly as the client got it; for a stream, the fields its
+        chunks shared and its finish_reason (the text is the message's content)."""
+        if not self._idempotent:
+            return None
+        if not self._stream or self.status_code != 200:
+            if status != MessageStatus.COMPLETE.value or self.whole_body is None:
+                return None
+            try:
+                text = self.whole_body.decode()
+            except UnicodeDecodeError:
+                return None
+        elif self._envelope is not None:
+            text = orjson.dumps({**self._envelope, "finish_reason": self._finish_reason}).decode()
+        else:
+            return None
+        # A raw NUL is no JSON, and a text column refuses it: the replay is then rebuilt.
+        return None if "\x00" in text else text
+
     async def finish(self, outcome: Outcome, *, model: str | None) -> None:
         """Write the reply as the client got it: content, status, error and usage."""
         if self._finished:
@@ -191,6 +224,13 @@ class ReplyRecorder:
                 await session.execute(
                     update(Message).where(Message.id == self.message_id).values(**values)
                 )
+                replayable = self._replayable(status)
+                if replayable is not None:
+                    await session.execute(
+                        update(ChatIdempotency)
+                        .where(ChatIdempotency.assistant_message_id == self.message_id)
+                        .values(response=replayable)
+                    )
                 await session.execute(
                     update(Conversation)
                     .where(Conversation.id == self.conversation_id)

@@ -1,9 +1,16 @@
-"""Idempotent retries of /api/chat: the answer of the first request with a key, replayed."""
+"""Idempotent retries of /api/chat: the answer of the first request with a key, replayed.
+
+A replay is the same response: a whole reply's JSON body is sent again byte for byte (kept in
+`chat_idempotency.response` when the reply was saved); a stream is sent again as one content
+chunk and its finish, carrying the first stream's id, created, model and finish_reason. Keys
+saved before that column existed replay a response rebuilt from the stored message.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import uuid
+from typing import Any
 
 import orjson
 from sqlalchemy import select
@@ -68,16 +75,35 @@ async def replay_earlier(
             code="original_request_failed",
             headers=headers,
         )
-    return replay_response(message, body.stream, headers)
+    return replay_response(message, body.stream, headers, found.response)
 
 
-def replay_response(message: Message, stream: bool, headers: dict[str, str]) -> Response:
+def _saved_envelope(original: str | None) -> dict[str, Any]:
+    """The first stream's shared fields and finish_reason, as ReplyRecorder kept them."""
+    if original is None:
+        return {}
+    try:
+        saved = orjson.loads(original)
+    except orjson.JSONDecodeError:
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def replay_response(
+    message: Message, stream: bool, headers: dict[str, str], original: str | None = None
+) -> Response:
+    """The response of the first request with a key, sent again (see the module doc)."""
     complete = message.status == MessageStatus.COMPLETE.value
-    base = {
+    if not stream and complete and original is not None:
+        return Response(original.encode(), media_type="application/json", headers=headers)
+    saved = _saved_envelope(original) if stream else {}
+    base: dict[str, Any] = {
         "id": f"chatcmpl-{message.id.hex}",
         "created": int(message.created_at.timestamp()),
         "model": message.model or "",
     }
+    base.update({name: value for name, value in saved.items() if name != "finish_reason"})
+    finish_reason = (saved.get("finish_reason") or "stop") if complete else None
     if not stream:
         usage = {
             "prompt_tokens": message.prompt_tokens or 0,
@@ -87,11 +113,11 @@ def replay_response(message: Message, stream: bool, headers: dict[str, str]) -> 
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": message.content},
-            "finish_reason": "stop" if complete else None,
+            "finish_reason": finish_reason,
         }
         payload = {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
         return JSONResponse(payload, headers=headers)
-    chunk = {**base, "object": "chat.completion.chunk"}
+    chunk = {"object": "chat.completion.chunk", **base}
     events = [
         {
             **chunk,
@@ -105,7 +131,9 @@ def replay_response(message: Message, stream: bool, headers: dict[str, str]) -> 
         }
     ]
     if complete:
-        events.append({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        events.append(
+            {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]}
+        )
     else:
         events.append(
             {

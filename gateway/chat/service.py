@@ -78,6 +78,7 @@ class Prepared:
     conversation_id: uuid.UUID
     assistant_id: uuid.UUID
     history: list[dict[str, str]]
+    idempotent: bool = False  # saved with an Idempotency-Key: keep what a replay sends again
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ async def _prepare(
         )
         await session.flush()
     await session.commit()
-    return Prepared(conversation.id, assistant.id, history)
+    return Prepared(conversation.id, assistant.id, history, idempotency_key is not None)
 
 
 # -- the endpoint ------------------------------------------------------------------------------
@@ -370,6 +371,7 @@ async def _relay(
         message_id=prepared.assistant_id,
         stream=body.stream,
         save_interval_s=state.settings.CHAT_SAVE_INTERVAL_S,
+        idempotent=prepared.idempotent,
     )
     ids = {
         "X-Conversation-Id": str(prepared.conversation_id),

@@ -98,4 +98,8 @@ class ChatIdempotency(Base):
     assistant_message_id: Mapped[uuid.UUID] = mapped_column(
         Uuid, ForeignKey("messages.id", ondelete="CASCADE")
     )
+    # What a retry sends again (gateway.chat.replay): the JSON body of a whole reply as the
+    # client received it, or, for a stream, the fields its chunks shared (id, created, model...)
+    # and its finish_reason. None until the reply is saved (and for keys of older versions).
+    response: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)

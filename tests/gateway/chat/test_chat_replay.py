@@ -175,3 +175,69 @@ async def test_retry_regenerate_and_edit_while_the_reply_streams_are_409s(pg_url
             http, token, conversation_id=conversation_id, action="regenerate", max_tokens=2
         )
         assert again.status_code == 200, again.text
+
+
+async def test_a_replay_is_the_same_response_streamed_or_not(pg_url: str) -> None:
+    # Replies of 12 tokens cut at 5: the finish_reason is "length", which a replay keeps too.
+    profiles = {"sim-a": sim_profile("sim-a", "--response-tokens", "12")}
+    async with quota_gateway(quota_settings(pg_url, profiles=profiles)) as gw:
+        http = gw.http
+        await create_user(http, "alice")
+        token = await login(http, "alice")
+
+        key = {"Idempotency-Key": "same-whole"}
+        body = {"message": "a question", "max_tokens": 5}
+        first = await chat(http, token, headers=key, **body)
+        assert first.status_code == 200, first.text
+        engine_calls = await _engine_calls(gw)
+        replayed = await chat(http, token, headers=key, **body)
+        assert replayed.status_code == 200, replayed.text
+        assert replayed.headers["Idempotent-Replayed"] == "true"
+        assert "Idempotent-Replayed" not in first.headers
+        original = first.json()
+        assert original["choices"][0]["finish_reason"] == "length"
+        # The same JSON (id, created, model, choices, usage and the rest), byte for byte.
+        assert replayed.json() == original
+        assert replayed.content == first.content
+        assert replayed.headers["X-Message-Id"] == first.headers["X-Message-Id"]
+
+        key = {"Idempotency-Key": "same-stream"}
+        body = {"message": "another question", "max_tokens": 5, "stream": True}
+        streamed = await chat(http, token, headers=key, **body)
+        assert streamed.status_code == 200, streamed.text
+        replayed_stream = await chat(http, token, headers=key, **body)
+        assert replayed_stream.status_code == 200, replayed_stream.text
+        assert replayed_stream.headers["Idempotent-Replayed"] == "true"
+        text, events = stream_text(streamed)
+        again, replay_events = stream_text(replayed_stream)
+        assert again == text
+        assert events[-1] == replay_events[-1] == "[DONE]"
+
+        def shared(chunks: list[Any], field: str) -> set[Any]:
+            return {chunk[field] for chunk in chunks if isinstance(chunk, dict)}
+
+        for field in ("id", "created", "model", "object"):
+            assert len(shared(events, field)) == 1, field
+            assert shared(replay_events, field) == shared(events, field), field
+
+        def finish(chunks: list[Any]) -> list[Any]:
+            return [
+                choice["finish_reason"]
+                for chunk in chunks
+                if isinstance(chunk, dict)
+                for choice in chunk["choices"]
+                if choice["finish_reason"] is not None
+            ]
+
+        assert finish(replay_events) == finish(events) == ["length"]
+
+        # Nothing duplicated: no engine call, one conversation per key, one reply in each.
+        assert await _engine_calls(gw) == engine_calls + 1
+        listed = (await http.get("/api/conversations", headers=bearer(token))).json()["data"]
+        assert len(listed) == 2
+        for response in (first, streamed):
+            stored = await messages(http, token, response.headers["X-Conversation-Id"])
+            assert [(m["role"], m["status"]) for m in stored] == [
+                ("user", "complete"),
+                ("assistant", "complete"),
+            ]
