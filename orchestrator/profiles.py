@@ -234,14 +234,35 @@ class Profile(BaseModel):
     )
     tags: tuple[str, ...] = ()
     recommended_for: tuple[str, ...] = ()
+    # The fleet: how this engine shares the GPUs with others (orchestrator/placement.py).
+    pinned: bool = Field(default=False, description="Never evicted to make room for another.")
+    idle_ttl_s: float | None = Field(
+        default=None, gt=0, description="Sleep (or stop) the engine after this long unused."
+    )
+    sleep_level: Literal[0, 1, 2] = Field(
+        default=0,
+        description="0: evicting stops the engine; 1 or 2: vLLM sleep mode (level 1 keeps the "
+        "weights in host RAM, level 2 drops them). vLLM and simulator engines only.",
+    )
+    max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="The engine's local slots (default: MAX_QUEUE_SIZE).",
+    )
+    priority: int = Field(
+        default=0, ge=-100, le=100, description="Higher stays resident longer under pressure."
+    )
 
     @property
     def uses_gpu(self) -> bool:
-        """Whether the planner must find GPU memory for this profile."""
+        """Whether the planner must find GPU memory for this profile (a simulator or command
+        engine that declares an architecture is sized and placed as the model it stands in
+        for)."""
         if self.vllm.device != "gpu":
             return False
         return self.engine is Engine.VLLM or (
-            self.engine is Engine.COMMAND and self.architecture is not None
+            self.engine in (Engine.COMMAND, Engine.SIMULATOR) and self.architecture is not None
         )
 
     @property
@@ -435,6 +456,8 @@ def cross_field_problems(profile: Profile) -> Iterator[str]:
         yield "trust_remote_code: only engine vllm runs remote code"
     if len(set(profile.served_names)) != len(profile.served_names):
         yield "aliases: each served name and alias must be different"
+    if profile.sleep_level and engine not in (Engine.VLLM, Engine.SIMULATOR):
+        yield "sleep_level: only vllm and simulator engines have a sleep mode"
     arch, wanted = profile.architecture, profile.vllm.max_model_len
     if arch is not None and wanted is not None and wanted > arch.max_context:
         yield (f"vllm.max_model_len: {wanted} is more than the model's context {arch.max_context}")
