@@ -47,7 +47,6 @@ from gateway.proxy.scheduler import CloudUpstream, Scheduler, SchedulerConfig
 from gateway.proxy.upstream import create_relay_session
 from gateway.settings import EngineMode, Settings
 from gateway.state import AppState
-from gateway.text import install_text_errors
 from gateway.ui.router import router as ui_router
 from gateway.usage.recorder import UsageRecorder
 from gateway.usage.retention import prune_forever
@@ -238,7 +237,6 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
-    install_text_errors(app)
     install_openapi(app, settings)
     if settings.CORS_ORIGINS:
         app.add_middleware(

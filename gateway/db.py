@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import DateTime, Dialect, MetaData, event, text
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -41,6 +43,33 @@ def sqlstate(exc: BaseException) -> str | None:
         if isinstance(state, str):
             return state
     return None
+
+
+# SQLSTATE classes of a server that is up but refuses work: connection exception (08),
+# insufficient resources such as too_many_connections (53), operator intervention such as
+# admin_shutdown or cannot_connect_now (57P), system error (58). asyncpg raises these as plain
+# DBAPIErrors, not OperationalError.
+_DOWN_SQLSTATES = ("08", "53", "57P", "58")
+
+
+def is_database_down(exc: BaseException) -> bool:
+    """True when `exc` says the database cannot be reached or cannot work right now.
+
+    Not every DBAPIError: a value the database refuses (DataError, e.g. a NUL in text) or a
+    constraint is no outage, and reporting it as one hides the bug and invites retries that
+    fail the same way. OSError and TimeoutError count: code that reaches the database outside
+    an engine made here can still see the driver's own.
+    """
+    if isinstance(exc, IntegrityError):
+        return False  # a constraint said no: the database is up
+    if isinstance(exc, OperationalError | InterfaceError | OSError | TimeoutError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        state = sqlstate(exc)
+        return state is not None and state.startswith(_DOWN_SQLSTATES)
+    return False
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -95,21 +124,48 @@ def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     cursor.close()
 
 
+def _connect_or_operational_error(
+    dialect: Dialect, _record: Any, cargs: tuple[Any, ...], cparams: dict[str, Any]
+) -> Any:
+    # asyncpg raises ConnectionRefusedError, socket errors and TimeoutError as they are, and
+    # SQLAlchemy wraps only the driver's own exception classes: without this, a stopped
+    # server reached every caller as a bare OSError (a 500) instead of an OperationalError.
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except (OSError, TimeoutError) as exc:
+        raise OperationalError(None, None, exc) from exc
+
+
+def _driver_error_as_operational(context: ExceptionContext) -> BaseException | None:
+    # The same during a statement (asyncpg's command_timeout is a bare TimeoutError).
+    original = context.original_exception
+    if context.sqlalchemy_exception is None and isinstance(original, OSError | TimeoutError):
+        return OperationalError(context.statement, None, original)
+    return None
+
+
 def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
-    """Create the async engine for Postgres (asyncpg) or the embedded SQLite (aiosqlite)."""
+    """Create the async engine for Postgres (asyncpg) or the embedded SQLite (aiosqlite).
+
+    A database that cannot be reached always surfaces as SQLAlchemy's OperationalError, which
+    the app's one handler (gateway.errors) answers with 503 and Retry-After.
+    """
     if url.startswith("sqlite"):
         engine = create_async_engine(url, echo=echo)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_async_engine(
-        url,
-        echo=echo,
-        pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=True,
-        # Fail fast when Postgres is down instead of hanging a request.
-        connect_args={"timeout": 5, "command_timeout": 30},
-    )
+    else:
+        engine = create_async_engine(
+            url,
+            echo=echo,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=True,
+            # Fail fast when Postgres is down instead of hanging a request.
+            connect_args={"timeout": 5, "command_timeout": 30},
+        )
+    event.listen(engine.sync_engine, "do_connect", _connect_or_operational_error)
+    event.listen(engine.sync_engine, "handle_error", _driver_error_as_operational)
+    return engine
 
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -53,15 +53,32 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
+# The caller once resolved, kept in the request's own scope: the route guard (gateway.routing)
+# resolves it before the body is read and the dependency then returns the same one, so the
+# admin API's per-caller limit is counted once.
+_PRINCIPAL_KEY = "gateway.deps.principal"
+_ADMIN_KEY = "gateway.deps.admin"
+
+
 async def get_principal(request: Request) -> Principal:
     """The caller: 401 without valid credentials (anonymous only when REQUIRE_AUTH is off)."""
-    return await core_resources(request).authenticator.principal(request)
+    cached = request.scope.get(_PRINCIPAL_KEY)
+    if isinstance(cached, Principal):
+        return cached
+    principal = await core_resources(request).authenticator.principal(request)
+    request.scope[_PRINCIPAL_KEY] = principal
+    return principal
 
 
 async def get_admin(request: Request) -> Principal:
     """An admin caller: 401 without credentials, 403 without the admin role, 429/503 from the
     admin API's per-caller limit."""
-    return await core_resources(request).authenticator.admin(request)
+    cached = request.scope.get(_ADMIN_KEY)
+    if isinstance(cached, Principal):
+        return cached
+    principal = await core_resources(request).authenticator.admin(request)
+    request.scope[_ADMIN_KEY] = principal
+    return principal
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

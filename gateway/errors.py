@@ -1,4 +1,5 @@
-"""The one OpenAI-shaped error envelope and the handlers that produce it."""
+"""The one OpenAI-shaped error envelope and the handlers that produce it, the database's
+included: one handler answers a database that is down with 503 on every route."""
 
 from __future__ import annotations
 
@@ -8,10 +9,21 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from gateway.db import is_database_down, sqlstate
+from gateway.logging import get_logger
 from gateway.responses import JSONResponse
+
+log = get_logger(__name__)
+
+# How long a client is asked to wait before retrying a request the database could not serve.
+DATABASE_RETRY_AFTER_S = 5
+# SQLSTATE 22021 character_not_in_repertoire, 22P05 untranslatable_character: what Postgres
+# says about a NUL in text.
+_TEXT_SQLSTATES = frozenset({"22021", "22P05"})
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -152,6 +164,38 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(400, message, code="invalid_request", param=param)
 
 
+def database_unavailable() -> GatewayError:
+    """The 503 for a database that does not answer: temporary, so with Retry-After."""
+    return GatewayError(
+        503,
+        "The database is unavailable; nothing was saved. Try again shortly.",
+        code="database_unavailable",
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+    )
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """Every route's database errors: down is a 503, a refused NUL a 400, the rest a 500.
+
+    Routes and services let database errors rise to here instead of wrapping their calls, so
+    a route added later (or a login, which once answered 500) cannot miss it.
+    """
+    assert isinstance(exc, DBAPIError)
+    if sqlstate(exc) in _TEXT_SQLSTATES:
+        # The net under the schemas' NoNul rule (gateway.text), for a path that still sends one.
+        return error_response(
+            400,
+            "The request has text the database cannot store (the NUL character, \\u0000).",
+            code="invalid_text",
+        )
+    if is_database_down(exc):
+        # The class name only: a database error's text can carry statement parameters. The
+        # request id ties it to the request's log line (which names the route).
+        log.warning("database_unavailable", error=type(exc).__name__)
+        return await _gateway_error(request, database_unavailable())
+    raise exc
+
+
 HEADERS_TOO_LARGE_BODY = orjson.dumps(
     error_body(
         "Request headers are too large.",
@@ -173,5 +217,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(DBAPIError, _database_error)
     # Unhandled exceptions are rendered by RequestContextMiddleware, which can still add the
     # request id header; Starlette's own last-resort handler sits outside every middleware.

@@ -2,8 +2,8 @@
 
 PostgreSQL text columns (and query parameters) cannot hold U+0000. Refused at the request
 schema, it is the client's mistake with the field named (a 400), instead of a database error
-halfway through a request; `install_text_errors` is the net under that for any path that
-still sends one to Postgres.
+halfway through a request; the app's database error handler (gateway.errors) is the net under
+that for any path that still sends one to Postgres.
 
 Text rules a request model applies (`NoNul`, `NotBlank`) also go into its JSON schema as
 patterns, so the OpenAPI document states what the validators refuse.
@@ -16,19 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
 from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
-from sqlalchemy.exc import DBAPIError
-
-from gateway.db import sqlstate
-from gateway.errors import error_response
-from gateway.responses import JSONResponse
-
-# SQLSTATE 22021 character_not_in_repertoire, 22P05 untranslatable_character: what Postgres
-# says about a NUL in text.
-_TEXT_SQLSTATES = frozenset({"22021", "22P05"})
 
 
 def reject_nul(value: str) -> str:
@@ -90,19 +80,3 @@ class _TextRule:
 
 NoNul = _TextRule(reject_nul, NO_NUL_PATTERN)
 NotBlank = _TextRule(reject_blank, NOT_BLANK_PATTERN)
-
-
-async def _database_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, DBAPIError)
-    if sqlstate(exc) in _TEXT_SQLSTATES:
-        return error_response(
-            400,
-            "The request has text the database cannot store (the NUL character, \\u0000).",
-            code="invalid_text",
-        )
-    raise exc
-
-
-def install_text_errors(app: FastAPI) -> None:
-    """Answer a text the database refused with a 400, not a 500."""
-    app.add_exception_handler(DBAPIError, _database_error)

@@ -11,10 +11,12 @@ from fastapi import APIRouter, Depends, Query
 from gateway.auth import service
 from gateway.deps import SessionDep, get_admin
 from gateway.errors import GatewayError
+from gateway.routing import GuardedRoute
 from gateway.users import service as users_service
 from gateway.users.schemas import UserCreate, UserList, UserUpdate, UserView
 
 router = APIRouter(
+    route_class=GuardedRoute,
     prefix="/admin/api/users",
     tags=["users"],
     dependencies=[Depends(get_admin)],

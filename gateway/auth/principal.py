@@ -18,7 +18,6 @@ from __future__ import annotations
 import hmac
 
 from fastapi import Request
-from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.auth import service as auth_service
@@ -186,18 +185,11 @@ async def _principal_for(token: str, settings: Settings, session: AsyncSession) 
         token.encode(), admin_key.get_secret_value().encode()
     ):
         return ADMIN_KEY_PRINCIPAL
-    try:
-        if token.startswith(settings.API_KEY_PREFIX):
-            return await _api_key_principal(token, settings, session)
-        return await _jwt_principal(token, settings, session)
-    except (OperationalError, InterfaceError, OSError, TimeoutError):
-        # Fail closed, and say it is temporary: the credentials may well be fine.
-        raise GatewayError(
-            503,
-            "The user database is unavailable; try again shortly.",
-            code="database_unavailable",
-            headers={"Retry-After": "5"},
-        ) from None
+    # A database that is down fails closed: the app's handler (gateway.errors) answers 503
+    # with Retry-After, which says it is temporary (the credentials may well be fine).
+    if token.startswith(settings.API_KEY_PREFIX):
+        return await _api_key_principal(token, settings, session)
+    return await _jwt_principal(token, settings, session)
 
 
 async def _jwt_principal(token: str, settings: Settings, session: AsyncSession) -> Principal:

@@ -24,12 +24,10 @@ from gateway.limits.deps import LimitersDep
 from gateway.limits.enforce import check_login, check_session
 from gateway.principal import Principal, Role, admin_required
 from gateway.responses import JSONResponse
+from gateway.routing import CREDENTIALS_BODY_BYTES, BodyLimit, GuardedRoute, body_limit
 from gateway.users import service as users
 
-router = APIRouter(tags=["auth"])
-
-# A login is two short strings; anything bigger is not a login.
-MAX_LOGIN_BODY_BYTES = 16 * 1024
+router = APIRouter(tags=["auth"], route_class=GuardedRoute)
 
 
 async def login_rate_limit(request: Request, limiters: LimitersDep, settings: SettingsDep) -> None:
@@ -60,6 +58,7 @@ _AUTH_ERRORS: dict[int | str, dict[str, str]] = {
     responses=_AUTH_ERRORS,
     dependencies=[Depends(login_rate_limit)],
 )
+@body_limit(BodyLimit.CREDENTIALS)
 async def login(request: Request, settings: SettingsDep, session: SessionDep) -> JSONResponse:
     """Log in with username and password (JSON or an OAuth2 password form): a token pair."""
     return await _login(request, settings, session, admin_only=False)
@@ -72,6 +71,7 @@ async def login(request: Request, settings: SettingsDep, session: SessionDep) ->
     responses={**_AUTH_ERRORS, 403: {"description": "Not an admin"}},
     dependencies=[Depends(login_rate_limit)],
 )
+@body_limit(BodyLimit.CREDENTIALS)
 async def admin_login(request: Request, settings: SettingsDep, session: SessionDep) -> JSONResponse:
     """Log in to the admin console: like /api/auth/login, but only for admins."""
     return await _login(request, settings, session, admin_only=True)
@@ -83,6 +83,7 @@ async def admin_login(request: Request, settings: SettingsDep, session: SessionD
     responses=_AUTH_ERRORS,
     dependencies=[Depends(session_rate_limit)],
 )
+@body_limit(BodyLimit.CREDENTIALS)
 async def refresh(body: RefreshRequest, settings: SettingsDep, session: SessionDep) -> JSONResponse:
     """Exchange a refresh token for a new pair; each refresh token works once."""
     pair = await service.refresh(
@@ -97,6 +98,7 @@ async def refresh(body: RefreshRequest, settings: SettingsDep, session: SessionD
     responses=_AUTH_ERRORS,
     dependencies=[Depends(session_rate_limit)],
 )
+@body_limit(BodyLimit.CREDENTIALS)
 async def logout(
     request: Request,
     settings: SettingsDep,
@@ -143,7 +145,8 @@ async def _login(
 ) -> JSONResponse:
     credentials = parse_login(
         request.headers.get("content-type", ""),
-        await read_capped_body(request, MAX_LOGIN_BODY_BYTES),
+        await read_capped_body(request, CREDENTIALS_BODY_BYTES),
+        max_json_depth=settings.MAX_JSON_DEPTH,
     )
     user = await service.authenticate(
         session=session, username=credentials.username, password=credentials.password

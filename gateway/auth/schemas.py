@@ -10,6 +10,7 @@ import orjson
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
+from gateway.body import check_json_shape
 from gateway.errors import GatewayError
 from gateway.principal import Role, Tier
 from gateway.text import NoNul
@@ -107,8 +108,9 @@ LOGIN_OPENAPI: dict[str, Any] = {
 }
 
 
-def parse_login(content_type: str, body: bytes) -> LoginRequest:
-    """A login from a JSON body or an OAuth2 password form; 400 for anything else."""
+def parse_login(content_type: str, body: bytes, *, max_json_depth: int) -> LoginRequest:
+    """A login from a JSON body (bounded like every JSON body: `check_json_shape`) or an OAuth2
+    password form; 400 for anything else."""
     media = content_type.split(";", 1)[0].strip().lower()
     data: Any
     if media == "application/x-www-form-urlencoded":
@@ -118,6 +120,7 @@ def parse_login(content_type: str, body: bytes) -> LoginRequest:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise GatewayError(400, "The body is not valid JSON.", code="invalid_json") from None
+        check_json_shape(data, max_depth=max_json_depth)
     else:
         raise GatewayError(
             415,

@@ -13,8 +13,9 @@ from gateway.chat.schemas import ChatRequest
 from gateway.deps import PrincipalDep
 from gateway.errors import GatewayError
 from gateway.proxy.deps import SchedulerDep
+from gateway.routing import GuardedRoute
 
-router = APIRouter(tags=["chat"])
+router = APIRouter(tags=["chat"], route_class=GuardedRoute)
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {

@@ -20,9 +20,10 @@ from gateway.conversations.schemas import (
     MessageView,
 )
 from gateway.deps import PrincipalDep, SessionDep, SettingsDep
+from gateway.routing import BodyLimit, GuardedRoute, body_limit
 from gateway.text import NoNul
 
-router = APIRouter(prefix="/api/conversations", tags=["conversations"])
+router = APIRouter(prefix="/api/conversations", tags=["conversations"], route_class=GuardedRoute)
 # Ids are matched as UUIDs in the path itself, so /api/conversations/import is never taken for
 # an id (PATCH there is a 405, not "invalid id"), and anything that is not a UUID is a 404.
 
@@ -58,10 +59,9 @@ async def list_conversations(
 ) -> ConversationPage:
     """Your conversations, most recently updated first."""
     user_id = service.require_user(principal)
-    async with service.database_errors():
-        page = await service.list_conversations(
-            session, user_id=user_id, limit=limit, cursor=cursor, query=q, archived=archived
-        )
+    page = await service.list_conversations(
+        session, user_id=user_id, limit=limit, cursor=cursor, query=q, archived=archived
+    )
     return ConversationPage(
         data=[ConversationView.of(row) for row in page.items], next_cursor=page.next_cursor
     )
@@ -73,38 +73,37 @@ async def create_conversation(
 ) -> ConversationView:
     """Start an empty conversation."""
     user_id = service.require_user(principal)
-    async with service.database_errors():
-        row = await service.create_conversation(
-            session, user_id=user_id, title=body.title, model=body.model
-        )
+    row = await service.create_conversation(
+        session, user_id=user_id, title=body.title, model=body.model
+    )
     return ConversationView.of(row)
 
 
 @router.post("/import", response_model=ConversationView, status_code=status.HTTP_201_CREATED)
+@body_limit(BodyLimit.IMPORT)
 async def import_conversation(
     body: ConversationImport, principal: PrincipalDep, session: SessionDep
 ) -> ConversationView:
     """Make a new conversation of yours from a JSON export."""
     user_id = service.require_user(principal)
-    async with service.database_errors():
-        row = await service.import_conversation(
-            session,
-            user_id=user_id,
-            title=body.conversation.title,
-            model=body.conversation.model,
-            archived=body.conversation.archived,
-            messages=[
-                service.ImportedMessage(
-                    role=m.role,
-                    content=m.content,
-                    model=m.model,
-                    status=m.status,
-                    prompt_tokens=m.prompt_tokens,
-                    completion_tokens=m.completion_tokens,
-                )
-                for m in body.messages
-            ],
-        )
+    row = await service.import_conversation(
+        session,
+        user_id=user_id,
+        title=body.conversation.title,
+        model=body.conversation.model,
+        archived=body.conversation.archived,
+        messages=[
+            service.ImportedMessage(
+                role=m.role,
+                content=m.content,
+                model=m.model,
+                status=m.status,
+                prompt_tokens=m.prompt_tokens,
+                completion_tokens=m.completion_tokens,
+            )
+            for m in body.messages
+        ],
+    )
     return ConversationView.of(row)
 
 
@@ -118,16 +117,13 @@ async def get_conversation(
     cursor: MessageCursor = None,
 ) -> ConversationDetail:
     """One conversation with its messages, oldest first (paginated)."""
-    async with service.database_errors():
-        row = await service.get_owned(
-            session,
-            principal=principal,
-            conversation_id=conversation_id,
-            admin_may_read=settings.ADMIN_CAN_READ_CONVERSATIONS,
-        )
-        page = await service.messages_page(
-            session, conversation_id=row.id, limit=limit, cursor=cursor
-        )
+    row = await service.get_owned(
+        session,
+        principal=principal,
+        conversation_id=conversation_id,
+        admin_may_read=settings.ADMIN_CAN_READ_CONVERSATIONS,
+    )
+    page = await service.messages_page(session, conversation_id=row.id, limit=limit, cursor=cursor)
     view = ConversationView.of(row)
     return ConversationDetail(
         **view.model_dump(),
@@ -144,11 +140,10 @@ async def update_conversation(
     session: SessionDep,
 ) -> ConversationView:
     """Rename or (un)archive a conversation of yours."""
-    async with service.database_errors():
-        row = await service.get_owned(session, principal=principal, conversation_id=conversation_id)
-        row = await service.update_conversation(
-            session, conversation=row, title=body.title, archived=body.archived
-        )
+    row = await service.get_owned(session, principal=principal, conversation_id=conversation_id)
+    row = await service.update_conversation(
+        session, conversation=row, title=body.title, archived=body.archived
+    )
     return ConversationView.of(row)
 
 
@@ -159,9 +154,8 @@ async def delete_conversation(
     conversation_id: uuid.UUID, principal: PrincipalDep, session: SessionDep
 ) -> Response:
     """Delete a conversation of yours and its messages."""
-    async with service.database_errors():
-        row = await service.get_owned(session, principal=principal, conversation_id=conversation_id)
-        await service.delete_conversation(session, conversation=row)
+    row = await service.get_owned(session, principal=principal, conversation_id=conversation_id)
+    await service.delete_conversation(session, conversation=row)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -180,14 +174,13 @@ async def export_conversation(
     format: Literal["json", "markdown"] = "json",
 ) -> Response:
     """The whole conversation as a JSON document (importable) or as Markdown."""
-    async with service.database_errors():
-        row = await service.get_owned(
-            session,
-            principal=principal,
-            conversation_id=conversation_id,
-            admin_may_read=settings.ADMIN_CAN_READ_CONVERSATIONS,
-        )
-        messages = await service.all_messages(session, conversation_id=row.id)
+    row = await service.get_owned(
+        session,
+        principal=principal,
+        conversation_id=conversation_id,
+        admin_may_read=settings.ADMIN_CAN_READ_CONVERSATIONS,
+    )
+    messages = await service.all_messages(session, conversation_id=row.id)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", row.title).strip("-")[:60] or "conversation"
     if format == "markdown":
         content = service.export_markdown(row, messages).encode()

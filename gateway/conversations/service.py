@@ -19,18 +19,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.exc import (
-    DBAPIError,
-    IntegrityError,
-    InterfaceError,
-    OperationalError,
-    SQLAlchemyError,
-)
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.conversations.models import Conversation, Message, MessageStatus
-from gateway.db import sqlstate, utcnow
-from gateway.errors import GatewayError
+from gateway.db import is_database_down, utcnow
+from gateway.errors import GatewayError, database_unavailable
 from gateway.logging import get_logger
 from gateway.principal import Principal
 
@@ -38,30 +32,6 @@ log = get_logger(__name__)
 
 TITLE_CHARS = 60
 MAX_PAGE = 200
-# Errors that mean "the database cannot be reached", answered with 503. Not every DBAPIError:
-# a value the database refuses (DataError, e.g. a NUL in text) is no outage, and reporting it
-# as one hides the bug and invites retries that fail the same way.
-DB_DOWN = (OperationalError, InterfaceError, OSError, TimeoutError)
-# SQLSTATE classes of a server that is up but refuses work: connection exception (08),
-# insufficient resources such as too_many_connections (53), operator intervention such as
-# admin_shutdown or cannot_connect_now (57P), system error (58). asyncpg raises these as plain
-# DBAPIErrors, not OperationalError.
-_DOWN_SQLSTATES = ("08", "53", "57P", "58")
-
-
-def is_database_down(exc: BaseException) -> bool:
-    """True when `exc` says the database cannot be reached or cannot work right now."""
-    if isinstance(exc, IntegrityError):
-        return False  # a constraint said no: the database is up
-    if isinstance(exc, DB_DOWN):
-        return True
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        state = sqlstate(exc)
-        return state is not None and state.startswith(_DOWN_SQLSTATES)
-    return False
-
 
 # -- writer ids --------------------------------------------------------------------------------
 
@@ -83,19 +53,11 @@ def writer_id() -> str:
     return f"{socket.gethostname()}:{pid}:{nonce}"
 
 
-def database_unavailable() -> GatewayError:
-    """The 503 for a database that does not answer."""
-    return GatewayError(
-        503,
-        "The database is unavailable; nothing was saved. Try again shortly.",
-        code="database_unavailable",
-        headers={"Retry-After": "5"},
-    )
-
-
 @contextlib.asynccontextmanager
 async def database_errors() -> AsyncIterator[None]:
-    """Turn a database that cannot be reached into a 503 in the gateway's envelope.
+    """Turn a database that cannot be reached into the 503 GatewayError here, for code that
+    must hold it as one (to answer inside a stream, or around other work). Routes need
+    nothing: the app's one handler (gateway.errors) answers them the same way.
 
     Other database errors (a constraint, a refused value) pass through unchanged.
     """

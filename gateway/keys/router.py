@@ -17,8 +17,9 @@ from gateway.keys.schemas import (
     KeyList,
     MyKeyCreate,
 )
+from gateway.routing import GuardedRoute
 
-router = APIRouter(tags=["keys"])
+router = APIRouter(tags=["keys"], route_class=GuardedRoute)
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such key (or not yours)"}}
 

@@ -20,8 +20,9 @@ from gateway.models_api.schemas import (
     SwitchJobView,
     SwitchRequest,
 )
+from gateway.routing import GuardedRoute
 
-router = APIRouter(tags=["models"], dependencies=[Depends(get_admin)])
+router = APIRouter(tags=["models"], dependencies=[Depends(get_admin)], route_class=GuardedRoute)
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-f0-9]+$")]
 

@@ -13,8 +13,9 @@ from gateway.proxy import service
 from gateway.proxy.deps import ProxyDep, SchedulerDep, get_proxy
 from gateway.proxy.upstream import RelayResponse
 from gateway.proxy.validation import Route
+from gateway.routing import BodyLimit, GuardedRoute, body_limit
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], route_class=GuardedRoute)
 
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -49,7 +50,7 @@ def _add_openai_route(route: Route, path: str, description: str) -> None:
 
     router.add_api_route(
         path,
-        endpoint,
+        body_limit(BodyLimit.DEFAULT)(endpoint),  # read by service.relay, after the caller
         methods=["POST"],
         name=f"openai_{route.value}",
         description=description,

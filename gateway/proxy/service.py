@@ -35,6 +35,7 @@ def limits_from(settings: Settings) -> Limits:
         max_n=settings.MAX_N,
         max_tokens=settings.MAX_TOKENS_CAP,
         max_body_bytes=settings.MAX_BODY_BYTES,
+        max_json_depth=settings.MAX_JSON_DEPTH,
     )
 
 

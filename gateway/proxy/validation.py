@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import orjson
 
+from gateway.body import MAX_INTEGER, MIN_INTEGER, check_json_shape
 from gateway.errors import GatewayError
 from gateway.fields import check_fields
 from gateway.integers import whole_number
@@ -43,6 +44,7 @@ class Limits:
     max_n: int
     max_tokens: int
     max_body_bytes: int
+    max_json_depth: int
 
 
 @dataclass
@@ -166,6 +168,8 @@ def parse_request(
         raise _bad(f"Request body is not valid JSON: {exc}", None, "invalid_json") from None
     if not isinstance(body, dict):
         raise _bad("Request body must be a JSON object.", None, "invalid_json")
+    # Before anything walks it, and because the body is re-serialized to be relayed.
+    check_json_shape(body, max_depth=limits.max_json_depth)
     check_fields(body, grants)
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or not model or len(model) > 256):
@@ -184,6 +188,7 @@ def parse_request(
     _integer(body, "max_completion_tokens", 1, limits.max_tokens)
     _integer(body, "n", 1, limits.max_n)
     _integer(body, "best_of", 1, limits.max_n)
+    _integer(body, "seed", MIN_INTEGER, MAX_INTEGER)
     _number(body, "temperature", 0.0, 2.0)
     _number(body, "top_p", 0.0, 1.0)
     _number(body, "presence_penalty", -2.0, 2.0)

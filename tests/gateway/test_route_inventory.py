@@ -21,8 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,14 +45,13 @@ from tests.helpers.auth import (
     auth_settings,
     bearer,
 )
+from tests.helpers.routes import Key, concrete, inventory
 
 # The break-glass admin key is switched on here so that it is covered too (its 403/401 paths
 # and that it never leaks).
 ADMIN_API_KEY = "sk-admin-inventory-Zq4Lm8Rt2Wx6Yb0Nc3Vd7"
 # /metrics has its own credential; set here so the route is guarded like the others.
 METRICS_TOKEN = "metrics-inventory-Hc5Pw9Kt3Ry7"
-
-Key = tuple[str, str]  # (METHOD, path template)
 
 # ---------------------------------------------------------------------------------------------
 # The classification. Each entry says why; a route moves between lists only deliberately.
@@ -156,14 +154,6 @@ METRICS: dict[Key, str] = {
 _ADMIN_PREFIXES = ("/api/models/", "/admin/")
 _ADMIN_PATHS = {"/api/gpus"}
 
-DUMMY_PATH_PARAMS = {
-    "user_id": str(uuid.UUID(int=1)),
-    "key_id": str(uuid.UUID(int=2)),
-    "job_id": "deadbeef",
-    "conversation_id": str(uuid.UUID(int=3)),
-    "asset": "ui.css",
-    "file": "swagger-ui.css",
-}
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
@@ -174,50 +164,6 @@ def _is_admin_path(path: str) -> bool:
     if path == "/admin/api/login":
         return False
     return path in _ADMIN_PATHS or path.startswith(_ADMIN_PREFIXES)
-
-
-# ---------------------------------------------------------------------------------------------
-# Inventory
-# ---------------------------------------------------------------------------------------------
-
-
-def _flat_routes(routes: Iterable[Any]) -> Iterator[Any]:
-    """Every leaf route; FastAPI >= 0.16x keeps included routers as one `_IncludedRouter` each."""
-    for route in routes:
-        contexts = getattr(route, "effective_route_contexts", None)
-        if callable(contexts):
-            yield from _flat_routes(contexts())
-            continue
-        sub = getattr(route, "routes", None)
-        if sub is not None and getattr(route, "methods", None) is None:
-            # A Mount (static files, a sub-app): its routes must be classified too.
-            raise AssertionError(
-                f"mounted app at {getattr(route, 'path', route)!r}: extend the inventory to it"
-            )
-        yield route
-
-
-def inventory(app: FastAPI) -> set[Key]:
-    """(METHOD, path) for every route of the app."""
-    found: set[Key] = set()
-    for route in _flat_routes(app.routes):
-        path = getattr(route, "path", None)
-        methods = getattr(route, "methods", None)
-        assert isinstance(path, str), f"route without a path: {route!r}"
-        assert methods, f"route without methods: {route!r}"
-        found.update((method, path) for method in methods)
-    return found
-
-
-def concrete(path: str) -> str:
-    """The template with every parameter filled with a dummy value."""
-
-    def fill(match: re.Match[str]) -> str:
-        name = match.group(1).split(":", 1)[0]
-        assert name in DUMMY_PATH_PARAMS, f"add a dummy value for path parameter {name!r}"
-        return DUMMY_PATH_PARAMS[name]
-
-    return re.sub(r"\{([^}]+)\}", fill, path)
 
 
 # ---------------------------------------------------------------------------------------------
