@@ -1,7 +1,8 @@
 """Schemathesis over /openapi.json: every operation, every check, zero failures.
 
 The real CLI (as an operator would run it) against a real gateway: a simulator engine behind it,
-authentication on, an admin's credentials for the authenticated phases, on PostgreSQL and on the
+authentication on, once with an admin's credentials and once with a normal user's (the admin
+operations then answer 403, and the rest is that user's own data), on PostgreSQL and on the
 embedded SQLite. The checks include `ignored_auth` (each secured operation is also sent without
 credentials and must answer 401), server errors (any 5xx fails), response bodies and status
 codes against the document, `Allow` on 405, and the stateful phase that chains the operations'
@@ -32,6 +33,7 @@ import os
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway.migrate import upgrade
@@ -49,7 +51,17 @@ ADMIN = "fuzz-admin"
 ADMIN_PASSWORD = "fuzz-Admin-passw0rd-7c1e9b"
 
 
-async def _fuzz(database_url: str, tmp_path: Path) -> None:
+USER = "fuzz-user"
+USER_PASSWORD = "fuzz-User-passw0rd-3a8d2f"
+
+
+async def _token(http: httpx.AsyncClient, username: str, password: str) -> str:
+    login = await http.post("/api/auth/login", json={"username": username, "password": password})
+    assert login.status_code == 200, login.text
+    return str(login.json()["access_token"])
+
+
+async def _fuzz(database_url: str, tmp_path: Path, caller: str) -> None:
     settings = gateway_settings(
         {"sim-a": sim_profile("sim-a", aliases=("model-a",))},
         "sim-a",
@@ -62,11 +74,16 @@ async def _fuzz(database_url: str, tmp_path: Path) -> None:
         ADMIN_PASSWORD=ADMIN_PASSWORD,
     )
     async with gateway(settings) as gw:
-        login = await gw.http.post(
-            "/api/auth/login", json={"username": ADMIN, "password": ADMIN_PASSWORD}
-        )
-        assert login.status_code == 200, login.text
-        token = login.json()["access_token"]
+        token = await _token(gw.http, ADMIN, ADMIN_PASSWORD)
+        if caller == "user":
+            # A normal user: the admin operations answer 403, everything else is that user's.
+            created = await gw.http.post(
+                "/admin/api/users",
+                json={"username": USER, "password": USER_PASSWORD},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert created.status_code == 201, created.text
+            token = await _token(gw.http, USER, USER_PASSWORD)
         command = [
             str(SCHEMATHESIS),
             "run",
@@ -103,13 +120,18 @@ async def _fuzz(database_url: str, tmp_path: Path) -> None:
     assert "No issues found" in text or " passed" in text
 
 
+CALLERS = pytest.mark.parametrize("caller", ["admin", "user"])
+
+
 @pytest.mark.postgres
-async def test_schemathesis_on_postgres(postgres_url: str, tmp_path: Path) -> None:
+@CALLERS
+async def test_schemathesis_on_postgres(postgres_url: str, tmp_path: Path, caller: str) -> None:
     await asyncio.to_thread(upgrade, postgres_url)
-    await _fuzz(postgres_url, tmp_path)
+    await _fuzz(postgres_url, tmp_path, caller)
 
 
-async def test_schemathesis_on_sqlite(tmp_path: Path) -> None:
+@CALLERS
+async def test_schemathesis_on_sqlite(tmp_path: Path, caller: str) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
     await asyncio.to_thread(upgrade, url)
-    await _fuzz(url, tmp_path)
+    await _fuzz(url, tmp_path, caller)
