@@ -59,6 +59,8 @@ FORBIDDEN_ENV = {
     "HF_TOKEN": "secrets come from the gateway's settings (HF_TOKEN), never from this file",
     "HUGGING_FACE_HUB_TOKEN": "secrets come from the gateway's settings, never from this file",
     "CUDA_VISIBLE_DEVICES": "the planner chooses the GPUs",
+    "VLLM_SERVER_DEV_MODE": "the gateway sets it for a vllm profile with sleep_level 1 or 2 "
+    "(it serves vLLM's development endpoints)",
 }
 FORBIDDEN_ENV_PREFIXES = {
     "LD_": "it changes what code the engine process loads",
@@ -80,7 +82,13 @@ FIELD_FLAGS = {
     "--kv-cache-dtype": "vllm.kv_cache_dtype",
     "--api-key": "the gateway (engine keys never live in this file)",
     "--trust-remote-code": "trust_remote_code: true",
+    "--enable-sleep-mode": "sleep_level",
+    "--no-enable-sleep-mode": "sleep_level",
 }
+# PyTorch's allocator settings under each name torch reads (the accelerator-agnostic one, CUDA's,
+# ROCm's). With expandable segments on, vLLM's sleep mode freed nothing in the versions that did
+# not switch them off around its memory pool (vllm-project/vllm#11743, pytorch#147851).
+ALLOC_CONF_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
 FORBIDDEN_HOST_PATHS = frozenset(
     {"/", "/var/run/docker.sock", "/run/docker.sock", "/proc", "/sys", "/dev", "/etc", "/boot"}
 )
@@ -242,7 +250,8 @@ class Profile(BaseModel):
     sleep_level: Literal[0, 1, 2] = Field(
         default=0,
         description="0: evicting stops the engine; 1 or 2: vLLM sleep mode (level 1 keeps the "
-        "weights in host RAM, level 2 drops them). vLLM and simulator engines only.",
+        "weights in host RAM, level 2 drops them). vLLM and simulator engines only; a vllm "
+        "engine then starts with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (GPU only).",
     )
     max_concurrency: int | None = Field(
         default=None,
@@ -458,9 +467,41 @@ def cross_field_problems(profile: Profile) -> Iterator[str]:
         yield "aliases: each served name and alias must be different"
     if profile.sleep_level and engine not in (Engine.VLLM, Engine.SIMULATOR):
         yield "sleep_level: only vllm and simulator engines have a sleep mode"
+    if profile.sleep_level and engine is Engine.VLLM:
+        yield from sleep_mode_problems(profile)
     arch, wanted = profile.architecture, profile.vllm.max_model_len
     if arch is not None and wanted is not None and wanted > arch.max_context:
         yield (f"vllm.max_model_len: {wanted} is more than the model's context {arch.max_context}")
+
+
+def sleep_mode_problems(profile: Profile) -> Iterator[str]:
+    """Why a vllm profile cannot run in sleep mode (`sleep_level` 1 or 2), as 'field: why'."""
+    if profile.vllm.device == "cpu":
+        yield (
+            "sleep_level: vLLM's sleep mode is CUDA-only (the CPU build refuses "
+            "--enable-sleep-mode); a vllm.device cpu profile takes sleep_level 0 and is stopped "
+            "and started cold"
+        )
+    problem = expandable_segments_problem(profile.env)
+    if problem:
+        yield f"env: {problem}"
+
+
+def expandable_segments_problem(env: Mapping[str, str]) -> str | None:
+    """Why `env` cannot run a sleep-mode engine (expandable segments on), or None.
+
+    Torch's allocator settings are comma-separated `option:value`; `True` or `1` turns an
+    option on (what torch and vLLM's own parser accept, in any case).
+    """
+    for name in ALLOC_CONF_ENV:
+        for option in env.get(name, "").split(","):
+            key, _, value = option.partition(":")
+            if key.strip() == "expandable_segments" and value.strip().lower() in ("true", "1"):
+                return (
+                    f"{name}: expandable_segments:True is not allowed with sleep_level 1 or 2 "
+                    "(with it, vLLM's sleep mode may free no GPU memory)"
+                )
+    return None
 
 
 def id_problems(profiles: Mapping[str, Profile]) -> Iterator[str]:

@@ -5,6 +5,14 @@ an engine's argv, environment or mounts. Docker engines listen on 0.0.0.0:8000 i
 container (the runtime publishes that port on 127.0.0.1:port); process engines listen on
 127.0.0.1:port themselves. Each spec of an engine the gateway starts carries a new random API
 key (`new_engine_api_key`), so another local user cannot call the engine's port directly.
+
+A vllm profile with `sleep_level` 1 or 2 starts with `--enable-sleep-mode` and
+`VLLM_SERVER_DEV_MODE=1` (set here for that engine alone: no runtime passes the gateway's own
+VLLM_* variables on). Dev mode also serves `/collective_rpc`, `/reset_prefix_cache` and more,
+which vLLM's key does not guard (it guards /v1/* only): clients never reach them because the
+engine listens on loopback (a container's port is published on 127.0.0.1) and the gateway
+forwards only the OpenAI routes; what can open the port itself (a local process, a container on
+the engine's Docker network) can call them.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from orchestrator.profiles import (
     Profile,
     Quantization,
     RuntimeKind,
+    sleep_mode_problems,
 )
 from orchestrator.runtimes.base import LABEL_SERVED_NAME, EngineSpec
 
@@ -36,6 +45,9 @@ CONTAINER_PYTHON = "python3"
 DEFAULT_CPU_KVCACHE_GIB = "1"
 # A self-hosted gateway does not report usage to anyone.
 VLLM_PRIVACY_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+# vLLM serves its sleep endpoints (/sleep, /wake_up, /is_sleeping) only in its development mode.
+SLEEP_MODE_FLAG = "--enable-sleep-mode"
+SLEEP_MODE_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
 PORT_PLACEHOLDER = "{port}"
 # Bytes of randomness in an engine's API key (43 URL-safe characters).
 ENGINE_API_KEY_BYTES = 32
@@ -85,6 +97,8 @@ def vllm_args(profile: Profile, verdict: FitVerdict, port: int) -> tuple[str, ..
         args += ["--kv-cache-dtype", profile.vllm.kv_cache_dtype]
     if profile.trust_remote_code:
         args.append("--trust-remote-code")
+    if profile.sleep_level:
+        args.append(SLEEP_MODE_FLAG)
     return (*args, *profile.vllm.extra_args)
 
 
@@ -144,6 +158,8 @@ def engine_env(
             env["VLLM_CPU_KVCACHE_SPACE"] = DEFAULT_CPU_KVCACHE_GIB
     env.update(profile.env)
     env.update(hf_env(profile, hf_cache=hf_cache, hf_token=hf_token))
+    if profile.engine is Engine.VLLM and profile.sleep_level:
+        env.update(SLEEP_MODE_ENV)
     if profile.runtime is RuntimeKind.PROCESS and verdict.gpu_ids:
         # NVML numbers GPUs by PCI bus; CUDA's default order may differ.
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
@@ -213,6 +229,11 @@ def check_runnable(profile: Profile, verdict: FitVerdict, port: int) -> None:
         raise SpecError(f"profile {profile.id!r} does not fit: " + "; ".join(verdict.reasons))
     if profile.runtime is not RuntimeKind.EXTERNAL and not 0 < port < 65536:
         raise SpecError(f"profile {profile.id!r}: port {port} is not a TCP port")
+    # The profile's validation refuses these already; a profile changed with model_copy skips it.
+    if profile.engine is Engine.VLLM and profile.sleep_level:
+        problems = list(sleep_mode_problems(profile))
+        if problems:
+            raise SpecError(f"profile {profile.id!r}: " + "; ".join(problems))
 
 
 def build_engine_spec(

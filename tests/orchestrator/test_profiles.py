@@ -130,6 +130,23 @@ def test_read_only_volumes_name_sources_of_volumes(tmp_path: Path) -> None:
     assert load_profiles(VALID).get("small-gpu").read_only_volumes == ()  # the default
 
 
+def test_sleep_mode_takes_a_gpu_vllm_profile_without_expandable_segments(
+    tmp_path: Path,
+) -> None:
+    data = valid_data()
+    profiles = data["profiles"]
+    profiles["small-gpu"]["sleep_level"] = 1
+    profiles["small-gpu"]["env"] = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}
+    # Without sleep mode the allocator is the profile's business; a simulator has no torch.
+    profiles["small-gpu-process"]["env"] = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    profiles["sim"]["sleep_level"] = 2
+    profiles["sim"]["vllm"]["device"] = "cpu"
+    loaded = load_profiles(write(tmp_path, data))
+    assert loaded.get("small-gpu").sleep_level == 1
+    assert loaded.get("small-gpu-process").sleep_level == 0
+    assert loaded.get("sim").sleep_level == 2
+
+
 def _set(path: str, value: object) -> Mutation:
     """A mutation setting data[a][b][c] = value for path 'a.b.c'."""
 
@@ -139,6 +156,16 @@ def _set(path: str, value: object) -> Mutation:
         for key in parents:
             node = node[key]
         node[last] = value
+
+    return mutate
+
+
+def _each(*mutations: Mutation) -> Mutation:
+    """A mutation applying `mutations` in order."""
+
+    def mutate(data: dict[str, Any]) -> None:
+        for mutation in mutations:
+            mutation(data)
 
     return mutate
 
@@ -227,6 +254,48 @@ BAD_FILES: list[tuple[str, Mutation, str]] = [
         _set("profiles.small-gpu.vllm.extra_args", ["--trust-remote-code"]),
         "profile 'small-gpu': vllm.extra_args: --trust-remote-code is set through "
         "trust_remote_code: true",
+    ),
+    (
+        "sleep mode flag in extra args (sleep_level sets it)",
+        _set("profiles.small-gpu.vllm.extra_args", ["--enable-sleep-mode"]),
+        "profile 'small-gpu': vllm.extra_args: --enable-sleep-mode is set through sleep_level",
+    ),
+    (
+        "sleep mode turned off in extra args",
+        _set("profiles.small-gpu-process.vllm.extra_args", ["--no-enable-sleep-mode"]),
+        "profile 'small-gpu-process': vllm.extra_args: --no-enable-sleep-mode is set through "
+        "sleep_level",
+    ),
+    (
+        "vLLM's dev mode in env (the gateway sets it for sleep mode)",
+        _set("profiles.small-gpu.env", {"VLLM_SERVER_DEV_MODE": "1"}),
+        "profile 'small-gpu': env: VLLM_SERVER_DEV_MODE is not allowed: the gateway sets it",
+    ),
+    (
+        "sleep mode on the vLLM CPU build",
+        _set("profiles.cpu-tiny.sleep_level", 1),
+        "profile 'cpu-tiny': sleep_level: vLLM's sleep mode is CUDA-only",
+    ),
+    (
+        "expandable segments with sleep mode",
+        _each(
+            _set("profiles.small-gpu.sleep_level", 2),
+            _set(
+                "profiles.small-gpu.env",
+                {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512,expandable_segments:True"},
+            ),
+        ),
+        "profile 'small-gpu': env: PYTORCH_CUDA_ALLOC_CONF: expandable_segments:True is not "
+        "allowed with sleep_level 1 or 2",
+    ),
+    (
+        "expandable segments under torch's newer name, with sleep mode",
+        _each(
+            _set("profiles.small-gpu-process.sleep_level", 1),
+            _set("profiles.small-gpu-process.env", {"PYTORCH_ALLOC_CONF": "expandable_segments:1"}),
+        ),
+        "profile 'small-gpu-process': env: PYTORCH_ALLOC_CONF: expandable_segments:True is not "
+        "allowed",
     ),
     (
         "env LD_PRELOAD",

@@ -15,8 +15,9 @@ from orchestrator.gpus import GpuInventory, SnapshotReader
 from orchestrator.planner import FitVerdict, plan_profile
 from orchestrator.profiles import Profile, ProfileSet, load_profiles
 from orchestrator.runtimes import ProcessRuntime
-from orchestrator.runtimes.base import LABEL_SERVED_NAME, EngineSpec, RuntimeHandle
+from orchestrator.runtimes.base import LABEL_SERVED_NAME, EngineSpec, RuntimeHandle, engine_key_env
 from orchestrator.runtimes.docker import container_kwargs
+from orchestrator.runtimes.process import engine_environment
 from orchestrator.specs import SpecError, build_engine_spec, vllm_args
 from simulator.__main__ import config_from_args
 from tests.helpers.paths import REPO
@@ -323,6 +324,77 @@ def test_vllm_args_follow_the_verdict_not_the_profile(
     args = vllm_args(profile, verdict, 8123)
     assert profile.max_model_len == 8192
     assert args[args.index("--max-model-len") + 1] == "7168"
+
+
+def with_fields(profile: Profile, **fields: Any) -> Profile:
+    """`profile` with `fields` changed, validated again as the profiles file would be."""
+    return Profile.model_validate(profile.model_dump() | fields)
+
+
+# What the gateway's own environment may hold: none of it may reach an engine by inheritance.
+GATEWAY_ENV = {
+    "PATH": "/usr/bin:/bin",
+    "VLLM_SERVER_DEV_MODE": "1",
+    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+    "PYTORCH_ALLOC_CONF": "expandable_segments:True",
+}
+ALLOC_CONF = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
+
+
+def runtime_env(spec: EngineSpec) -> dict[str, str]:
+    """The environment the spec's runtime gives its engine: a process's, started by a gateway
+    whose own environment is GATEWAY_ENV, or a container's."""
+    if spec.runtime == "docker":
+        return dict(container_kwargs(spec, instance="t", gpus_available=True)["environment"])
+    return engine_environment({**spec.env, **engine_key_env(spec)}, base=GATEWAY_ENV)
+
+
+def test_sleep_mode_starts_vllm_with_the_flag_and_dev_mode_for_that_engine_only(
+    fixtures: ProfileSet, dual_3090: GpuInventory
+) -> None:
+    for profile_id in ("small-gpu", "small-gpu-process"):
+        plain = fixtures.get(profile_id)
+        for level in (1, 2):
+            spec = spec_for(with_fields(plain, sleep_level=level), dual_3090)
+            assert spec.command.count("--enable-sleep-mode") == 1
+            # A field's flag comes before the profile's extra_args, like every other one.
+            extra = plain.vllm.extra_args
+            assert spec.command[len(spec.command) - len(extra) - 1 :] == (
+                "--enable-sleep-mode",
+                *extra,
+            )
+            assert spec.env["VLLM_SERVER_DEV_MODE"] == "1"
+            env = runtime_env(spec)
+            assert env["VLLM_SERVER_DEV_MODE"] == "1", spec.runtime
+            assert not any(name in env for name in ALLOC_CONF), spec.runtime
+        # sleep_level 0: no sleep mode, and no dev mode inherited from the gateway either.
+        awake = spec_for(plain, dual_3090)
+        assert "--enable-sleep-mode" not in awake.command
+        for env in (awake.env, runtime_env(awake)):
+            assert "VLLM_SERVER_DEV_MODE" not in env, awake.runtime
+            assert not any(name in env for name in ALLOC_CONF), awake.runtime
+
+
+def test_a_simulator_sleeps_without_vllm_flags(fixtures: ProfileSet) -> None:
+    # The simulator serves the sleep contract always; vLLM's flag would be an unknown argument.
+    spec = spec_for(with_fields(fixtures.get("sim"), sleep_level=2), NO_GPU)
+    assert "--enable-sleep-mode" not in spec.command
+    assert "VLLM_SERVER_DEV_MODE" not in spec.env
+    assert config_from_args(spec.command[3:], env={}).model_names == ("sim", "sim-alias")
+
+
+def test_a_sleep_mode_spec_is_refused_where_sleep_mode_cannot_work(
+    fixtures: ProfileSet, dual_3090: GpuInventory
+) -> None:
+    # model_copy skips the profile's validation; the spec checks again.
+    cpu = fixtures.get("cpu-tiny").model_copy(update={"sleep_level": 1})
+    with pytest.raises(SpecError, match=r"profile 'cpu-tiny': sleep_level: .* CUDA-only"):
+        spec_for(cpu, NO_GPU)
+    expandable = fixtures.get("small-gpu").model_copy(
+        update={"sleep_level": 1, "env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}
+    )
+    with pytest.raises(SpecError, match="env: PYTORCH_CUDA_ALLOC_CONF: expandable_segments"):
+        spec_for(expandable, dual_3090)
 
 
 @pytest.fixture(scope="module")
