@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
-from simulator.config import SimulatorConfig
+from simulator.config import DEFAULT_SLEEP_RESIDUAL_BYTES, SimulatorConfig
 from simulator.server import run
 
 _T = TypeVar("_T")
@@ -22,7 +22,8 @@ _DESCRIPTION = """\
 vLLM engine SIMULATOR for the vLLM Chat Gateway. This is NOT vLLM: it loads no
 model and needs no GPU. It serves vLLM's OpenAI-compatible API (/v1/models,
 /v1/chat/completions, /v1/completions, /v1/embeddings), /health, /metrics and the
-sleep contract with deterministic pseudo-text, for tests and benchmarks.
+sleep contract (/sleep, /wake_up, /is_sleeping, /collective_rpc reload_weights, with
+simulated delays and GPU memory) with deterministic pseudo-text, for tests and benchmarks.
 With --test-routes (for tests only), also /simulator/stats, /simulator/requests (the last
 request bodies), /simulator/reset and the per-request fault injection headers
 X-Simulator-Die-After-Chunks, X-Simulator-Error-After-Chunks, X-Simulator-Stall-After-Chunks,
@@ -161,12 +162,50 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         help="pretend KV-cache size for the cache-usage gauge (0 = 16 x max-model-len)",
     )
     p.add_argument(
+        "--sleep-delay-s",
+        type=float,
+        metavar="SECONDS",
+        default=_env_default(env, "--sleep-delay-s", float, 0.0),
+        help="how long POST /sleep takes (requests are refused meanwhile)",
+    )
+    p.add_argument(
+        "--wake-delay-s",
+        type=float,
+        metavar="SECONDS",
+        default=_env_default(env, "--wake-delay-s", float, 0.0),
+        help="how long waking the weights takes (POST /wake_up, or ?tags=weights), and "
+        "reloading them after a level-2 sleep (POST /collective_rpc reload_weights)",
+    )
+    p.add_argument(
+        "--gpu-memory-bytes",
+        type=int,
+        metavar="BYTES",
+        default=_env_default(env, "--gpu-memory-bytes", int, 0),
+        help="simulated GPU memory it holds awake, on each GPU of its set (the claim it was "
+        "started with); /metrics reports it allocated and freed by sleep",
+    )
+    p.add_argument(
+        "--sleep-residual-bytes",
+        type=int,
+        metavar="BYTES",
+        default=_env_default(env, "--sleep-residual-bytes", int, DEFAULT_SLEEP_RESIDUAL_BYTES),
+        help="of that, what stays allocated while it sleeps (its CUDA context; default 1.5 GiB)",
+    )
+    p.add_argument(
+        "--weights-bytes",
+        type=int,
+        metavar="BYTES",
+        default=_env_default(env, "--weights-bytes", int, 0),
+        help="of that, the weights (what a level-1 sleep backs up in host RAM; "
+        "0 = half of what sleep frees)",
+    )
+    p.add_argument(
         "--api-key",
         # Like vLLM, the key may come from VLLM_API_KEY: the gateway passes an engine's key
         # that way (the environment of a process is private to its user; argv is not).
         default=_env_default(env, "--api-key", str, None) or env.get(VLLM_API_KEY_ENV) or None,
         help="require 'Authorization: Bearer KEY' on /v1/*, the sleep routes (/sleep, "
-        "/wake_up, /is_sleeping) and /simulator/* (401 otherwise); "
+        "/wake_up, /is_sleeping, /collective_rpc) and /simulator/* (401 otherwise); "
         f"default: ${_env_name('--api-key')}, else ${VLLM_API_KEY_ENV}",
     )
     p.add_argument(
@@ -218,6 +257,11 @@ def config_from_args(
             kv_cache_tokens=args.kv_cache_tokens,
             log_level=args.log_level,
             test_routes=args.test_routes,
+            sleep_delay_s=args.sleep_delay_s,
+            wake_delay_s=args.wake_delay_s,
+            gpu_memory_bytes=args.gpu_memory_bytes,
+            sleep_residual_bytes=args.sleep_residual_bytes,
+            weights_bytes=args.weights_bytes,
         )
     except ValueError as exc:
         parser.error(str(exc))

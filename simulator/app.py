@@ -32,6 +32,7 @@ from simulator.errors import (
     sse_error_event,
 )
 from simulator.metrics import METRICS_CONTENT_TYPE, SimulatorMetrics, SimulatorStats
+from simulator.sleep import SleepMode
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -62,7 +63,7 @@ _UNAUTHORIZED = b'{"error":"Unauthorized"}'
 # vLLM), and the simulator's own test routes, which show recent request bodies and reset counters.
 # The sleep contract too: vLLM leaves it open (it serves it only in its dev mode), but whoever
 # can reach the port could put the engine to sleep, and every user would get 503 until it wakes.
-_GUARDED_PREFIXES = ("/v1", "/simulator/", "/sleep", "/wake_up", "/is_sleeping")
+_GUARDED_PREFIXES = ("/v1", "/simulator/", "/sleep", "/wake_up", "/is_sleeping", "/collective_rpc")
 
 
 class FaultKind(enum.Enum):
@@ -361,12 +362,14 @@ class SimulatorApp:
         self.recent_requests: collections.deque[object] | None = (
             collections.deque(maxlen=64) if config.test_routes else None
         )
-        self.sleep_level = 0
+        self.sleep = SleepMode(config)
         self.started_at = time.time()
         self.metrics = SimulatorMetrics(
             config.primary_name,
             running=lambda: float(self.stats.running),
             kv_usage=self._kv_usage,
+            sleep=self.sleep,
+            gpu_memory_bytes=config.gpu_memory_bytes,
         )
         self._auth = b"Bearer " + config.api_key.encode() if config.api_key else None
         self._models_body = self._build_models_body()
@@ -382,6 +385,7 @@ class SimulatorApp:
             "/sleep": {"POST": self._sleep},
             "/wake_up": {"POST": self._wake_up},
             "/is_sleeping": {"GET": self._is_sleeping},
+            "/collective_rpc": {"POST": self._collective_rpc},
         }
         if config.test_routes:
             self._routes.update(
@@ -509,10 +513,9 @@ class SimulatorApp:
             if body is None:
                 self.stats.aborted_total += 1
                 return None
-            if self.sleep_level:
-                raise SimulatorRequestError(
-                    "The engine is sleeping (simulated); POST /wake_up first.", 503
-                )
+            refusal = self.sleep.refusal()
+            if refusal is not None:
+                raise SimulatorRequestError(refusal, 503)
             if opts.force_status is not None:
                 self.stats.failed_total += 1
                 status = opts.force_status
@@ -868,22 +871,57 @@ class SimulatorApp:
         if level not in ("1", "2"):
             await send_bytes(send, 400, error_body(f"level must be 1 or 2, got {level!r}.", 400))
             return
-        self.sleep_level = int(level)
-        logger.info("vLLM SIMULATOR: sleeping at level %s", level)
+        started = time.perf_counter()
+        await self.sleep.sleep(int(level), running=self.stats.running)
+        self.metrics.sleep_operations.labels("sleep").observe(time.perf_counter() - started)
         # vLLM's answer (vllm/entrypoints/serve/dev/sleep/api_router.py).
-        await send_bytes(send, 200, orjson.dumps({"status": "sleeping", "level": self.sleep_level}))
+        await send_bytes(send, 200, orjson.dumps({"status": "sleeping", "level": int(level)}))
 
     async def _wake_up(
         self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
     ) -> None:
-        self.sleep_level = 0
-        logger.info("vLLM SIMULATOR: woken up")
-        await send_bytes(send, 200, orjson.dumps({"status": "awake", "tags": None}))
+        # Repeated, as vLLM reads them: ?tags=weights&tags=kv_cache; none wakes everything.
+        tags = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("tags", [])
+        started = time.perf_counter()
+        try:
+            awake = await self.sleep.wake_up(tags)
+        except SimulatorRequestError as exc:
+            await send_bytes(send, exc.status, exc.body())
+            return
+        self.metrics.sleep_operations.labels("wake").observe(time.perf_counter() - started)
+        status = "awake" if awake else "sleeping"
+        await send_bytes(send, 200, orjson.dumps({"status": status, "tags": tags or None}))
 
     async def _is_sleeping(
         self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
     ) -> None:
-        await send_bytes(send, 200, orjson.dumps({"is_sleeping": self.sleep_level > 0}))
+        await send_bytes(send, 200, orjson.dumps({"is_sleeping": self.sleep.is_sleeping}))
+
+    async def _collective_rpc(
+        self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
+    ) -> None:
+        """vLLM's ``POST /collective_rpc`` (dev mode) for the one method a level-2 wake needs."""
+        try:
+            body = await _read_body(receive)
+            if body is None:
+                return
+            try:
+                request: object = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise SimulatorRequestError(f"JSON decode error: {exc}") from exc
+            if not isinstance(request, dict):
+                raise SimulatorRequestError("Request body must be a JSON object")
+            method = request.get("method")
+            if method is None:
+                raise SimulatorRequestError("Missing 'method' in request body")
+            if not isinstance(method, str):
+                raise SimulatorRequestError("'method' must be a string")
+            await self.sleep.collective_rpc(method)
+        except SimulatorRequestError as exc:
+            await send_bytes(send, exc.status, exc.body())
+            return
+        # One result per worker; reload_weights returns none (vllm/entrypoints/serve/dev/rpc).
+        await send_bytes(send, 200, orjson.dumps({"results": [None]}))
 
     def stats_snapshot(self) -> dict[str, object]:
         """What ``GET /simulator/stats`` returns."""
@@ -892,8 +930,13 @@ class SimulatorApp:
             "model": self.config.model,
             "served_model_names": list(self.config.model_names),
             **self.stats.as_dict(),
-            "is_sleeping": self.sleep_level > 0,
-            "sleep_level": self.sleep_level,
+            "is_sleeping": self.sleep.is_sleeping,
+            "sleep_level": self.sleep.level,
+            "sleeping_tags": sorted(self.sleep.asleep),
+            "weights_discarded": self.sleep.weights_discarded,
+            "sleeps_while_running": self.sleep.sleeps_while_running,
+            "gpu_memory_allocated_bytes": self.sleep.allocated_bytes,
+            "gpu_memory_freed_by_sleep_bytes": self.sleep.freed_bytes,
         }
 
     async def _stats(

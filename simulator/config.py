@@ -10,6 +10,10 @@ SIMULATOR_OWNER = "vllm-chat-gateway-simulator"
 #: Version reported by ``GET /version`` (a PEP 440 local version, clearly not a vLLM release).
 SIMULATOR_VERSION = "0.0.0+simulator"
 
+#: GPU memory a sleeping engine keeps on each GPU (its CUDA context): vLLM reports 1.2 to 4.8
+#: GiB still in use after a sleep; the gateway's placement counts the same default figure.
+DEFAULT_SLEEP_RESIDUAL_BYTES = 3 * 1024**3 // 2
+
 
 @dataclass(frozen=True, slots=True)
 class SimulatorConfig:
@@ -22,6 +26,11 @@ class SimulatorConfig:
     on what only tests may use: the ``/simulator/*`` routes (counters, the log of recent
     request bodies, reset) and the per-request ``X-Simulator-*`` fault headers; without it
     the simulator keeps no request body once it has answered.
+
+    The sleep contract (``simulator/sleep.py``): ``sleep_delay_s`` and ``wake_delay_s`` are how
+    long falling asleep and waking the weights (or reloading them) take; ``gpu_memory_bytes``
+    is the claim it runs with on each GPU of its set, of which ``sleep_residual_bytes`` stays
+    while it sleeps and ``weights_bytes`` are the weights (0: half of what sleep frees).
     """
 
     model: str = "simulated-model"
@@ -44,6 +53,11 @@ class SimulatorConfig:
     kv_cache_tokens: int = 0
     log_level: str = "info"
     test_routes: bool = False
+    sleep_delay_s: float = 0.0
+    wake_delay_s: float = 0.0
+    gpu_memory_bytes: int = 0
+    sleep_residual_bytes: int = DEFAULT_SLEEP_RESIDUAL_BYTES
+    weights_bytes: int = 0
 
     def __post_init__(self) -> None:
         """Reject impossible settings early, with a message naming the setting."""
@@ -53,9 +67,24 @@ class SimulatorConfig:
             raise ValueError("served model names must not be empty")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
-        for name in ("startup_delay", "tokens_per_second", "first_token_delay"):
+        for name in (
+            "startup_delay",
+            "tokens_per_second",
+            "first_token_delay",
+            "sleep_delay_s",
+            "wake_delay_s",
+            "gpu_memory_bytes",
+            "sleep_residual_bytes",
+            "weights_bytes",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        room = self.gpu_memory_bytes - min(self.sleep_residual_bytes, self.gpu_memory_bytes)
+        if self.weights_bytes > room:
+            raise ValueError(
+                f"weights_bytes ({self.weights_bytes}) must fit in gpu_memory_bytes less "
+                f"sleep_residual_bytes ({room})"
+            )
         if self.die_after_seconds is not None and self.die_after_seconds < 0:
             raise ValueError("die_after_seconds must be >= 0")
         for name in ("die_after_chunks", "error_after_chunks", "stall_after_chunks"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -88,6 +89,32 @@ _E2E_BUCKETS = (
 )
 
 FINISH_REASONS = ("stop", "length", "abort")
+# vLLM's buckets for its sleep-mode operations (vllm/entrypoints/serve/dev/sleep/metrics.py).
+_SLEEP_OPERATION_BUCKETS = (0.01, 0.1, 1, 10, 30, 60, 120, 300, 600)
+
+
+class SleepMemory(Protocol):
+    """What the simulated sleep mode reports (``simulator.sleep.SleepMode``)."""
+
+    @property
+    def level(self) -> int:
+        """The sleep level while a tag is asleep, else 0."""
+        ...
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Simulated GPU memory held now, per GPU."""
+        ...
+
+    @property
+    def freed_bytes(self) -> int:
+        """Simulated GPU memory freed by sleep, per GPU."""
+        ...
+
+    @property
+    def cpu_backup_bytes(self) -> int:
+        """Host RAM holding the weights of a level-1 sleep."""
+        ...
 
 
 @dataclass(slots=True)
@@ -136,8 +163,11 @@ class SimulatorMetrics:
         model_name: str,
         running: Callable[[], float],
         kv_usage: Callable[[], float],
+        sleep: SleepMemory,
+        gpu_memory_bytes: int,
     ) -> None:
-        """Register every series, labelled ``model_name``; gauges read the callables."""
+        """Register every series, labelled ``model_name``; gauges read the callables and
+        `sleep`."""
         self.registry = CollectorRegistry()
         reg = self.registry
         label = ("model_name",)
@@ -206,6 +236,48 @@ class SimulatorMetrics:
             registry=reg,
             buckets=_E2E_BUCKETS,
         ).labels(model_name)
+        self._register_sleep(model_name, sleep, gpu_memory_bytes)
+
+    def _register_sleep(self, model_name: str, sleep: SleepMemory, claim: int) -> None:
+        """The simulated GPU memory (per GPU of the engine's set, as the gateway's ledger counts
+        it) and vLLM's own sleep-operation histogram."""
+        reg, label = self.registry, ("model_name",)
+        gauges: tuple[tuple[str, str, Callable[[], float]], ...] = (
+            (
+                "simulator_gpu_memory_claimed_bytes",
+                "GPU memory the engine holds awake, per GPU (--gpu-memory-bytes).",
+                lambda: float(claim),
+            ),
+            (
+                "simulator_gpu_memory_allocated_bytes",
+                "GPU memory held now, per GPU: the claim awake, the residual asleep (simulated).",
+                lambda: float(sleep.allocated_bytes),
+            ),
+            (
+                "simulator_gpu_memory_freed_by_sleep_bytes",
+                "GPU memory sleep has freed and that is still free, per GPU (simulated).",
+                lambda: float(sleep.freed_bytes),
+            ),
+            (
+                "simulator_cpu_memory_weights_backup_bytes",
+                "Host RAM holding the weights during a level-1 sleep (simulated).",
+                lambda: float(sleep.cpu_backup_bytes),
+            ),
+            (
+                "simulator_sleep_level",
+                "0 awake; 1 or 2 while anything sleeps (simulated).",
+                lambda: float(sleep.level),
+            ),
+        )
+        for name, documentation, read in gauges:
+            Gauge(name, documentation, label, registry=reg).labels(model_name).set_function(read)
+        self.sleep_operations = Histogram(
+            "vllm:sleep_mode_operation_duration_seconds",
+            "Duration of one sleep-mode operation (simulated).",
+            ("operation",),
+            registry=reg,
+            buckets=_SLEEP_OPERATION_BUCKETS,
+        )
 
     def observe_finished(
         self,
