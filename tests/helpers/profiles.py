@@ -29,7 +29,7 @@ def llama_70b(served_name: str) -> dict[str, Any]:
         "display_name": "Llama 3 70B (too big)",
         "engine": "vllm",
         "runtime": "docker",
-        "image": "vllm/vllm-openai:v0.9.2",
+        "image": "vllm/vllm-openai:v0.32.0",
         "model": "meta-llama/Meta-Llama-3-70B-Instruct",
         "served_model_name": served_name,
         "architecture": {

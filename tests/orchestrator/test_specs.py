@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from orchestrator.runtimes import ProcessRuntime
 from orchestrator.runtimes.base import LABEL_SERVED_NAME, EngineSpec, RuntimeHandle, engine_key_env
 from orchestrator.runtimes.docker import container_kwargs
 from orchestrator.runtimes.process import engine_environment
-from orchestrator.specs import SpecError, build_engine_spec, vllm_args
+from orchestrator.specs import VLLM_SERVER_MODULE, SpecError, build_engine_spec, vllm_args
 from simulator.__main__ import config_from_args
 from tests.helpers.paths import REPO
 from tests.helpers.ports import free_port
@@ -76,7 +78,7 @@ def test_awq_70b_in_docker_gets_the_planned_split_and_context(
 ) -> None:
     spec = spec_for(shipped.get("llama-3-70b-awq"), dual_3090)
     assert spec.runtime == "docker"
-    assert spec.image == "vllm/vllm-openai:v0.9.2"
+    assert spec.image == "vllm/vllm-openai:v0.32.0"
     # The image's entrypoint is vLLM's API server: the spec gives its arguments only.
     assert spec.command == (
         "--model", "casperhansen/llama-3-70b-instruct-awq",
@@ -398,10 +400,10 @@ def test_a_sleep_mode_spec_is_refused_where_sleep_mode_cannot_work(
 
 
 @pytest.fixture(scope="module")
-def tiny_vllm() -> tuple[Path, Path]:
-    """The vLLM CPU venv's interpreter and the tiny model (skip when not installed)."""
+def vllm_python() -> Path:
+    """The vLLM CPU venv's interpreter (skip when not installed)."""
     from tests.helpers.services import ServiceUnavailable
-    from tests.helpers.vllm_engine import VLLM_PYTHON, check_vllm_python, ensure_tiny_model
+    from tests.helpers.vllm_engine import VLLM_PYTHON, check_vllm_python
 
     try:
         check_vllm_python(VLLM_PYTHON)
@@ -409,7 +411,50 @@ def tiny_vllm() -> tuple[Path, Path]:
         if os.environ.get("CI") or os.environ.get("VCG_REQUIRE_ALL") == "1":
             pytest.fail(str(exc), pytrace=False)
         pytest.skip(str(exc))
-    return VLLM_PYTHON, ensure_tiny_model(VLLM_PYTHON)
+    return VLLM_PYTHON
+
+
+@pytest.fixture(scope="module")
+def tiny_vllm(vllm_python: Path) -> tuple[Path, Path]:
+    """The vLLM CPU venv's interpreter and the tiny model (skip when not installed)."""
+    from tests.helpers.vllm_engine import ensure_tiny_model
+
+    return vllm_python, ensure_tiny_model(vllm_python)
+
+
+@pytest.mark.vllm
+def test_the_pinned_image_is_the_vllm_tested_and_it_takes_every_flag_a_spec_gives(
+    vllm_python: Path, shipped: ProfileSet, fixtures: ProfileSet, dual_3090: GpuInventory
+) -> None:
+    installed = subprocess.run(
+        [str(vllm_python), "-c", "import vllm.version as v; print(v.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.strip()
+    # Every docker vLLM profile in sleep mode that fits here, and a GPU process with extra args.
+    specs = [
+        spec_for(with_fields(profile, sleep_level=1), dual_3090)
+        for profile in shipped.profiles.values()
+        if profile.runtime.value == "docker" and plan_profile(profile, dual_3090).fits
+    ]
+    specs.append(spec_for(with_fields(fixtures.get("small-gpu-process"), sleep_level=2), dual_3090))
+    flags = {arg.split("=", 1)[0] for spec in specs for arg in spec.command if arg[:2] == "--"}
+    helped = subprocess.run(
+        [str(vllm_python), "-m", VLLM_SERVER_MODULE, "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        env={**os.environ, "VLLM_NO_USAGE_STATS": "1"},
+    ).stdout
+    known = set(re.findall(r"--[a-z0-9][a-z0-9-]*", helped))
+
+    images = {spec.image for spec in specs if spec.image}
+    assert images == {f"vllm/vllm-openai:v{installed.split('+')[0]}"}
+    assert "--enable-sleep-mode" in flags
+    assert flags <= known, sorted(flags - known)
 
 
 @pytest.mark.vllm
