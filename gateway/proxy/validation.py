@@ -189,6 +189,10 @@ def parse_request(
     _integer(body, "n", 1, limits.max_n)
     _integer(body, "best_of", 1, limits.max_n)
     _integer(body, "seed", MIN_INTEGER, MAX_INTEGER)
+    # vLLM's integer sampling extras: bounded here too, so a 2**70 that parsing turned into a
+    # float is a 400 naming the field rather than whatever the engine makes of it.
+    _integer(body, "top_k", -1, MAX_INTEGER)
+    _integer(body, "min_tokens", 0, limits.max_tokens)
     _number(body, "temperature", 0.0, 2.0)
     _number(body, "top_p", 0.0, 1.0)
     _number(body, "presence_penalty", -2.0, 2.0)

@@ -136,6 +136,9 @@ BAD_BODIES = {
         "input",
     ),
     "max_tokens of 1e25": (CHAT, _chat(max_tokens=1e25), 400, "invalid_request", "max_tokens"),
+    "top_k beyond 64 bits": (CHAT, _chat(top_k=2**70), 400, "invalid_request", "top_k"),
+    "fractional top_k": (CHAT, _chat(top_k=2.5), 400, "invalid_request", "top_k"),
+    "negative min_tokens": (CHAT, _chat(min_tokens=-1), 400, "invalid_request", "min_tokens"),
     "JSON that is not an object": (CHAT, [1, 2], 400, "invalid_json", None),
     "unknown model": (CHAT, _chat(model="no-such-model"), 404, "model_not_found", "model"),
     "body above MAX_BODY_BYTES": (
