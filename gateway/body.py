@@ -94,6 +94,27 @@ def _walk(value: object, depth: int, max_depth: int) -> None:
             raise
 
 
+def too_deep(max_depth: int, param: str | None = None) -> GatewayError:
+    """400 json_too_deep: the body (or the field `param`) nests past the limit. Also what a
+    parser's own nesting limit becomes (orjson's 1024 levels, the standard library's recursion
+    limit), so a client always hears the gateway's limit."""
+    where = f"'{param}'" if param else "The body"
+    return GatewayError(
+        400,
+        f"{where} nests deeper than the limit of {max_depth} levels of objects and arrays.",
+        code="json_too_deep",
+        param=param,
+    )
+
+
+def orjson_refusal(exc: Exception, max_depth: int) -> GatewayError:
+    """The 400 for a body orjson could not parse: json_too_deep past its nesting limit,
+    invalid_json (with orjson's reason) otherwise."""
+    if str(exc).startswith("depth limit exceeded"):
+        return too_deep(max_depth)
+    return GatewayError(400, f"Request body is not valid JSON: {exc}", code="invalid_json")
+
+
 def check_json_shape(value: object, *, max_depth: int) -> None:
     """Refuse (400, naming the field) a parsed JSON body that nests objects and arrays deeper
     than `max_depth` levels (the body itself is level 1) or holds an integer outside
@@ -112,12 +133,7 @@ def check_json_shape(value: object, *, max_depth: int) -> None:
             param = f"{param[:half]}...{param[-half:]}"
         where = f"'{param}'" if param else "The body"
         if refused.reason == "depth":
-            raise GatewayError(
-                400,
-                f"{where} nests deeper than the limit of {max_depth} levels of objects and arrays.",
-                code="json_too_deep",
-                param=param,
-            ) from None
+            raise too_deep(max_depth, param) from None
         raise GatewayError(
             400,
             f"{where} is an integer outside the range this gateway takes "

@@ -39,6 +39,7 @@ from gateway.body import (
     body_too_large,
     check_json_shape,
     read_capped_body,
+    too_deep,
 )
 from gateway.deps import core_resources, get_admin, get_principal
 from gateway.errors import GatewayError
@@ -148,11 +149,7 @@ def parse_json(raw: bytes, *, max_depth: int) -> Any:
     try:
         value = json.loads(raw, parse_int=_read_integer)
     except RecursionError:
-        raise GatewayError(
-            400,
-            f"The body nests deeper than the limit of {max_depth} levels of objects and arrays.",
-            code="json_too_deep",
-        ) from None
+        raise too_deep(max_depth) from None
     except json.JSONDecodeError as exc:
         raise GatewayError(
             400, f"Request body is not valid JSON: {exc}", code="invalid_json"

@@ -10,7 +10,7 @@ import orjson
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
-from gateway.body import check_json_shape
+from gateway.body import check_json_shape, orjson_refusal
 from gateway.errors import GatewayError
 from gateway.principal import Role, Tier
 from gateway.text import NoNul
@@ -118,8 +118,8 @@ def parse_login(content_type: str, body: bytes, *, max_json_depth: int) -> Login
     elif media in ("application/json", ""):
         try:
             data = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise GatewayError(400, "The body is not valid JSON.", code="invalid_json") from None
+        except orjson.JSONDecodeError as exc:
+            raise orjson_refusal(exc, max_json_depth) from None
         check_json_shape(data, max_depth=max_json_depth)
     else:
         raise GatewayError(

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import orjson
 
-from gateway.body import MAX_INTEGER, MIN_INTEGER, check_json_shape
+from gateway.body import MAX_INTEGER, MIN_INTEGER, check_json_shape, orjson_refusal
 from gateway.errors import GatewayError
 from gateway.fields import check_fields
 from gateway.integers import whole_number
@@ -165,7 +165,7 @@ def parse_request(
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise _bad(f"Request body is not valid JSON: {exc}", None, "invalid_json") from None
+        raise orjson_refusal(exc, limits.max_json_depth) from None
     if not isinstance(body, dict):
         raise _bad("Request body must be a JSON object.", None, "invalid_json")
     # Before anything walks it, and because the body is re-serialized to be relayed.
