@@ -187,8 +187,22 @@ class GuardedRoute(APIRoute):
         """FastAPI's handler, behind the body guard."""
         handler = super().get_route_handler()
         limit = self.body_limit
+        if self.body_field is None:
+            # The endpoint reads its own body (the /v1/* routes, the logins) through
+            # read_capped_body with this same cap, after it knows the caller: only a declared
+            # length over the cap is refused here, before anything; counting the stream as well
+            # would count every body twice on the proxy's hot path.
+
+            async def declared_only(request: Request) -> Response:
+                declared = request.headers.get("content-length", "")
+                if declared.isdigit():
+                    cap = limit_bytes(limit, core_resources(request).settings)
+                    if int(declared) > cap:
+                        raise body_too_large(cap, declared=int(declared))
+                return await handler(request)
+
+            return declared_only
         credentials = credential_dependency(self.dependant)
-        parsed_by_fastapi = self.body_field is not None
 
         async def guarded(request: Request) -> Response:
             settings = core_resources(request).settings
@@ -197,16 +211,15 @@ class GuardedRoute(APIRoute):
             if declared.isdigit() and int(declared) > cap:
                 raise body_too_large(cap, declared=int(declared))
             request = Request(request.scope, _counted(request.receive, cap))
-            if parsed_by_fastapi:
-                if credentials is not None:
-                    # Resolved once: the dependency later returns what this found.
-                    await credentials(request)
-                raw = await read_capped_body(request, cap)
-                # Starlette's own caches of the body and its JSON, which FastAPI's handler
-                # reads instead of the (now consumed) receive channel.
-                request._body = raw
-                if raw and _is_json(request.headers.get("content-type")):
-                    request._json = parse_json(raw, max_depth=settings.MAX_JSON_DEPTH)
+            if credentials is not None:
+                # Resolved once: the dependency later returns what this found.
+                await credentials(request)
+            raw = await read_capped_body(request, cap)
+            # Starlette's own caches of the body and its JSON, which FastAPI's handler
+            # reads instead of the (now consumed) receive channel.
+            request._body = raw
+            if raw and _is_json(request.headers.get("content-type")):
+                request._json = parse_json(raw, max_depth=settings.MAX_JSON_DEPTH)
             return await handler(request)
 
         return guarded
