@@ -8,7 +8,7 @@ it needs (`CoreResources` here), so no package below the app imports the app's s
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Protocol, cast
 
 from fastapi import Depends, Request
@@ -60,25 +60,26 @@ _PRINCIPAL_KEY = "gateway.deps.principal"
 _ADMIN_KEY = "gateway.deps.admin"
 
 
-async def get_principal(request: Request) -> Principal:
-    """The caller: 401 without valid credentials (anonymous only when REQUIRE_AUTH is off)."""
-    cached = request.scope.get(_PRINCIPAL_KEY)
+async def _once(
+    request: Request, key: str, resolve: Callable[[Request], Awaitable[Principal]]
+) -> Principal:
+    cached = request.scope.get(key)
     if isinstance(cached, Principal):
         return cached
-    principal = await core_resources(request).authenticator.principal(request)
-    request.scope[_PRINCIPAL_KEY] = principal
+    principal = await resolve(request)
+    request.scope[key] = principal
     return principal
+
+
+async def get_principal(request: Request) -> Principal:
+    """The caller: 401 without valid credentials (anonymous only when REQUIRE_AUTH is off)."""
+    return await _once(request, _PRINCIPAL_KEY, core_resources(request).authenticator.principal)
 
 
 async def get_admin(request: Request) -> Principal:
     """An admin caller: 401 without credentials, 403 without the admin role, 429/503 from the
     admin API's per-caller limit."""
-    cached = request.scope.get(_ADMIN_KEY)
-    if isinstance(cached, Principal):
-        return cached
-    principal = await core_resources(request).authenticator.admin(request)
-    request.scope[_ADMIN_KEY] = principal
-    return principal
+    return await _once(request, _ADMIN_KEY, core_resources(request).authenticator.admin)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
