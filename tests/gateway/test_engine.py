@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from orchestrator.gpus import gpu_reader
+from orchestrator.manager import EngineState
 from orchestrator.planner import plan_profile
 from orchestrator.profiles import ProfileRegistry
 from tests.helpers.app import make_settings, running_app
@@ -62,10 +63,18 @@ async def test_dead_engine_makes_ready_503(sqlite_url: str) -> None:
             await asyncio.sleep(0.05)
         assert manager.handle is not None
         os.killpg(int(manager.handle.id), 9)
-        await asyncio.sleep(0.3)
+        # Before the manager's watch notices, the probe finds the engine unreachable ("down");
+        # once it has, the engine is restarting ("starting", code engine_restarting). Either way
+        # the gateway is not ready; wait for the watch so the assertion is not a race.
+        for _ in range(200):
+            if manager.state is not EngineState.READY:
+                break
+            await asyncio.sleep(0.05)
         response = await client.get("/health/ready")
     assert response.status_code == 503
-    assert response.json()["checks"]["engine"]["status"] == "down"
+    engine = response.json()["checks"]["engine"]
+    assert engine["status"] == "starting", engine
+    assert engine["code"] == "engine_restarting", engine
 
 
 async def test_external_engine_that_is_down_is_reported(sqlite_url: str) -> None:
