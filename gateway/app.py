@@ -86,6 +86,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
         auto_switch=settings.AUTO_SWITCH,
         cloud=cloud,
         enabled=settings.LB_ENABLED,
+        swap_max_wait_s=settings.SWAP_MAX_WAIT_S,
         secret_prefixes=_secret_prefixes(settings),
     )
 

@@ -15,6 +15,7 @@ from gateway.logging import get_logger
 from gateway.settings import EngineMode, Settings
 from orchestrator.gpus import GpuInventory, GpuReader, gpu_reader
 from orchestrator.manager import EngineStatus, SwitchJob, VLLMModelManager
+from orchestrator.placement import Placement
 from orchestrator.planner import FitVerdict, plan_profile, recommend
 from orchestrator.profiles import (
     Engine,
@@ -27,7 +28,7 @@ from orchestrator.profiles import (
 from orchestrator.recovery import RestartPolicy
 from orchestrator.runtimes import EngineSpec, ExternalRuntime, ProcessRuntime, Runtime
 from orchestrator.runtimes.docker import DockerRuntime
-from orchestrator.specs import build_engine_spec
+from orchestrator.specs import build_engine_spec, placed
 
 log = get_logger(__name__)
 
@@ -54,6 +55,19 @@ class ProfileDoesNotFit(Exception):
             f"profile {verdict.profile_id!r} does not fit: {'; '.join(verdict.reasons)}"
         )
         self.verdict = verdict
+
+
+def host_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (0 when it cannot be read: a level-1 sleep, which
+    needs the weights' room in host RAM, is then not chosen)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+    return 0
 
 
 def free_loopback_port() -> int:
@@ -119,6 +133,8 @@ class ModelControl:
             spec_factory=self.spec_for,
             drain_timeout_s=settings.DRAIN_TIMEOUT_S,
             restart_policy=restart_policy(settings),
+            placer=self,
+            max_engines=settings.FLEET_MAX_ENGINES,
         )
 
     # -- reading -----------------------------------------------------------------------------
@@ -169,10 +185,18 @@ class ModelControl:
     # -- acting ------------------------------------------------------------------------------
 
     def spec_for(self, profile_id: str) -> EngineSpec:
-        """The manager's spec factory: validated profile + fresh plan -> EngineSpec."""
+        """The spec of a profile run alone: validated profile + fresh plan -> EngineSpec."""
+        return self.placed_spec(profile_id, None)
+
+    def placed_spec(self, profile_id: str, placement: Placement | None) -> EngineSpec:
+        """The fleet's spec factory: the profile where `placement` puts it beside the resident
+        engines (its GPUs, TP size, context and gpu_memory_utilization), or, without one, as
+        the planner places it alone."""
         profile = self.profile(profile_id)
-        verdict = plan_profile(profile, self.inventory(fresh=True))
-        if not verdict.fits:
+        verdict = plan_profile(profile, self.inventory(fresh=placement is None))
+        if placement is not None:
+            profile, verdict = placed(profile, verdict, placement)
+        elif not verdict.fits:
             raise ProfileDoesNotFit(verdict)
         settings = self.settings
         spec = build_engine_spec(
@@ -191,12 +215,25 @@ class ModelControl:
             spec = dataclasses.replace(spec, startup_timeout_s=settings.ENGINE_STARTUP_TIMEOUT_S)
         return spec
 
-    def switch(self, profile_id: str) -> SwitchJob:
-        """Check the profile exists and fits, then start a background switch job."""
+    def host_free_bytes(self) -> int:
+        """Host RAM available (MemAvailable): a level-1 sleep copies the weights there."""
+        return host_available_bytes()
+
+    def check_fits(self, profile_id: str) -> None:
+        """Raise ProfileNotFound / ProfileDoesNotFit unless the profile fits the GPUs alone."""
         verdict = plan_profile(self.profile(profile_id), self.inventory(fresh=True))
         if not verdict.fits:
             raise ProfileDoesNotFit(verdict)
-        return self.manager.request_switch(profile_id)
+
+    def switch(self, profile_id: str, *, exclusive: bool = False) -> SwitchJob:
+        """Check the profile exists and fits, then start a background switch job."""
+        self.check_fits(profile_id)
+        return self.manager.request_switch(profile_id, exclusive=exclusive)
+
+    def load(self, profile_id: str) -> SwitchJob:
+        """Check the profile exists and fits, then load (or wake) it beside the others."""
+        self.check_fits(profile_id)
+        return self.manager.request_load(profile_id)
 
     def reload_profiles(self) -> ProfileSet:
         """Re-read the profiles file; a bad file raises and the old profiles stay."""

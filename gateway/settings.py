@@ -188,6 +188,12 @@ class Settings(BaseSettings):
     QUEUE_TIMEOUT_S: float = Field(default=120.0, gt=0)
     OVERFLOW_SLO_S: float | None = Field(default=None, gt=0)
     AUTO_SWITCH: bool = False
+    # The fleet: how many engines may be resident (awake) at once; GPU engines are bounded by
+    # the GPUs' memory as well. 1 is one engine at a time (every load evicts the other).
+    FLEET_MAX_ENGINES: int = Field(default=4, ge=1, le=64)
+    # No thrash: requests for a resident model are served before a swap that would evict it,
+    # but no request waits longer than this for a swap it needs.
+    SWAP_MAX_WAIT_S: float = Field(default=30.0, gt=0)
     CLOUD_MODEL: str = "gpt-4o-mini"
     CLOUD_MODEL_MAP: dict[str, str] = Field(default_factory=dict)
 

@@ -1,4 +1,12 @@
-"""VLLMModelManager: the one state machine of an engine's life, and switch jobs (DESIGN.md)."""
+"""VLLMModelManager: the fleet. Several engines resident at once, each one `ManagedEngine`
+(one state machine and one lock each), placed on the GPUs by `placement.py`, parked with sleep
+mode or stopped when another needs their memory, and jobs that load, unload, sleep, wake and
+switch them (DESIGN.md, "The fleet").
+
+The *default* engine is the one a request for "current" (or no model) reaches: the profile last
+switched to. The single-engine views (`state`, `spec`, `handle`, `status()`, `probe()`, ...)
+describe it, so code written for one engine keeps its meaning.
+"""
 
 from __future__ import annotations
 
@@ -6,190 +14,105 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import replace
+from typing import Protocol
 
 import httpx
 import structlog
 
-from orchestrator.recovery import PUBLIC_REASONS, CrashWindow, Failure, RestartPolicy
+from orchestrator.engine import (
+    ALLOWED_TRANSITIONS,
+    COMING_UP_STATES,
+    EngineBusy,
+    EngineConfig,
+    EngineEvent,
+    EngineHealth,
+    EngineNotStopped,
+    EngineState,
+    EngineStatus,
+    EngineUnavailable,
+    InvalidTransition,
+    JobKind,
+    JobStatus,
+    ManagedEngine,
+    SwitchJob,
+    reason_of,
+)
+from orchestrator.gpus import GpuInventory
+from orchestrator.placement import (
+    Claim,
+    Ledger,
+    Placement,
+    available,
+    check_ledger,
+    choose_victims,
+    claim_for,
+    not_ours,
+    place,
+    sleep_level_for,
+)
+from orchestrator.profiles import Profile
+from orchestrator.recovery import Failure, RestartPolicy
 from orchestrator.runtimes.base import EngineSpec, Runtime, RuntimeError_, RuntimeHandle
+
+__all__ = [
+    "ALLOWED_TRANSITIONS",
+    "EngineBusy",
+    "EngineEvent",
+    "EngineHealth",
+    "EngineNotStopped",
+    "EngineState",
+    "EngineStatus",
+    "EngineUnavailable",
+    "InvalidTransition",
+    "JobKind",
+    "JobStatus",
+    "Placer",
+    "SwitchJob",
+    "VLLMModelManager",
+]
 
 log = structlog.get_logger(__name__)
 
-
-class EngineState(StrEnum):
-    """Where the engine is in its life."""
-
-    IDLE = "idle"
-    STARTING = "starting"
-    LOADING = "loading"
-    READY = "ready"
-    DRAINING = "draining"
-    STOPPING = "stopping"
-    RESTARTING = "restarting"
-    FAILED = "failed"
-
-
-# The only transitions the manager makes; anything else is a bug and raises.
-ALLOWED_TRANSITIONS: Mapping[EngineState, frozenset[EngineState]] = {
-    EngineState.IDLE: frozenset({EngineState.STARTING, EngineState.LOADING}),
-    # STARTING/LOADING -> RESTARTING: a restart after a crash failed too; another one waits.
-    EngineState.STARTING: frozenset(
-        {EngineState.LOADING, EngineState.FAILED, EngineState.RESTARTING}
-    ),
-    EngineState.LOADING: frozenset({EngineState.READY, EngineState.FAILED, EngineState.RESTARTING}),
-    # READY -> RESTARTING: the engine died while serving and the restart policy allows a restart;
-    # READY -> FAILED: it died and is not restarted (restarts off, or a crash loop).
-    EngineState.READY: frozenset(
-        {EngineState.DRAINING, EngineState.FAILED, EngineState.RESTARTING}
-    ),
-    # DRAINING -> FAILED: a switch that crashes mid-drain (the engine may still run; FAILED keeps
-    # its handle, so it is stopped before anything else starts).
-    EngineState.DRAINING: frozenset({EngineState.STOPPING, EngineState.FAILED}),
-    EngineState.STOPPING: frozenset({EngineState.IDLE, EngineState.FAILED}),
-    # RESTARTING -> STARTING without passing IDLE: requests held for the restart keep waiting
-    # (an IDLE engine refuses them). RESTARTING -> STOPPING: stop() or a switch cancels the
-    # restart. RESTARTING -> FAILED: the dead engine's remains could not be removed.
-    EngineState.RESTARTING: frozenset(
-        {EngineState.STARTING, EngineState.STOPPING, EngineState.FAILED}
-    ),
-    EngineState.FAILED: frozenset({EngineState.STARTING, EngineState.STOPPING}),
-}
-
-# vLLM's sleep contract (served with VLLM_SERVER_DEV_MODE=1; the simulator always serves it):
-# GET /is_sleeping -> {"is_sleeping": bool}. An engine that answers it is watched for sleep.
-SLEEP_STATE_PATH = "/is_sleeping"
-
-# States in which an engine process/container may exist and must be stopped before another.
-_HAS_ENGINE = frozenset({EngineState.READY, EngineState.FAILED})
-
-
-class InvalidTransition(Exception):
-    """A state change that the state machine does not allow."""
-
-
-class EngineBusy(Exception):
-    """Another start, stop or switch is in progress."""
-
-    def __init__(self, message: str, job_id: str | None = None) -> None:
-        super().__init__(message)
-        self.job_id = job_id
-
-
-class EngineUnavailable(Exception):
-    """No engine is ready to serve a request."""
-
-
-class EngineNotStopped(Exception):
-    """The previous engine could not be confirmed stopped, so no other engine is started.
-
-    Its process or container may still hold its GPUs; starting another one over it would lose
-    its handle and leave it running with nobody to stop it. A stop that succeeds clears this.
-    """
-
-
-class JobStatus(StrEnum):
-    """The outcome of a switch job."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    ROLLED_BACK = "rolled_back"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class EngineEvent:
-    """A progress event: a state change or a step inside a switch."""
-
-    profile_id: str
-    state: EngineState
-    message: str
-    job_id: str | None = None
-    progress: float | None = None
-    at: float = field(default_factory=time.time)
-
-
-@dataclass(frozen=True)
-class EngineStatus:
-    """A point-in-time view of the managed engine.
-
-    `error` is the admin's detail and may quote the engine's output (its last log line names
-    its port and paths); `failure` and `reason` are what users and the public are told: a
-    stable code and its fixed sentence (or the gateway's own reason why none was started).
-    """
-
-    profile_id: str | None
-    served_model_name: str | None
-    served_names: tuple[str, ...]
-    state: EngineState
-    base_url: str | None
-    since: float
-    in_flight: int
-    error: str | None = None
-    failure: Failure | None = None
-    reason: str | None = None
-    # READY, but the engine says it is asleep (vLLM's sleep mode): it serves nothing until woken.
-    asleep: bool = False
-    # Crashes within the restart policy's window, and when the next restart begins (RESTARTING).
-    recent_crashes: int = 0
-    restart_at: float | None = None
-    # The engine's last log lines when it last failed or crashed (admins only).
-    logs: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class EngineHealth:
-    """The outcome of one health probe; `detail` is safe to show to anyone (never engine
-    output), `failure` the stable code when the engine does not serve."""
-
-    ok: bool
-    state: EngineState
-    detail: str
-    latency_ms: float | None = None
-    failure: Failure | None = None
-
-
-@dataclass
-class SwitchJob:
-    """A background switch from the current engine to another profile."""
-
-    id: str
-    profile_id: str
-    previous_profile_id: str | None
-    status: JobStatus = JobStatus.PENDING
-    created_at: float = field(default_factory=time.time)
-    finished_at: float | None = None
-    error: str | None = None
-    logs: list[str] = field(default_factory=list)
-    events: list[EngineEvent] = field(default_factory=list)
-
-    @property
-    def done(self) -> bool:
-        """True once the job has an outcome."""
-        return self.status not in (JobStatus.PENDING, JobStatus.RUNNING)
-
-
-# Builds the spec of a profile on a given host port; raises when the profile cannot run here.
+# Builds the spec of a profile (a fresh port and key); raises when the profile cannot run here.
 SpecFactory = Callable[[str], EngineSpec]
-
-# Progress reported while an engine loads (STARTING and LOADING cover 0..1 of a switch).
-_PROGRESS = {
-    EngineState.DRAINING: 0.1,
-    EngineState.STOPPING: 0.2,
-    EngineState.IDLE: 0.3,
-    EngineState.STARTING: 0.4,
-    EngineState.LOADING: 0.5,
-    EngineState.READY: 1.0,
-}
 
 _MAX_JOBS_KEPT = 50
 
 
+class NoRoom(Exception):
+    """The profile cannot be placed, even with every evictable engine gone."""
+
+    def __init__(self, profile_id: str, reasons: Iterable[str]) -> None:
+        self.reasons = tuple(reasons)
+        super().__init__(
+            f"{profile_id} does not fit beside the pinned engines: " + "; ".join(self.reasons)
+        )
+
+
+class Placer(Protocol):
+    """What the fleet asks of the gateway to place engines on the GPUs."""
+
+    def profile(self, profile_id: str) -> Profile:
+        """A profile by id (raises when unknown)."""
+        ...
+
+    def inventory(self, *, fresh: bool = False) -> GpuInventory:
+        """The GPUs as they are (a snapshot or NVML)."""
+        ...
+
+    def placed_spec(self, profile_id: str, placement: Placement | None) -> EngineSpec:
+        """The spec that runs the profile where `placement` puts it (None: no GPU claim)."""
+        ...
+
+    def host_free_bytes(self) -> int:
+        """Host RAM free for a level-1 sleep's weights."""
+        ...
+
+
 class VLLMModelManager:
-    """Owns the engine: starts, drains, stops, switches, adopts; one state machine."""
+    """Owns the engines: places, starts, drains, stops, sleeps, wakes, switches, adopts."""
 
     def __init__(
         self,
@@ -200,131 +123,188 @@ class VLLMModelManager:
         drain_timeout_s: float = 30.0,
         poll_interval_s: float = 0.25,
         restart_policy: RestartPolicy | None = None,
+        placer: Placer | None = None,
+        max_engines: int | None = None,
     ) -> None:
-        self._http = http
-        self._runtimes = dict(runtimes)
+        self._config = EngineConfig(
+            http=http,
+            runtimes=dict(runtimes),
+            drain_timeout_s=drain_timeout_s,
+            poll_interval_s=poll_interval_s,
+            restart_policy=restart_policy or RestartPolicy(),
+        )
+        self._runtimes = self._config.runtimes
         self._spec_factory = spec_factory
-        self._drain_timeout_s = drain_timeout_s
-        self._poll_interval_s = poll_interval_s
-        self._lock = asyncio.Lock()
-        self._state = EngineState.IDLE
-        self._since = time.time()
-        self._spec: EngineSpec | None = None
-        self._handle: RuntimeHandle | None = None
-        self._served_names: tuple[str, ...] = ()
-        self._error: str | None = None
-        self._failure: Failure | None = None
-        self._reason: str | None = None
-        self._last_logs: tuple[str, ...] = ()
-        # Sleep: whether the engine answers GET /is_sleeping (learned when it becomes ready),
-        # and what it said last.
-        self._sleep_capable = False
-        self._asleep = False
-        # Restarts: the policy, the crash window, the pending restart (a task that waits out the
-        # backoff; the generation invalidates one that an operator's action superseded).
-        self._restart_policy = restart_policy or RestartPolicy()
-        self._crashes = CrashWindow(self._restart_policy)
-        self._restart_at: float | None = None
-        self._restart_task: asyncio.Task[None] | None = None
-        self._restart_generation = 0
-        self._restarts: dict[str, int] = {}
+        self._placer = placer
+        self.max_engines = max_engines
+        self._engines: dict[str, ManagedEngine] = {}
+        self._default: str | None = None
+        self._not_started: str | None = None
+        self._claims: dict[str, Claim] = {}
+        self._placements: dict[str, Placement] = {}
+        self._placing = asyncio.Lock()
+        self._gpu_locks: dict[int, asyncio.Lock] = {}
         self._subscribers: set[asyncio.Queue[EngineEvent]] = set()
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._jobs: dict[str, SwitchJob] = {}
-        self._job: SwitchJob | None = None
+        self._switch: SwitchJob | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._watch_interval_s: float | None = None
+        self._baseline_not_ours: dict[int, int] | None = None
+        # Counters the gateway's metrics read.
+        self.evictions: dict[str, int] = {}
+        self.ledger_mismatches = 0
+        self.operations: list[tuple[str, float]] = []  # (kind, seconds), drained by metrics
+        self.swaps = 0
 
-    # -- views -------------------------------------------------------------------------------
+    # -- engines -----------------------------------------------------------------------------
+
+    def engine(self, profile_id: str) -> ManagedEngine | None:
+        """The engine of a profile, if the fleet has ever run it."""
+        return self._engines.get(profile_id)
+
+    def engines(self) -> list[ManagedEngine]:
+        """Every engine the fleet knows, resident or not."""
+        return list(self._engines.values())
+
+    def resident(self) -> list[ManagedEngine]:
+        """The engines that hold (or may hold) memory now."""
+        return [e for e in self._engines.values() if e.resident]
+
+    def claim(self, profile_id: str) -> Claim | None:
+        """What a resident engine claims on the GPUs (None: none, or it uses no GPU)."""
+        return self.ledger().get(profile_id)
+
+    def ledger(self) -> Ledger:
+        """Every resident engine's claim: asleep ones hold their residual, and the claim's
+        last use is the engine's."""
+        claims = []
+        for profile_id, claim in self._claims.items():
+            engine = self._engines.get(profile_id)
+            if engine is None or not engine.resident:
+                continue
+            asleep = engine.state in (EngineState.ASLEEP, EngineState.SLEEPING)
+            claims.append(replace(claim, asleep=asleep, last_used=engine.last_used or 0.0))
+        return Ledger(tuple(claims))
+
+    def _engine_for(self, profile_id: str) -> ManagedEngine:
+        engine = self._engines.get(profile_id)
+        if engine is None:
+            engine = ManagedEngine(
+                profile_id,
+                self._config,
+                respec=lambda: self._respec(profile_id),
+                publish=self._publish,
+            )
+            self._engines[profile_id] = engine
+            if self._watch_interval_s is not None:
+                engine.start_watch(self._watch_interval_s)
+        return engine
+
+    def _respec(self, profile_id: str) -> EngineSpec:
+        """A restart's spec: the same place as before (its claim is still in the ledger)."""
+        if self._placer is None:
+            return self._spec_factory(profile_id)
+        claim = self._claims.get(profile_id)
+        placement = self._placements.get(profile_id) if claim else None
+        return self._placer.placed_spec(profile_id, placement)
+
+    @property
+    def default_profile_id(self) -> str | None:
+        """The profile "current" names."""
+        return self._default
+
+    def _default_engine(self) -> ManagedEngine | None:
+        return self._engines.get(self._default) if self._default else None
+
+    # -- the default engine's views (what single-engine callers read) --------------------------
 
     @property
     def state(self) -> EngineState:
-        """The current state."""
-        return self._state
+        """The default engine's state."""
+        engine = self._default_engine()
+        return engine.state if engine else EngineState.IDLE
 
     @property
     def spec(self) -> EngineSpec | None:
-        """The spec of the engine being run (or last run)."""
-        return self._spec
+        """The default engine's spec."""
+        engine = self._default_engine()
+        return engine.spec if engine else None
 
     @property
     def handle(self) -> RuntimeHandle | None:
-        """The runtime's handle of the running engine."""
-        return self._handle
+        """The default engine's runtime handle."""
+        engine = self._default_engine()
+        return engine.handle if engine else None
 
     @property
     def base_url(self) -> str | None:
-        """The engine's root URL while it has one."""
-        return self._handle.base_url if self._handle else None
+        """The default engine's root URL."""
+        engine = self._default_engine()
+        return engine.base_url if engine else None
 
     @property
     def in_flight(self) -> int:
-        """Requests holding a slot on the engine."""
-        return self._in_flight
+        """Requests in flight on every engine."""
+        return sum(e.in_flight for e in self._engines.values())
 
     @property
     def current_job(self) -> SwitchJob | None:
         """The switch job in progress, if any."""
-        return self._job if self._job and not self._job.done else None
+        job = self._switch
+        return job if job is not None and not job.done else None
+
+    def job_for(self, profile_id: str) -> SwitchJob | None:
+        """The unfinished job acting on a profile's engine, if any."""
+        engine = self._engines.get(profile_id)
+        job = engine.job if engine else None
+        if job is not None and not job.done:
+            return job
+        switch = self.current_job
+        return switch if switch is not None and switch.profile_id == profile_id else None
 
     @property
     def restart_policy(self) -> RestartPolicy:
         """When an engine that died on its own is restarted."""
-        return self._restart_policy
+        return self._config.restart_policy
 
     def restart_counts(self) -> dict[str, int]:
-        """Restarts begun after a crash since the manager was created, by profile id."""
-        return dict(self._restarts)
+        """Restarts begun after a crash, by profile id."""
+        return {pid: e.restarts for pid, e in self._engines.items() if e.restarts}
 
     def status(self) -> EngineStatus:
-        """A snapshot of what is running (cheap: the proxy reads it for every request)."""
-        asleep = self._asleep and self._state is EngineState.READY
+        """The default engine's snapshot (cheap: read for every request)."""
+        engine = self._default_engine()
+        if engine is not None:
+            return engine.status()
+        reason = self._not_started
         return EngineStatus(
-            profile_id=self._spec.profile_id if self._spec else None,
-            served_model_name=self._spec.served_model_name if self._spec else None,
-            served_names=self._served_names,
-            state=self._state,
-            base_url=self.base_url,
-            since=self._since,
-            in_flight=self._in_flight,
-            error=self._error,
-            failure=Failure.ASLEEP if asleep else self._failure,
-            reason=self._public_reason(),
-            asleep=asleep,
-            recent_crashes=self._crashes.count(time.monotonic()),
-            restart_at=self._restart_at if self._state is EngineState.RESTARTING else None,
-            logs=self._last_logs,
+            profile_id=None,
+            served_model_name=None,
+            served_names=(),
+            state=EngineState.IDLE,
+            base_url=None,
+            since=0.0,
+            in_flight=0,
+            error=reason,
+            failure=Failure.NOT_STARTED if reason else None,
+            reason=reason,
         )
 
-    def _public_reason(self) -> str | None:
-        """What users and the public are told about why the engine does not serve."""
-        if self._asleep and self._state is EngineState.READY:
-            return PUBLIC_REASONS[Failure.ASLEEP]
-        if self._failure is None:
-            return None
-        return self._reason or PUBLIC_REASONS[self._failure]
-
-    def _set_failure(
-        self, failure: Failure | None, detail: str | None, reason: str | None = None
-    ) -> None:
-        """Record why the engine does not serve: the code, the admin's detail, and (only when
-        the gateway wrote it) a public reason other than the code's fixed sentence."""
-        self._failure, self._error, self._reason = failure, detail, reason
-
     def job(self, job_id: str) -> SwitchJob | None:
-        """A switch job by id (recent jobs are kept)."""
+        """A job by id (recent jobs are kept)."""
         return self._jobs.get(job_id)
 
+    def jobs(self) -> list[SwitchJob]:
+        """Recent jobs, oldest first."""
+        return list(self._jobs.values())
+
     def logs_tail(self, lines: int = 50) -> list[str]:
-        """The engine's last log lines (empty for engines the gateway does not run)."""
-        if self._handle is None:
-            return []
-        runtime = self._runtimes.get(self._handle.runtime)
-        return runtime.logs_tail(self._handle, lines) if runtime else []
+        """The default engine's last log lines."""
+        engine = self._default_engine()
+        return engine.logs_tail(lines) if engine else []
 
     async def subscribe(self) -> AsyncIterator[EngineEvent]:
-        """Yield progress events until the consumer stops iterating."""
+        """Yield every engine's events until the consumer stops iterating."""
         queue: asyncio.Queue[EngineEvent] = asyncio.Queue(maxsize=256)
         self._subscribers.add(queue)
         try:
@@ -333,634 +313,749 @@ class VLLMModelManager:
         finally:
             self._subscribers.discard(queue)
 
-    # -- serving -----------------------------------------------------------------------------
-
-    def acquire_slot(self) -> bool:
-        """Count one in-flight request on the ready engine; False when it is not ready (or
-        asleep)."""
-        if self._state is not EngineState.READY or self._handle is None or self._asleep:
-            return False
-        self._in_flight += 1
-        self._idle.clear()
-        return True
-
-    def release_slot(self) -> None:
-        """Give back a slot taken with acquire_slot (a draining switch waits for these)."""
-        self._in_flight -= 1
-        if self._in_flight <= 0:
-            self._in_flight = 0
-            self._idle.set()
-
-    @contextlib.asynccontextmanager
-    async def serving(self) -> AsyncIterator[EngineStatus]:
-        """Hold an in-flight slot on the ready engine; a switch drains these before stopping."""
-        if not self.acquire_slot():
-            raise EngineUnavailable(f"engine is {self._state.value}")
-        try:
-            yield self.status()
-        finally:
-            self.release_slot()
-
-    async def probe(self, timeout_s: float = 2.0) -> EngineHealth:
-        """One health request to the engine (used by /health/ready), and for an engine with
-        vLLM's sleep contract whether it is asleep: an engine that is asleep serves nothing,
-        so it is not healthy. The detail never quotes the engine (the public reads it)."""
-        handle, spec = self._handle, self._spec
-        if self._state is not EngineState.READY or handle is None or spec is None:
-            detail = self._public_reason() or f"engine is {self._state.value}"
-            return EngineHealth(ok=False, state=self._state, detail=detail, failure=self._failure)
-        started = time.perf_counter()
-        try:
-            response = await self._http.get(handle.base_url + spec.health_path, timeout=timeout_s)
-        except httpx.HTTPError as exc:
-            detail = f"unreachable ({type(exc).__name__})"
-            return EngineHealth(ok=False, state=self._state, detail=detail)
-        latency = round((time.perf_counter() - started) * 1000, 2)
-        if response.status_code != 200:
-            detail = f"health returned {response.status_code}"
-            return EngineHealth(ok=False, state=self._state, detail=detail, latency_ms=latency)
-        if self._sleep_capable:
-            asleep = await self._sleep_state(handle, spec, timeout_s)
-            if asleep is not None and self._handle is handle and self._is_ready():
-                self._set_asleep(asleep)
-            if self._asleep:
-                return EngineHealth(
-                    ok=False,
-                    state=self._state,
-                    detail=PUBLIC_REASONS[Failure.ASLEEP],
-                    latency_ms=latency,
-                    failure=Failure.ASLEEP,
-                )
-        return EngineHealth(ok=True, state=self._state, detail="healthy", latency_ms=latency)
-
-    async def _sleep_state(
-        self, handle: RuntimeHandle, spec: EngineSpec, timeout_s: float
-    ) -> bool | None:
-        """The engine's GET /is_sleeping answer; None when it has no such route or did not
-        answer (vLLM serves it only in its dev mode; other engines not at all)."""
-        try:
-            response = await self._http.get(
-                handle.base_url + SLEEP_STATE_PATH, headers=_auth(spec), timeout=timeout_s
-            )
-            if response.status_code != 200:
-                return None
-            value = response.json().get("is_sleeping")
-        except (httpx.HTTPError, ValueError, AttributeError):
-            return None
-        return value if isinstance(value, bool) else None
-
-    def _set_asleep(self, asleep: bool) -> None:
-        """Follow what the engine says of its sleep; say so once when it changes."""
-        if asleep == self._asleep:
-            return
-        self._asleep = asleep
-        log.warning("engine_sleep", profile=self._profile_label(), asleep=asleep)
-        self._emit(
-            "the engine is asleep: requests get 503 until it is woken up (POST /wake_up)"
-            if asleep
-            else "the engine woke up and serves again"
-        )
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    async def start(self, spec: EngineSpec) -> EngineStatus:
-        """Start `spec` (stopping what runs) and wait until it serves; FAILED with the reason.
-
-        Raises EngineNotStopped, starting nothing, when the running engine cannot be stopped.
-        """
-        runtime = self._runtime_for(spec)
-        if self._lock.locked():
-            raise EngineBusy("an engine start, stop or switch is already in progress")
-        self._operator_acts()
-        async with self._lock:
-            await self._stop_locked()
-            await self._start_locked(runtime, spec)
-            return self.status()
-
-    async def stop(self) -> EngineStatus:
-        """Drain and stop the engine if one runs (FAILED with the reason when the stop fails).
-
-        Also the retry after a failed stop: once it succeeds, engines may be started again.
-        A pending restart is cancelled (one in progress is cut short): stopped means stopped.
-        """
-        self._operator_acts()
-        async with self._lock:
-            await self._stop_locked()
-            return self.status()
-
-    async def adopt(self, profile_ids: Callable[[str], EngineSpec | None]) -> EngineStatus | None:
-        """Adopt an engine of ours that already runs (labels / pid files) instead of reloading.
-
-        `profile_ids` maps an adopted engine's profile id to the spec it should match (None when
-        that profile is unknown now: such engines are stopped). Returns None if nothing adopted.
-        """
-        async with self._lock:
-            adopted: EngineStatus | None = None
-            for name, runtime in self._runtimes.items():
-                try:
-                    handles = await runtime.adopt()
-                except (RuntimeError_, OSError) as exc:
-                    # A runtime that cannot be reached (Docker daemon down) has nothing to adopt;
-                    # the gateway still starts and a later start on that runtime reports the error.
-                    log.warning("engine_adopt_skipped", runtime=name, reason=str(exc))
-                    continue
-                for handle in handles:
-                    spec = profile_ids(handle.profile_id)
-                    # A handle still held is an earlier one whose stop failed: never overwrite it.
-                    if adopted is not None or spec is None or self._handle is not None:
-                        log.info("engine_adopt_stop_extra", profile=handle.profile_id)
-                        with contextlib.suppress(RuntimeError_, OSError):
-                            await runtime.stop(handle)
-                        continue
-                    # The engine keeps the API key it was started with (the runtime read it back);
-                    # the spec just built carries a new one, which the engine would refuse.
-                    spec = replace(spec, api_key=handle.api_key)
-                    self._spec, self._handle = spec, handle
-                    self._set_failure(None, None)
-                    self._enter(EngineState.LOADING, f"adopting running {spec.served_model_name}")
-                    try:
-                        await self._wait_serving(runtime, spec)
-                    except (RuntimeError_, TimeoutError, httpx.HTTPError) as exc:
-                        await self._abort_start(runtime, f"adopted engine unhealthy: {exc}")
-                        await self._stop_locked()
-                        continue
-                    self._enter(EngineState.READY, f"adopted {spec.served_model_name}")
-                    adopted = self.status()
-            return adopted
-
-    def mark_not_started(self, reason: str) -> None:
-        """Record why no engine was started (e.g. the planner's verdict) while IDLE.
-
-        status().error, probe() and so the health check, the API's 503s and the console then
-        say why nothing serves instead of a bare "idle"; the next start clears it. In any other
-        state the state's own error already says more, and it is kept.
-        """
-        if self._state is EngineState.IDLE:
-            # The gateway wrote this reason from the validated profiles and the GPU reading,
-            # not from an engine's output: it is also what users and the public are told.
-            self._set_failure(Failure.NOT_STARTED, reason, reason)
-
-    def request_switch(self, profile_id: str) -> SwitchJob:
-        """Start a background switch to `profile_id`; refuse while another one runs.
-
-        The caller checks that the profile exists and fits before calling this.
-        """
-        running = self.current_job
-        if running is not None or self._lock.locked():
-            job_id = running.id if running else None
-            target = running.profile_id if running else "another operation"
-            raise EngineBusy(f"a switch to {target} is already running", job_id=job_id)
-        # A switch supersedes a restart that waits out its backoff (the switch stops first).
-        self._operator_acts()
-        job = SwitchJob(
-            id=uuid.uuid4().hex[:16],
-            profile_id=profile_id,
-            previous_profile_id=self._spec.profile_id if self._spec else None,
-        )
-        self._remember(job)
-        self._job = job
-        task = asyncio.create_task(self._run_switch(job), name=f"switch-{job.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return job
-
-    async def wait_job(self, job_id: str, timeout_s: float | None = None) -> SwitchJob:
-        """Wait until a switch job has an outcome."""
-        job = self._jobs[job_id]
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while not job.done:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"switch job {job_id} still {job.status.value}")
-            await asyncio.sleep(0.05)
-        return job
-
-    def start_watchdog(self, interval_s: float = 1.0) -> None:
-        """Notice an engine that died while READY (crash, OOM kill) and restart it (or mark it
-        FAILED, per the restart policy); follow whether a sleep-capable engine is asleep."""
-        task = asyncio.create_task(self._watch(interval_s), name="engine-watchdog")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def report_unreachable(self) -> None:
-        """A request could not reach the engine: check at once whether it is still alive."""
-        if self._state is EngineState.READY and not self._lock.locked():
-            task = asyncio.create_task(self._check_alive(), name="engine-check")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _watch(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            await self._check_alive()
-
-    async def _check_alive(self) -> None:
-        handle, spec = self._handle, self._spec
-        if (
-            self._state is not EngineState.READY
-            or handle is None
-            or spec is None
-            or self._lock.locked()
-        ):
-            return
-        runtime = self._runtimes.get(handle.runtime)
-        if runtime is None:
-            return
-        if await runtime.is_running(handle):
-            if self._sleep_capable:
-                asleep = await self._sleep_state(handle, spec, timeout_s=1.0)
-                if asleep is not None and self._handle is handle and self._is_ready():
-                    self._set_asleep(asleep)
-            return
-        # Re-check after the await: a switch may have replaced the engine meanwhile.
-        if self._handle is handle and self._state is EngineState.READY:
-            self._last_logs = tuple(self.logs_tail(50))
-            detail = f"engine exited while serving: {self._last_log_line()}"
-            log.warning("engine_died", profile=self._profile_label(), logs=self._last_logs[-20:])
-            self._after_crash(detail)
-
-    # -- restarts (DESIGN.md, "Restarts") -----------------------------------------------------
-
-    def _operator_acts(self) -> None:
-        """A start, stop or switch: it decides what runs now, so a pending restart is dropped
-        and earlier crashes no longer count towards a crash loop."""
-        self._restart_generation += 1
-        task, self._restart_task = self._restart_task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-        self._crashes.clear()
-
-    def _after_crash(self, detail: str) -> None:
-        """The engine died on its own (while serving, or during a restart's start): restart it
-        after a backoff, or stay FAILED when restarts are off or it crashes in a loop."""
-        policy = self._restart_policy
-        crashes = self._crashes.record(time.monotonic())
-        if not policy.enabled:
-            self._set_failure(Failure.CRASHED, detail)
-            self._enter(EngineState.FAILED, detail)
-            return
-        if self._crashes.is_loop(crashes):
-            detail = (
-                f"crash loop: the engine crashed {crashes} times within {policy.window_s:g}s "
-                f"(at most {policy.max_restarts} restarts), so it is not restarted again; "
-                f"last crash: {detail}. Switch to it again once the cause is fixed"
-            )
-            log.error("engine_crash_loop", profile=self._profile_label(), crashes=crashes)
-            self._set_failure(Failure.CRASH_LOOP, detail)
-            self._enter(EngineState.FAILED, detail)
-            return
-        delay = policy.delay_s(crashes)
-        self._set_failure(Failure.RESTARTING, detail)
-        self._restart_at = time.time() + delay
-        self._enter(
-            EngineState.RESTARTING,
-            f"{detail}; restart {crashes} of at most {policy.max_restarts} "
-            f"within {policy.window_s:g}s in {delay:g}s",
-        )
-        self._restart_generation += 1
-        task = asyncio.create_task(
-            self._restart_after(delay, self._restart_generation), name="engine-restart"
-        )
-        self._restart_task = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _restart_after(self, delay_s: float, generation: int) -> None:
-        await asyncio.sleep(delay_s)
-        async with self._lock:
-            # A start, stop or switch since (or a newer restart) has decided otherwise.
-            if generation != self._restart_generation or self._state is not (
-                EngineState.RESTARTING
-            ):
-                return
-            await self._restart_locked()
-
-    async def _restart_locked(self) -> None:
-        """Remove what is left of the dead engine, then start its profile again."""
-        assert self._spec is not None
-        previous = self._spec
-        handle = self._handle
-        if handle is not None:
-            runtime = self._runtimes.get(handle.runtime)
-            try:
-                if runtime is not None:
-                    # A dead process still has a state file, a container still exists: a stop
-                    # removes them. One that fails keeps the handle (no start over it).
-                    await runtime.stop(handle)
-            except Exception as exc:
-                detail = (
-                    f"the crashed engine ({self._profile_label()}, {handle.runtime} {handle.id}) "
-                    f"could not be cleaned up (stop failed: {_reason(exc)}), so it is not "
-                    "restarted. Retry the stop (a new switch retries it first)"
-                )
-                self._set_failure(Failure.NOT_STOPPED, detail)
-                self._enter(EngineState.FAILED, detail)
-                return
-            self._handle = None
-        try:
-            # A fresh spec: a new port and API key, planned against the GPUs as they are now.
-            spec = self._spec_factory(previous.profile_id)
-            runtime = self._runtime_for(spec)
-        except Exception as exc:
-            # The profile changed or no longer fits: what ran before is the best bet.
-            log.warning("engine_restart_respec_failed", profile=previous.profile_id, error=str(exc))
-            spec, runtime = previous, self._runtime_for(previous)
-        self._restart_at = None
-        self._restarts[spec.profile_id] = self._restarts.get(spec.profile_id, 0) + 1
-        await self._start_locked(runtime, spec, restart=True)
-
-    async def aclose(self) -> None:
-        """Cancel switch jobs and stop the engine on shutdown."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(InvalidTransition):
-            await self.stop()
-
-    # -- switch ------------------------------------------------------------------------------
-
-    async def _run_switch(self, job: SwitchJob) -> None:
-        job.status = JobStatus.RUNNING
-        try:
-            async with self._lock:
-                await self._switch_locked(job)
-        except asyncio.CancelledError:
-            # Shutdown (aclose): the job still gets an outcome, so nobody waits on it forever.
-            if not job.done:
-                self._finish(job, JobStatus.FAILED, "switch cancelled")
-            raise
-        except Exception as exc:
-            # A bug or an unforeseen error must not leave the job "running": that would refuse
-            # every later switch with 409 until a restart. The lock is already released here.
-            log.exception("switch_crashed", job=job.id, profile=job.profile_id)
-            self._settle_after_crash(f"{type(exc).__name__}: {exc}")
-            if not job.done:
-                self._finish(job, JobStatus.FAILED, f"switch failed: {_reason(exc)}")
-
-    async def _switch_locked(self, job: SwitchJob) -> None:
-        previous = self._spec if self._state is EngineState.READY else None
-        try:
-            spec = self._spec_factory(job.profile_id)
-            runtime = self._runtime_for(spec)
-        except Exception as exc:
-            # Any factory error (the gateway's raises ProfileNotFound, ProfileDoesNotFit, ...):
-            # nothing was stopped yet, so the current engine keeps serving.
-            self._finish(job, JobStatus.FAILED, f"cannot build engine: {_reason(exc)}")
-            return
-        await self._stop_locked()
-        try:
-            await self._start_locked(runtime, spec)
-        except EngineNotStopped as exc:
-            self._finish(job, JobStatus.FAILED, str(exc))
-            return
-        if self._is_ready():
-            self._finish(job, JobStatus.SUCCEEDED, None)
-            return
-        job.logs = self.logs_tail(50) or job.logs
-        reason = self._error or "engine failed to start"
-        if previous is None:
-            self._finish(job, JobStatus.FAILED, reason)
-            return
-        self._emit(f"rolling back to {previous.profile_id}: {reason}")
-        await self._stop_locked()
-        try:
-            rollback = self._spec_factory(previous.profile_id)
-            rollback_runtime = self._runtime_for(rollback)
-        except Exception:
-            # The profile may have changed or no longer fit; what ran before is the best bet.
-            rollback, rollback_runtime = previous, self._runtime_for(previous)
-        try:
-            await self._start_locked(rollback_runtime, rollback)
-        except EngineNotStopped as exc:
-            self._finish(job, JobStatus.FAILED, f"{reason}; no rollback: {exc}")
-            return
-        if self._is_ready():
-            self._finish(job, JobStatus.ROLLED_BACK, reason)
-        else:
-            self._finish(job, JobStatus.FAILED, f"{reason}; rollback failed: {self._error}")
-
-    def _settle_after_crash(self, reason: str) -> None:
-        """Leave a state from which the next start or switch can proceed (FAILED, not mid-step)."""
-        if self._state in (EngineState.IDLE, EngineState.READY, EngineState.FAILED):
-            return
-        self._set_failure(Failure.ERROR, reason)
-        self._enter(EngineState.FAILED, reason)
-
-    def _is_ready(self) -> bool:
-        # A method, not an inline check: the state changes across the awaits above.
-        return self._state is EngineState.READY
-
-    def _finish(self, job: SwitchJob, status: JobStatus, error: str | None) -> None:
-        job.status, job.error, job.finished_at = status, error, time.time()
-        self._emit(f"switch {status.value}" + (f": {error}" if error else ""), final=True)
-
-    def _remember(self, job: SwitchJob) -> None:
-        self._jobs[job.id] = job
-        while len(self._jobs) > _MAX_JOBS_KEPT:
-            oldest = next(iter(self._jobs))
-            if self._jobs[oldest] is self._job:
-                break
-            del self._jobs[oldest]
-
-    # -- steps (the lock is held) ------------------------------------------------------------
-
-    def _runtime_for(self, spec: EngineSpec) -> Runtime:
-        try:
-            return self._runtimes[spec.runtime]
-        except KeyError:
-            known = ", ".join(sorted(self._runtimes))
-            raise RuntimeError_(f"unknown runtime {spec.runtime!r} (known: {known})") from None
-
-    async def _start_locked(
-        self, runtime: Runtime, spec: EngineSpec, *, restart: bool = False
-    ) -> None:
-        """Start `spec` and wait until it serves. A `restart` (after a crash) keeps the crash's
-        reason until it serves, and its failure counts as another crash."""
-        if self._handle is not None:
-            # FAILED still holding a handle: the last stop failed and that engine may still
-            # run (and hold its GPUs). Starting now would overwrite the only handle to it.
-            refused = self._not_stopped_reason()
-            self._set_failure(Failure.NOT_STOPPED, refused)
-            log.warning("engine_start_refused", profile=spec.profile_id, reason=refused)
-            self._emit(refused)
-            raise EngineNotStopped(refused)
-        self._spec, self._served_names = spec, ()
-        self._sleep_capable = self._asleep = False
-        if not restart:
-            self._set_failure(None, None)
-            self._last_logs = ()
-        self._enter(EngineState.STARTING, f"starting {spec.served_model_name} ({spec.runtime})")
-        try:
-            self._handle = await runtime.start(spec)
-            self._enter(EngineState.LOADING, f"loading {spec.served_model_name}")
-            await self._wait_serving(runtime, spec)
-        except asyncio.CancelledError:
-            await self._abort_start(runtime, "start cancelled")
-            raise
-        except (RuntimeError_, TimeoutError, httpx.HTTPError, OSError) as exc:
-            await self._abort_start(runtime, str(exc) or type(exc).__name__, restart=restart)
-            return
-        except Exception as exc:
-            # Anything else (a runtime bug, a library's own error type) still fails the start
-            # cleanly: FAILED with the reason, so a switch can roll back.
-            log.exception("engine_start_crashed", profile=spec.profile_id)
-            await self._abort_start(runtime, f"{type(exc).__name__}: {exc}", restart=restart)
-            return
-        self._set_failure(None, None)
-        self._enter(EngineState.READY, f"{spec.served_model_name} is ready")
-
-    async def _wait_serving(self, runtime: Runtime, spec: EngineSpec) -> None:
-        """Wait for /health 200 and /v1/models listing the served name."""
-        assert self._handle is not None
-        deadline = time.monotonic() + spec.startup_timeout_s
-        interval = min(0.02, self._poll_interval_s)
-        while True:
-            if not await runtime.is_running(self._handle):
-                raise RuntimeError_(f"engine exited during startup: {self._last_log_line()}")
-            names, why_not = await self._served_names_if_healthy(spec)
-            if names is not None:
-                self._served_names = names
-                # An engine with vLLM's sleep contract is watched for sleep from now on.
-                asleep = await self._sleep_state(self._handle, spec, timeout_s=2.0)
-                self._sleep_capable, self._asleep = asleep is not None, bool(asleep)
-                return
-            if time.monotonic() > deadline:
-                # The last probe's reason goes with the error: "healthy but serves another
-                # name" (a wrong --served-model-name) is fixed differently than "still loading".
-                raise TimeoutError(
-                    f"engine not serving after {spec.startup_timeout_s:g}s: {why_not}"
-                )
-            # Poll fast at first (small engines are up in well under a second), then back off.
-            await asyncio.sleep(interval)
-            interval = min(interval * 1.5, self._poll_interval_s)
-
-    async def _served_names_if_healthy(
-        self, spec: EngineSpec
-    ) -> tuple[tuple[str, ...] | None, str]:
-        """The served names once the engine serves the profile's name, else None and why not."""
-        assert self._handle is not None
-        try:
-            health = await self._http.get(self._handle.base_url + spec.health_path, timeout=2.0)
-            if health.status_code != 200:
-                return None, f"{spec.health_path} returned {health.status_code}"
-            models = await self._http.get(
-                self._handle.base_url + "/v1/models", headers=_auth(spec), timeout=5.0
-            )
-            if models.status_code != 200:
-                return None, f"/v1/models returned {models.status_code}"
-            names = tuple(str(m["id"]) for m in models.json().get("data", []))
-        except httpx.HTTPError as exc:
-            return None, f"unreachable: {_reason(exc)}"
-        except (ValueError, KeyError, TypeError) as exc:
-            return None, f"unreadable /v1/models: {_reason(exc)}"
-        # External engines are whatever they serve; ours must serve the profile's name.
-        if spec.runtime == "external" or spec.served_model_name in names:
-            return names, "serving"
-        listed = ", ".join(names) or "no models"
-        return None, f"/v1/models lists {listed}, not {spec.served_model_name}"
-
-    def _not_stopped_reason(self) -> str:
-        assert self._handle is not None
-        handle = self._handle
-        return (
-            f"the previous engine ({self._profile_label()}, {handle.runtime} {handle.id}) could "
-            f"not be confirmed stopped ({self._error or 'stop failed'}), and it may still hold "
-            "its GPUs: no other engine is started until it is. Retry the stop (a new switch "
-            "retries it first), or stop it by hand and then retry"
-        )
-
-    def _last_log_line(self) -> str:
-        tail = self.logs_tail(5)
-        return tail[-1] if tail else "no output"
-
-    async def _abort_start(self, runtime: Runtime, reason: str, *, restart: bool = False) -> None:
-        """A start failed: stop what it launched, then FAILED (or, for a restart, the crash
-        policy decides: another restart or a crash loop)."""
-        failure = Failure.START_FAILED
-        if self._handle is not None:
-            self._last_logs = tuple(self.logs_tail(50))
-            log.warning("engine_start_failed", reason=reason, logs=self._last_logs[-20:])
-            if self._job is not None and not self._job.done:
-                self._job.logs = list(self._last_logs)
-            try:
-                await runtime.stop(self._handle)
-            except Exception as exc:
-                # Keep the handle: the engine may still run, and FAILED with a handle makes the
-                # next stop or switch retry the stop before anything else starts.
-                reason = f"{reason}; stop failed: {_reason(exc)}"
-                failure, restart = Failure.NOT_STOPPED, False
-            else:
-                self._handle = None
-        if restart:
-            self._after_crash(f"the restart failed: {reason}")
-            return
-        self._set_failure(failure, reason)
-        self._enter(EngineState.FAILED, reason)
-
-    async def _stop_locked(self) -> None:
-        if self._state is EngineState.IDLE:
-            return
-        stopping = "stopping engine"
-        if self._state is EngineState.READY:
-            self._enter(EngineState.DRAINING, f"draining {self._in_flight} in-flight request(s)")
-            try:
-                await asyncio.wait_for(self._idle.wait(), self._drain_timeout_s)
-            except TimeoutError:
-                # Bounded on purpose: a stuck client must not block a switch forever. The event
-                # says so, since the requests still held are cut off by the stop.
-                left = self._in_flight
-                log.warning("engine_drain_timeout", in_flight=left, after_s=self._drain_timeout_s)
-                stopping = (
-                    f"drain timed out after {self._drain_timeout_s:g}s with {left} request(s) "
-                    "in flight; stopping engine"
-                )
-        self._enter(EngineState.STOPPING, stopping)
-        if self._handle is not None:
-            runtime = self._runtimes[self._handle.runtime]
-            try:
-                await runtime.stop(self._handle)
-            except Exception as exc:
-                # Any error: FAILED keeps the handle, so the next stop or switch tries again.
-                self._set_failure(Failure.NOT_STOPPED, f"stop failed: {_reason(exc)}")
-                self._enter(EngineState.FAILED, f"stop failed: {_reason(exc)}")
-                return
-            self._handle = None
-        self._served_names = ()
-        self._sleep_capable = self._asleep = False
-        self._restart_at = None
-        self._set_failure(None, None)
-        self._enter(EngineState.IDLE, "engine stopped")
-
-    def _enter(self, state: EngineState, message: str) -> None:
-        if state not in ALLOWED_TRANSITIONS[self._state]:
-            raise InvalidTransition(f"{self._state.value} -> {state.value} is not allowed")
-        self._state, self._since = state, time.time()
-        log.info("engine_state", profile=self._profile_label(), state=state.value, message=message)
-        self._emit(message)
-
-    def _profile_label(self) -> str:
-        return self._spec.profile_id if self._spec else "-"
-
-    def _emit(self, message: str, *, final: bool = False) -> None:
-        job = self._job if self._job is not None and (final or not self._job.done) else None
-        event = EngineEvent(
-            profile_id=self._profile_label(),
-            state=self._state,
-            message=message,
-            job_id=job.id if job else None,
-            progress=1.0 if final else _PROGRESS.get(self._state),
-        )
-        if job is not None:
-            job.events.append(event)
+    def _publish(self, event: EngineEvent) -> None:
         for queue in self._subscribers:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(event)
 
+    # -- serving (the default engine) ----------------------------------------------------------
 
-def _auth(spec: EngineSpec) -> dict[str, str] | None:
-    """The header that carries the engine's API key (None for an engine without one)."""
-    return {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else None
+    def acquire_slot(self) -> bool:
+        """A slot on the default engine; False when it does not serve."""
+        engine = self._default_engine()
+        return engine.acquire_slot() if engine else False
 
+    def release_slot(self) -> None:
+        """Give back a slot taken with acquire_slot."""
+        engine = self._default_engine()
+        if engine is not None:
+            engine.release_slot()
 
-def _reason(exc: BaseException) -> str:
-    """An exception as a job's error text (some, like a bare LookupError(), have no message)."""
-    return str(exc) or type(exc).__name__
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[EngineStatus]:
+        """Hold an in-flight slot on the default engine."""
+        engine = self._default_engine()
+        if engine is None:
+            raise EngineUnavailable("no engine")
+        async with engine.serving() as status:
+            yield status
+
+    async def probe(self, timeout_s: float = 2.0) -> EngineHealth:
+        """The default engine's health (see ManagedEngine.probe)."""
+        engine = self._default_engine()
+        if engine is None:
+            status = self.status()
+            detail = status.reason or "engine is idle"
+            return EngineHealth(
+                ok=False, state=EngineState.IDLE, detail=detail, failure=status.failure
+            )
+        return await engine.probe(timeout_s)
+
+    def mark_not_started(self, reason: str) -> None:
+        """Record why no engine was started (e.g. the planner's verdict)."""
+        engine = self._default_engine()
+        if engine is None:
+            self._not_started = reason
+        else:
+            engine.mark_not_started(reason)
+
+    def start_watchdog(self, interval_s: float = 1.0) -> None:
+        """Watch every engine (crashes, restarts, sleep) and stop idle ones after their
+        idle_ttl_s."""
+        self._watch_interval_s = interval_s
+        for engine in self._engines.values():
+            engine.start_watch(interval_s)
+        if self._placer is not None:
+            self._spawn(self._idle_sweeper(interval_s), "fleet-idle")
+
+    def report_unreachable(self, profile_id: str | None = None) -> None:
+        """A request could not reach an engine: check at once whether it is still alive."""
+        engine = self._engines.get(profile_id) if profile_id else self._default_engine()
+        if engine is not None:
+            engine.report_unreachable()
+
+    # -- single-engine operations (today's meaning) -----------------------------------------
+
+    async def start(self, spec: EngineSpec) -> EngineStatus:
+        """Stop every engine, start `spec` as the default and wait until it serves."""
+        if self._placing.locked() or any(e.lock.locked() for e in self._engines.values()):
+            raise EngineBusy("an engine start, stop or switch is already in progress")
+        for engine in self._engines.values():
+            engine.operator_acts()
+        await self._stop_all(except_id=spec.profile_id)
+        stuck = self._not_stopped(except_id=spec.profile_id)
+        if stuck is not None:
+            raise EngineNotStopped(stuck)
+        engine = self._engine_for(spec.profile_id)
+        self._default, self._not_started = spec.profile_id, None
+        await engine.start(spec)
+        return engine.status()
+
+    async def stop(self) -> EngineStatus:
+        """Drain and stop every engine (the retry after a failed stop, too)."""
+        for engine in self._engines.values():
+            engine.operator_acts()
+        await self._stop_all(except_id=None)
+        return self.status()
+
+    def _not_stopped(self, except_id: str | None) -> str | None:
+        """Why an exclusive start must not go ahead: an engine whose stop failed may still
+        run and hold its GPUs (None when every other engine is stopped)."""
+        for profile_id, engine in self._engines.items():
+            if profile_id != except_id and engine.handle is not None:
+                reason = engine.not_stopped_reason()
+                engine.set_failure(Failure.NOT_STOPPED, reason)
+                engine.emit(reason)
+                return reason
+        return None
+
+    async def _stop_all(self, except_id: str | None) -> None:
+        engines = [e for pid, e in self._engines.items() if pid != except_id]
+        await asyncio.gather(*(e.stop() for e in engines))
+        self._check_ledger()
+
+    async def adopt(self, profile_ids: Callable[[str], EngineSpec | None]) -> EngineStatus | None:
+        """Adopt the engines of ours that already run (labels / pid files) instead of
+        reloading them; the first adopted becomes the default. None if nothing adopted."""
+        for name, runtime in self._runtimes.items():
+            try:
+                handles = await runtime.adopt()
+            except (RuntimeError_, OSError) as exc:
+                # A runtime that cannot be reached (Docker daemon down) has nothing to adopt.
+                log.warning("engine_adopt_skipped", runtime=name, reason=str(exc))
+                continue
+            for handle in handles:
+                spec = profile_ids(handle.profile_id)
+                existing = self._engines.get(handle.profile_id)
+                if spec is None or (existing is not None and existing.handle is not None):
+                    log.info("engine_adopt_stop_extra", profile=handle.profile_id)
+                    with contextlib.suppress(RuntimeError_, OSError):
+                        await runtime.stop(handle)
+                    continue
+                adopting = self._engine_for(handle.profile_id)
+                async with adopting.lock:
+                    if not await adopting.adopt_locked(runtime, handle, spec):
+                        continue
+                self._claim_adopted(handle.profile_id)
+                if self._default is None:
+                    self._default = handle.profile_id
+        default = self._default_engine()
+        return default.status() if default is not None and default.serves else None
+
+    def _claim_adopted(self, profile_id: str) -> None:
+        """An adopted GPU engine's claim, as the planner places it now."""
+        if self._placer is None:
+            return
+        with contextlib.suppress(Exception):
+            profile = self._placer.profile(profile_id)
+            if profile.uses_gpu:
+                placement = place(profile, self._placer.inventory(), self.ledger())
+                if placement.placed:
+                    self._record_claim(profile, placement)
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def request_switch(self, profile_id: str, *, exclusive: bool = False) -> SwitchJob:
+        """Make `profile_id` the default engine in the background: loaded (evicting what it
+        needs) or woken; `exclusive` stops every other engine first (one engine at a time).
+        If it fails, the previous default stays (restarted when `exclusive` stopped it)."""
+        running = self.current_job
+        if running is not None:
+            raise EngineBusy(
+                f"a switch to {running.profile_id} is already running", job_id=running.id
+            )
+        engine = self._engines.get(profile_id)
+        if engine is not None and engine.job is not None and not engine.job.done:
+            raise EngineBusy(
+                f"a {engine.job.kind.value} of {profile_id} is already running",
+                job_id=engine.job.id,
+            )
+        job = self._new_job(JobKind.SWITCH, profile_id, exclusive=exclusive)
+        self._switch = job
+        self._spawn_job(job, self._run_switch(job))
+        return job
+
+    def request_load(self, profile_id: str) -> SwitchJob:
+        """Load (or wake) a profile's engine beside the others; an unfinished job acting on it
+        is returned instead of a new one."""
+        existing = self.job_for(profile_id)
+        if existing is not None:
+            return existing
+        job = self._new_job(JobKind.LOAD, profile_id)
+        self._spawn_job(job, self._run_load(job))
+        return job
+
+    def request_unload(self, profile_id: str) -> SwitchJob:
+        """Drain and stop a profile's engine."""
+        return self._engine_job(JobKind.UNLOAD, profile_id, self._run_unload)
+
+    def request_sleep(self, profile_id: str, level: int | None = None) -> SwitchJob:
+        """Drain and put a profile's engine to sleep (its profile's level unless given)."""
+        return self._engine_job(JobKind.SLEEP, profile_id, lambda job: self._run_sleep(job, level))
+
+    def request_wake(self, profile_id: str) -> SwitchJob:
+        """Wake a sleeping engine (a cold start when the wake fails)."""
+        return self._engine_job(JobKind.WAKE, profile_id, self._run_load)
+
+    def _engine_job(
+        self,
+        kind: JobKind,
+        profile_id: str,
+        run: Callable[[SwitchJob], Awaitable[None]],
+    ) -> SwitchJob:
+        busy = self.job_for(profile_id)
+        if busy is not None:
+            raise EngineBusy(
+                f"a {busy.kind.value} of {profile_id} is already running", job_id=busy.id
+            )
+        job = self._new_job(kind, profile_id)
+        self._spawn_job(job, run(job))
+        return job
+
+    def _new_job(self, kind: JobKind, profile_id: str, *, exclusive: bool = False) -> SwitchJob:
+        job = SwitchJob(
+            id=uuid.uuid4().hex[:16],
+            profile_id=profile_id,
+            previous_profile_id=self._default,
+            kind=kind,
+            exclusive=exclusive,
+        )
+        self._jobs[job.id] = job
+        while len(self._jobs) > _MAX_JOBS_KEPT:
+            oldest = next(iter(self._jobs))
+            if not self._jobs[oldest].done:
+                break
+            del self._jobs[oldest]
+        engine = self._engines.get(profile_id)
+        if engine is not None:
+            engine.job = job
+        return job
+
+    def _spawn_job(self, job: SwitchJob, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            job.status = JobStatus.RUNNING
+            try:
+                await work
+            except asyncio.CancelledError:
+                # Shutdown (aclose): the job still gets an outcome, so nobody waits forever.
+                if not job.done:
+                    self._finish(job, JobStatus.FAILED, f"{job.kind.value} cancelled")
+                raise
+            except Exception as exc:
+                # A bug or an unforeseen error must not leave the job "running": that would
+                # refuse every later job with 409 until a restart.
+                log.exception("job_crashed", job=job.id, profile=job.profile_id)
+                engine = self._engines.get(job.profile_id)
+                if engine is not None and not engine.lock.locked():
+                    engine.settle_after_crash(f"{type(exc).__name__}: {exc}")
+                if not job.done:
+                    self._finish(
+                        job, JobStatus.FAILED, f"{job.kind.value} failed: {reason_of(exc)}"
+                    )
+
+        self._spawn(run(), f"{job.kind.value}-{job.id}")
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def wait_job(self, job_id: str, timeout_s: float | None = None) -> SwitchJob:
+        """Wait until a job has an outcome."""
+        job = self._jobs[job_id]
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not job.done:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{job.kind.value} job {job_id} still {job.status.value}")
+            await asyncio.sleep(0.05)
+        return job
+
+    def _finish(self, job: SwitchJob, status: JobStatus, error: str | None) -> None:
+        job.status, job.error, job.finished_at = status, error, time.time()
+        engine = self._engines.get(job.profile_id)
+        message = f"{job.kind.value} {status.value}" + (f": {error}" if error else "")
+        if engine is not None:
+            engine.job = job
+            engine.emit(message, final=True)
+        else:
+            self._publish(EngineEvent(job.profile_id, EngineState.IDLE, message, job.id, 1.0))
+
+    # -- job bodies ----------------------------------------------------------------------------
+
+    async def _run_switch(self, job: SwitchJob) -> None:
+        previous = self._default_engine()
+        previous_spec = previous.spec if previous is not None and previous.serves else None
+        try:
+            self._build_check(job.profile_id)
+        except Exception as exc:
+            # Nothing was stopped yet, so the current engine keeps serving.
+            self._finish(job, JobStatus.FAILED, f"cannot build engine: {reason_of(exc)}")
+            return
+        engine = self._engine_for(job.profile_id)
+        engine.job = job
+        engine.operator_acts()
+        if job.exclusive:
+            # One engine at a time: every other one is stopped first, and the default is the
+            # new one from here on (a rollback makes the previous one the default again).
+            for other in self._engines.values():
+                other.operator_acts()
+                if other.job is None or other.job.done:
+                    other.job = job
+            await self._stop_all(except_id=job.profile_id)
+            stuck = self._not_stopped(except_id=job.profile_id)
+            if stuck is not None:
+                self._finish(job, JobStatus.FAILED, stuck)
+                return
+            self._default = job.profile_id
+        try:
+            await self._ensure(job, engine)
+        except EngineNotStopped as exc:
+            self._finish(job, JobStatus.FAILED, str(exc))
+            return
+        except NoRoom as exc:
+            self._finish(job, JobStatus.FAILED, f"cannot build engine: {exc}")
+            return
+        if engine.serves:
+            self._default, self._not_started = job.profile_id, None
+            self._finish(job, JobStatus.SUCCEEDED, None)
+            return
+        job.logs = engine.logs_tail(50) or job.logs
+        reason = engine.error or "engine failed to start"
+        if previous is None or previous_spec is None or previous is engine:
+            if previous is engine or previous is None:
+                self._default = job.profile_id
+            self._finish(job, JobStatus.FAILED, reason)
+            return
+        if previous.serves:
+            # Not exclusive: the previous default kept serving beside the failed start.
+            self._finish(job, JobStatus.ROLLED_BACK, reason)
+            return
+        engine.emit(f"rolling back to {previous.profile_id}: {reason}")
+        previous.job = job
+        self._default = previous.profile_id
+        try:
+            await self._ensure(job, previous, fallback=previous_spec)
+        except (EngineNotStopped, NoRoom) as exc:
+            self._finish(job, JobStatus.FAILED, f"{reason}; no rollback: {exc}")
+            return
+        if previous.serves:
+            self._finish(job, JobStatus.ROLLED_BACK, reason)
+        else:
+            self._finish(job, JobStatus.FAILED, f"{reason}; rollback failed: {previous.error}")
+
+    def _build_check(self, profile_id: str) -> None:
+        """Raise what building the profile's spec raises (unknown, cannot run here) before
+        anything is stopped; a GPU profile's room is found when it is placed."""
+        if self._placer is None:
+            self._spec_factory(profile_id)
+        elif not self._placer.profile(profile_id).uses_gpu:
+            self._placer.placed_spec(profile_id, None)
+
+    async def _run_load(self, job: SwitchJob) -> None:
+        engine = self._engine_for(job.profile_id)
+        engine.job = job
+        try:
+            self._build_check(job.profile_id)
+            await self._ensure(job, engine)
+        except (EngineNotStopped, NoRoom) as exc:
+            self._finish(job, JobStatus.FAILED, str(exc))
+            return
+        except Exception as exc:
+            self._finish(job, JobStatus.FAILED, f"cannot build engine: {reason_of(exc)}")
+            return
+        if engine.serves:
+            if self._default is None or self._default_engine() is None:
+                self._default = job.profile_id
+            self._finish(job, JobStatus.SUCCEEDED, None)
+        else:
+            job.logs = engine.logs_tail(50) or job.logs
+            self._finish(job, JobStatus.FAILED, engine.error or "engine failed to start")
+
+    async def _run_unload(self, job: SwitchJob) -> None:
+        engine = self._engines.get(job.profile_id)
+        if engine is None or not engine.resident:
+            self._finish(job, JobStatus.SUCCEEDED, None)
+            return
+        engine.job = job
+        await engine.stop()
+        self._check_ledger()
+        if engine.state is EngineState.IDLE:
+            self._finish(job, JobStatus.SUCCEEDED, None)
+        else:
+            self._finish(job, JobStatus.FAILED, engine.error or "stop failed")
+
+    async def _run_sleep(self, job: SwitchJob, level: int | None) -> None:
+        engine = self._engines.get(job.profile_id)
+        if engine is None or not engine.serves:
+            state = engine.state.value if engine else "not loaded"
+            self._finish(job, JobStatus.FAILED, f"{job.profile_id} is {state}, not ready")
+            return
+        engine.job = job
+        wanted = level if level is not None else self._sleep_level_of(job.profile_id)
+        if wanted == 0:
+            self._finish(
+                job,
+                JobStatus.FAILED,
+                f"{job.profile_id} has no sleep mode (sleep_level 0): unload it instead",
+            )
+            return
+        started = time.monotonic()
+        slept = await engine.sleep(wanted)
+        self.operations.append(("sleep", time.monotonic() - started))
+        self._check_ledger()
+        if slept:
+            self._finish(job, JobStatus.SUCCEEDED, None)
+        else:
+            self._finish(job, JobStatus.FAILED, "the sleep failed; the engine was stopped instead")
+
+    # -- making an engine serve ---------------------------------------------------------------
+
+    async def ensure(self, profile_id: str) -> SwitchJob:
+        """Load or wake a profile's engine for a request (see request_load)."""
+        return self.request_load(profile_id)
+
+    async def _ensure(
+        self, job: SwitchJob, engine: ManagedEngine, *, fallback: EngineSpec | None = None
+    ) -> None:
+        """Make the engine serve: as it is when READY; woken when ASLEEP (a cold start when the
+        wake fails); else placed (evicting what is in the way) and started."""
+        if engine.serves:
+            return
+        if engine.state is EngineState.ASLEEP and await self._wake(job, engine):
+            return
+        spec, gpu_ids = await self._place(job, engine.profile_id, fallback=fallback)
+        started = time.monotonic()
+        async with self._gpus_locked(gpu_ids), engine.lock:
+            await engine.stop_locked()
+            await engine.start_locked(engine.runtime_for(spec), spec)
+        self.operations.append(("cold", time.monotonic() - started))
+        if not engine.serves:
+            self._claims.pop(engine.profile_id, None)
+        self._check_ledger()
+
+    async def _wake(self, job: SwitchJob, engine: ManagedEngine) -> bool:
+        claim = self._claims.get(engine.profile_id)
+        if claim is not None:
+            await self._make_room_to_wake(job, claim)
+        gpu_ids = claim.gpu_ids if claim else ()
+        started = time.monotonic()
+        async with self._gpus_locked(gpu_ids), engine.lock:
+            if engine.state is not EngineState.ASLEEP:
+                return engine.serves
+            woke = await engine.wake_locked()
+        if woke:
+            self.operations.append(("wake", time.monotonic() - started))
+            self.swaps += 1
+        self._check_ledger()
+        return woke
+
+    async def _make_room_to_wake(self, job: SwitchJob, claim: Claim) -> None:
+        """Evict what stands on a sleeping engine's GPUs until its budget fits there again."""
+        if self._placer is None:
+            return
+        async with self._placing:
+            inventory = self._placer.inventory(fresh=True)
+            for victim in self._wake_victims(claim, inventory):
+                await self._evict(job, victim, stop=False)
+
+    def _wake_victims(self, claim: Claim, inventory: GpuInventory) -> list[str]:
+        ledger = self.ledger().without(claim.engine_id)
+        busy = self._busy()
+        candidates = sorted(
+            (
+                c
+                for c in ledger.claims
+                if not c.pinned and c.engine_id not in busy and set(c.gpu_ids) & set(claim.gpu_ids)
+            ),
+            key=lambda c: (c.priority, c.last_used, c.engine_id),
+        )
+        chosen: list[str] = []
+        pids = self._our_pids()
+        for _ in range(len(candidates) + 1):
+            fits = all(
+                available(gpu, ledger, our_pids=pids) >= claim.bytes_per_gpu
+                for gpu in inventory.gpus
+                if gpu.index in claim.gpu_ids
+            )
+            if fits or not candidates:
+                break
+            victim = candidates.pop(0)
+            chosen.append(victim.engine_id)
+            ledger = ledger.without(victim.engine_id)
+        return chosen
+
+    async def _place(
+        self, job: SwitchJob, profile_id: str, *, fallback: EngineSpec | None = None
+    ) -> tuple[EngineSpec, tuple[int, ...]]:
+        """Where the engine goes (evicting what must go), its spec and the GPUs it takes."""
+        async with self._placing:
+            if self._placer is None:
+                try:
+                    spec = self._spec_factory(profile_id)
+                except Exception:
+                    if fallback is None:
+                        raise
+                    spec = fallback
+                await self._evict_over_cap(job, profile_id)
+                return spec, ()
+            profile = self._placer.profile(profile_id)
+            if not profile.uses_gpu:
+                await self._evict_over_cap(job, profile_id)
+                self._claims.pop(profile_id, None)
+                return self._placer.placed_spec(profile_id, None), ()
+            placement = await self._placement_evicting(job, profile)
+            self._record_claim(profile, placement)
+            await self._evict_over_cap(job, profile_id)
+            return self._placer.placed_spec(profile_id, placement), placement.gpu_ids
+
+    async def _placement_evicting(self, job: SwitchJob, profile: Profile) -> Placement:
+        assert self._placer is not None
+        inventory = self._placer.inventory(fresh=True)
+        ledger = self.ledger().without(profile.id)
+        pids = self._our_pids()
+        placement = place(profile, inventory, ledger, our_pids=pids, allow_reduced_context=False)
+        if placement.placed:
+            return placement
+        eviction = choose_victims(profile, inventory, ledger, our_pids=pids, busy=self._busy())
+        if eviction is None:
+            # Busy engines too (drained first, bounded by the drain timeout).
+            eviction = choose_victims(profile, inventory, ledger, our_pids=pids)
+        if eviction is None:
+            # It does not fit at its full context even alone: the longest context that fits
+            # beside the pinned engines, evicting every other.
+            pinned = Ledger(tuple(c for c in ledger.claims if c.pinned))
+            reduced = place(profile, inventory, pinned, our_pids=pids)
+            if not reduced.placed:
+                raise NoRoom(profile.id, reduced.reasons)
+            victims = tuple(c.engine_id for c in ledger.claims if not c.pinned)
+            for victim in victims:
+                await self._evict(job, victim, stop=True)
+            return reduced
+        for victim in eviction.victims:
+            await self._evict(job, victim, stop=False)
+        # A victim put to sleep keeps its residual: place again, and stop sleepers if that is
+        # what stands in the way.
+        ledger = self.ledger().without(profile.id)
+        placement = place(profile, inventory, ledger, our_pids=pids, allow_reduced_context=False)
+        if placement.placed:
+            return placement
+        for victim in eviction.victims:
+            await self._evict(job, victim, stop=True)
+        ledger = self.ledger().without(profile.id)
+        placement = place(profile, inventory, ledger, our_pids=pids)
+        if not placement.placed:
+            raise NoRoom(profile.id, placement.reasons)
+        return placement
+
+    async def _evict_over_cap(self, job: SwitchJob, profile_id: str) -> None:
+        """Stop (or sleep) the least recently used engines while the fleet is at max_engines."""
+        cap = self.max_engines
+        if cap is None:
+            return
+        while True:
+            others = [e for e in self.resident() if e.profile_id != profile_id]
+            awake = [e for e in others if e.state is not EngineState.ASLEEP]
+            if len(awake) < cap:
+                return
+            candidates = [e for e in awake if not self._pinned(e.profile_id)]
+            if not candidates:
+                return
+            victim = min(
+                candidates,
+                key=lambda e: (e.in_flight > 0, self._priority(e.profile_id), e.last_used or 0.0),
+            )
+            await self._evict(job, victim.profile_id, stop=False, reason="max_engines")
+
+    async def _evict(
+        self, job: SwitchJob, profile_id: str, *, stop: bool, reason: str = "placement"
+    ) -> None:
+        """Put a victim to sleep when its profile has sleep mode and the engine speaks it (level
+        1 only when host RAM holds its weights), else drain and stop it."""
+        engine = self._engines.get(profile_id)
+        if engine is None:
+            return
+        claim = self._claims.get(profile_id)
+        level = 0
+        if not stop and engine.serves and engine.status().failure is None:
+            wanted = self._sleep_level_of(profile_id)
+            sleepable = wanted > 0 and engine.sleep_capable
+            if sleepable and claim is not None and self._placer is not None:
+                level = sleep_level_for(claim, wanted, self._placer.host_free_bytes())
+            elif sleepable:
+                level = wanted
+        engine.emit(f"evicted for {job.profile_id} ({reason})")
+        started = time.monotonic()
+        if level:
+            slept = await engine.sleep(level)
+            self.operations.append(("sleep", time.monotonic() - started))
+            if slept:
+                self.evictions[f"{reason}_sleep"] = self.evictions.get(f"{reason}_sleep", 0) + 1
+                return
+        if engine.state is EngineState.IDLE:
+            return
+        engine.operator_acts()
+        await engine.stop()
+        self.evictions[f"{reason}_stop"] = self.evictions.get(f"{reason}_stop", 0) + 1
+
+    def _busy(self) -> set[str]:
+        """Engines that cannot be evicted without waiting: requests in flight, or a job on it."""
+        return {
+            pid
+            for pid, e in self._engines.items()
+            if e.in_flight or e.lock.locked() or e.state in COMING_UP_STATES
+        }
+
+    def victims_for(self, profile_id: str) -> tuple[str, ...] | None:
+        """The engines that loading `profile_id` now would evict (empty: it fits beside them;
+        None: it cannot be placed at its full context at all). The scheduler's no-thrash rule
+        reads it before asking for a load."""
+        if self._placer is None:
+            return self._cap_victims(profile_id)
+        try:
+            profile = self._placer.profile(profile_id)
+        except Exception:
+            return None
+        if not profile.uses_gpu:
+            return self._cap_victims(profile_id)
+        engine = self._engines.get(profile_id)
+        if engine is not None and engine.state is EngineState.ASLEEP:
+            claim = self._claims.get(profile_id)
+            if claim is not None:
+                return tuple(self._wake_victims(claim, self._placer.inventory()))
+        inventory = self._placer.inventory()
+        ledger = self.ledger().without(profile_id)
+        pids = self._our_pids()
+        if place(profile, inventory, ledger, our_pids=pids, allow_reduced_context=False).placed:
+            return self._cap_victims(profile_id)
+        eviction = choose_victims(profile, inventory, ledger, our_pids=pids)
+        return eviction.victims if eviction is not None else None
+
+    def _cap_victims(self, profile_id: str) -> tuple[str, ...]:
+        cap = self.max_engines
+        if cap is None:
+            return ()
+        awake = [
+            e
+            for e in self.resident()
+            if e.profile_id != profile_id and e.state is not EngineState.ASLEEP
+        ]
+        if len(awake) < cap:
+            return ()
+        candidates = [e for e in awake if not self._pinned(e.profile_id)]
+        if not candidates:
+            return ()
+        victim = min(candidates, key=lambda e: (self._priority(e.profile_id), e.last_used or 0.0))
+        return (victim.profile_id,)
+
+    def _record_claim(self, profile: Profile, placement: Placement) -> None:
+        self._claims[profile.id] = claim_for(placement, profile, last_used=time.time())
+        self._placements[profile.id] = placement
+
+    def _profile(self, profile_id: str) -> Profile | None:
+        if self._placer is None:
+            return None
+        try:
+            return self._placer.profile(profile_id)
+        except Exception:
+            return None
+
+    def _uses_gpu(self, profile_id: str) -> bool:
+        profile = self._profile(profile_id)
+        return profile is not None and profile.uses_gpu
+
+    def _pinned(self, profile_id: str) -> bool:
+        profile = self._profile(profile_id)
+        return profile is not None and profile.pinned
+
+    def _priority(self, profile_id: str) -> int:
+        profile = self._profile(profile_id)
+        return profile.priority if profile is not None else 0
+
+    def _sleep_level_of(self, profile_id: str) -> int:
+        profile = self._profile(profile_id)
+        return profile.sleep_level if profile is not None else 0
+
+    def _our_pids(self) -> tuple[int, ...]:
+        pids = []
+        for engine in self._engines.values():
+            handle = engine.handle
+            if handle is not None and handle.runtime == "process" and handle.id.isdigit():
+                pids.append(int(handle.id))
+        return tuple(pids)
+
+    @contextlib.asynccontextmanager
+    async def _gpus_locked(self, gpu_ids: Iterable[int]) -> AsyncIterator[None]:
+        """One start (or wake) at a time per GPU: vLLM sizes its budget against the memory
+        free when it starts, so two engines starting on one GPU would each count the other's
+        half-made allocation as taken (vllm-project/vllm#14376, #10533)."""
+        async with contextlib.AsyncExitStack() as stack:
+            for gpu in sorted(set(gpu_ids)):
+                lock = self._gpu_locks.setdefault(gpu, asyncio.Lock())
+                await stack.enter_async_context(lock)
+            yield
+
+    def _check_ledger(self) -> None:
+        """After every start and stop: does NVML agree with the ledger? A mismatch is logged
+        and counted (a snapshot reading is static, so there is nothing to compare)."""
+        if self._placer is None:
+            return
+        inventory = self._placer.inventory(fresh=True)
+        if inventory.source != "nvml" or not inventory.gpus:
+            return
+        ledger = self.ledger()
+        if self._baseline_not_ours is None:
+            pids = self._our_pids()
+            self._baseline_not_ours = {g.index: not_ours(g, pids) for g in inventory.gpus}
+        result = check_ledger(ledger, inventory, baseline_not_ours=self._baseline_not_ours)
+        for mismatch in result.mismatches:
+            self.ledger_mismatches += 1
+            log.warning(
+                "ledger_mismatch",
+                gpu=mismatch.gpu_id,
+                nvml_used_bytes=mismatch.nvml_used_bytes,
+                expected_bytes=mismatch.expected_bytes,
+            )
+
+    # -- idle engines ----------------------------------------------------------------------------
+
+    async def _idle_sweeper(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.sweep_idle()
+
+    async def sweep_idle(self, now: float | None = None) -> list[str]:
+        """Put to sleep (or stop) every READY engine unused for longer than its idle_ttl_s;
+        the profiles acted on."""
+        now = time.time() if now is None else now
+        acted = []
+        for engine in list(self._engines.values()):
+            profile = self._profile(engine.profile_id)
+            ttl = profile.idle_ttl_s if profile is not None else None
+            if (
+                ttl is None
+                or not engine.serves
+                or engine.in_flight
+                or engine.lock.locked()
+                or self.job_for(engine.profile_id) is not None
+                or now - (engine.last_used or now) < ttl
+            ):
+                continue
+            job = self._new_job(JobKind.SLEEP, engine.profile_id)
+            job.status = JobStatus.RUNNING
+            await self._evict(job, engine.profile_id, stop=False, reason="idle")
+            slept = engine.state is EngineState.ASLEEP
+            self._finish(job, JobStatus.SUCCEEDED, "idle: " + ("asleep" if slept else "stopped"))
+            acted.append(engine.profile_id)
+        return acted
+
+    async def aclose(self) -> None:
+        """Cancel jobs and stop every engine on shutdown."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for engine in self._engines.values():
+            await engine.aclose()
+        with contextlib.suppress(InvalidTransition):
+            await self.stop()

@@ -17,11 +17,14 @@ the engine's Docker network) can call them.
 
 from __future__ import annotations
 
+import math
 import secrets
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from orchestrator.planner import FitVerdict
+from orchestrator.placement import Placement
+from orchestrator.planner import Fit, FitVerdict, bytes_per_param, weights_bytes
 from orchestrator.profiles import (
     HF_CACHE_CONTAINER_PATH,
     Engine,
@@ -219,6 +222,46 @@ def engine_log_path(profile: Profile, log_dir: Path | None, instance: str) -> Pa
 def new_engine_api_key() -> str:
     """A fresh random key for one start of an engine (the only impure step here)."""
     return secrets.token_urlsafe(ENGINE_API_KEY_BYTES)
+
+
+def placed(
+    profile: Profile, verdict: FitVerdict, placement: Placement
+) -> tuple[Profile, FitVerdict]:
+    """The profile and verdict of an engine the fleet placed beside others: its GPUs,
+    tensor-parallel size and context come from the placement, and its gpu_memory_utilization
+    from its claim (vLLM takes the fraction of the whole GPU, so an engine sharing a GPU gets
+    its claim / total, not the profile's 0.90). A simulator standing in for a GPU model is told
+    its claim and its weights per GPU, so that its /metrics report the memory the ledger
+    counts (and what a sleep frees)."""
+    fit = Fit.FITS_REDUCED_CONTEXT if placement.reduced_context else Fit.FITS
+    verdict = replace(
+        verdict,
+        fit=fit,
+        reasons=placement.reasons,
+        tensor_parallel_size=placement.tensor_parallel_size,
+        gpu_ids=placement.gpu_ids,
+        max_model_len=placement.max_model_len,
+        per_gpu_required_bytes=placement.bytes_per_gpu,
+    )
+    vllm = profile.vllm.model_copy(
+        update={
+            "gpu_memory_utilization": placement.utilization,
+            "max_model_len": placement.max_model_len,
+        }
+    )
+    if profile.engine is Engine.SIMULATOR:
+        arch = profile.architecture
+        weights = weights_bytes(arch, bytes_per_param(profile)) if arch else 0
+        per_gpu = math.ceil(weights / max(placement.tensor_parallel_size, 1))
+        extra = (
+            *vllm.extra_args,
+            "--gpu-memory-bytes",
+            str(placement.bytes_per_gpu),
+            "--weights-bytes",
+            str(min(per_gpu, placement.bytes_per_gpu)),
+        )
+        vllm = vllm.model_copy(update={"extra_args": extra})
+    return profile.model_copy(update={"vllm": vllm}), verdict
 
 
 def check_runnable(profile: Profile, verdict: FitVerdict, port: int) -> None:

@@ -104,6 +104,13 @@ QUEUE_WAIT = Histogram(
     ["outcome"],
     buckets=_QUEUE_BUCKETS,
 )
+SWAP_WAIT = Histogram(
+    "gateway_fleet_swap_wait_seconds",
+    "How long the request that asked for a load or wake had waited before the swap began "
+    "(the no-thrash wait, bounded by SWAP_MAX_WAIT_S), by the model swapped in.",
+    ["model"],
+    buckets=_QUEUE_BUCKETS,
+)
 IN_FLIGHT = Gauge(
     "gateway_in_flight_requests",
     "Requests being served now, by upstream.",

@@ -22,6 +22,7 @@ from gateway.metrics.series import (
     OVERFLOW,
     QUEUE_DEPTH,
     QUEUE_WAIT,
+    SWAP_WAIT,
 )
 
 if TYPE_CHECKING:
@@ -215,6 +216,11 @@ class ProxyMetrics:
     def queue_full(self) -> None:
         """Refused at once: the queue was full."""
         self._waits["full"].observe(0.0)
+
+    def swap_requested(self, profile_id: str, waited_s: float) -> None:
+        """A request asked the fleet to load or wake a model after waiting `waited_s` for the
+        engines it evicts to finish their queues (labelled by profile id: a bounded set)."""
+        SWAP_WAIT.labels(model=profile_id).observe(waited_s)
 
 
 #: Every reason `_error_reason` gives (its series exist at 0 for each known model).

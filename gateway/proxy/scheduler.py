@@ -1,13 +1,16 @@
-"""Admission: which upstream serves a request, and when.
+"""Admission: which engine (or cloud upstream) serves a request, and when.
 
-Local first, up to `max_local` concurrent requests (seed: max_queue_size). With a cloud upstream
-configured, a request overflows to it when local is down or switching, and when local is
-saturated: at once without OVERFLOW_SLO_S; with it, only when the request's predicted wait for a
-local slot exceeds the SLO or it has waited the SLO (`_overflows`). Without a cloud upstream it
-waits in a bounded queue for a bounded time.
-Requests for a model that is loading (or restarting after a crash) wait for it; an engine that
-is asleep is refused at once (503). With AUTO_SWITCH a request for a model that is
-not loaded starts the switch, and waiters for the loaded model are served first (no thrash).
+A request names a model (a served name or alias; "current" or none is the default engine). Its
+engine serves it up to its slots (`max_concurrency`, else MAX_QUEUE_SIZE, seed:
+max_queue_size). With a cloud upstream configured, a request overflows to it when its engine
+is down or loading, and when it is saturated: at once without OVERFLOW_SLO_S; with it, only
+when the request's predicted wait for a slot exceeds the SLO or it has waited the SLO
+(`_overflows`). Without a cloud upstream it waits in a bounded queue for a bounded time.
+
+Requests for a model that is loading, waking or restarting wait for it. A model the fleet put
+to sleep is woken; with AUTO_SWITCH a model that is not resident is loaded, evicting what the
+placement needs. No thrash: while a victim still has requests in flight or waiting, the swap
+waits for them, up to SWAP_MAX_WAIT_S (a request never waits longer for a swap it needs).
 """
 
 from __future__ import annotations
@@ -21,12 +24,19 @@ from gateway.engine import EXTERNAL_PROFILE, ModelControl, ProfileDoesNotFit, Pr
 from gateway.errors import GatewayError
 from gateway.proxy.metrics import ModelNames, ProxyMetrics
 from gateway.proxy.upstream import Target
-from orchestrator.manager import EngineBusy, EngineState, EngineStatus
+from orchestrator.engine import COMING_UP_STATES, ManagedEngine
+from orchestrator.manager import EngineBusy, EngineState
 
 CURRENT = "current"
 _RETRY_AFTER = {"Retry-After": "5"}
 # The waiters' key of requests for "current" (no profile id has angle brackets).
 _CURRENT_KEY = "<current>"
+# States in which a request for the engine waits for it rather than starting anything.
+_ON_THE_WAY = COMING_UP_STATES | {
+    EngineState.SLEEPING,
+    EngineState.DRAINING,
+    EngineState.STOPPING,
+}
 # How every key of this gateway starts (API_KEY_PREFIX must match ^sk-, and so do generated
 # admin keys), and most providers' keys: a model name like this is never shown, even a known one.
 KEY_LIKE_PREFIX = "sk-"
@@ -60,6 +70,7 @@ class SchedulerConfig:
     overflow_slo_s: float | None
     auto_switch: bool
     cloud: CloudUpstream | None
+    swap_max_wait_s: float = 30.0
     enabled: bool = True
     # Model names starting like one of these are never logged or echoed (see shown_model):
     # API_KEY_PREFIX and the start of ADMIN_API_KEY, besides KEY_LIKE_PREFIX.
@@ -72,6 +83,7 @@ class Lease:
 
     target: Target
     scheduler: Scheduler
+    engine: ManagedEngine | None = None
     started: float = field(default_factory=time.monotonic)
     released: bool = False
 
@@ -85,6 +97,8 @@ class Lease:
 @dataclass(frozen=True)
 class _Wait:
     reason: str
+    # Decide again once the request has waited this long (the no-thrash bound).
+    until_waited_s: float | None = None
 
 
 class Scheduler:
@@ -176,7 +190,7 @@ class Scheduler:
     def check_model(self, model: str | None) -> None:
         """404 (`model_not_found`) when `model` names nothing here; a check that decides
         nothing else, for callers that must refuse before they save anything."""
-        self._wanted_profile(model, self._control.manager.status())
+        self._wanted_profile(model)
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -200,11 +214,7 @@ class Scheduler:
         # Waiters count per profile, so a request under an alias counts for its model (the
         # no-thrash check in _not_loaded); resolved once, here, off the fast path. "current"
         # stays apart: it means whatever is loaded when it is served, not at arrival.
-        key = (
-            _CURRENT_KEY
-            if model is None or model == CURRENT
-            else self._wanted_profile(model, self._control.manager.status())
-        )
+        key = _CURRENT_KEY if model is None or model == CURRENT else self._wanted_profile(model)
         self._waiting[key] = self._waiting.get(key, 0) + 1
         self.metrics.queue_entered()
         started = time.monotonic()
@@ -236,6 +246,10 @@ class Scheduler:
                 if slo is not None and now - started < slo:
                     # Wake when the SLO is spent, to overflow if no slot freed meanwhile.
                     remaining = min(remaining, started + slo - now)
+                bound = decision.until_waited_s
+                if bound is not None and now - started < bound:
+                    # Wake at the no-thrash bound: the swap goes ahead then.
+                    remaining = min(remaining, started + bound - now + 0.001)
                 try:
                     await asyncio.wait_for(changed.wait(), remaining)
                 except TimeoutError:
@@ -266,7 +280,8 @@ class Scheduler:
             self.cloud_in_flight -= 1
             self.metrics.in_flight_cloud.dec()
         else:
-            self._control.manager.release_slot()
+            if lease.engine is not None:
+                lease.engine.release_slot()
             self.metrics.in_flight_local.dec()
             elapsed = time.monotonic() - lease.started
             self._service_time_s = 0.8 * self._service_time_s + 0.2 * elapsed
@@ -277,73 +292,124 @@ class Scheduler:
     ) -> Lease | _Wait:
         """Local, cloud or wait for a request with `ahead` queued before it, arriving
         (waited_s None) or queued for waited_s."""
-        manager = self._control.manager
-        status = manager.status()
-        job = manager.current_job
-        wanted = self._wanted_profile(model, status)
-        if status.state is EngineState.READY and wanted == status.profile_id and not status.asleep:
-            if self.local_in_flight < self.config.max_local:
-                return self._local(model, status)
+        fleet = self._control.manager
+        wanted = self._wanted_profile(model)
+        engine = fleet.engine(wanted) if wanted is not None else None
+        if engine is not None and engine.serves:
+            slots = self.slots(wanted)
+            if engine.in_flight < slots:
+                return self._local(model, engine)
             if self._overflows(ahead, waited_s):
                 lease = self._overflow(model)
                 if lease is not None:
                     return lease
-            return _Wait(f"all {self.config.max_local} local slots are busy")
-        if (
-            wanted is not None
-            and wanted != status.profile_id
-            and (job is None or job.profile_id != wanted)
+            return _Wait(f"all {slots} local slots are busy")
+        if wanted is None or (wanted == EXTERNAL_PROFILE and engine is None):
+            lease = self._overflow(model)
+            if lease is not None:
+                return lease
+            raise GatewayError(
+                503, "No engine is serving.", code="engine_unavailable", headers=_RETRY_AFTER
+            )
+        job = fleet.job_for(wanted)
+        state = engine.state if engine is not None else EngineState.IDLE
+        if job is not None or state in _ON_THE_WAY:
+            # Loading, waking, restarting, or on its way out of an eviction: a cloud upstream
+            # bridges the wait; otherwise the request waits for it.
+            lease = self._overflow(model)
+            if lease is not None:
+                return lease
+            if job is not None:
+                verb = "switching to" if job.kind.value == "switch" else f"{job.kind.value}:"
+                return _Wait(f"the engine is {verb} {job.profile_id}")
+            return _Wait(f"{wanted} is {state.value}")
+        status = engine.status() if engine is not None else fleet.status()
+        if engine is not None and state is EngineState.READY and status.asleep:
+            # Put to sleep outside the gateway (its own /sleep): serves nothing until woken.
+            raise GatewayError(
+                503,
+                f"No engine is serving: {status.reason or 'the engine is asleep'}.",
+                code="engine_unavailable",
+                headers=_RETRY_AFTER,
+            )
+        if state is EngineState.FAILED or (
+            state is EngineState.IDLE and wanted == fleet.default_profile_id and status.reason
         ):
-            return self._other_model(wanted, model, status)
-        lease = self._overflow(model)
-        if lease is not None:
-            return lease
-        if job is not None:
-            return _Wait(f"the engine is switching to {job.profile_id}")
-        # An engine that is asleep serves nothing until someone wakes it: say so at once rather
-        # than hold requests. (RESTARTING is not here: requests wait for the restart.)
-        if status.state in (EngineState.FAILED, EngineState.IDLE) or status.asleep:
+            lease = self._overflow(model)
+            if lease is not None:
+                return lease
             # The public reason (a fixed sentence per failure code), never the engine's output.
-            why = status.reason or f"engine is {status.state.value}"
+            why = status.reason or f"engine is {state.value}"
             raise GatewayError(
                 503,
                 f"No engine is serving: {why}.",
                 code="engine_unavailable",
                 headers=_RETRY_AFTER,
             )
-        return _Wait(f"the engine is {status.state.value}")
+        if state is EngineState.ASLEEP:
+            return self._bring(wanted, model, waited_s, wake=True)
+        if self.config.auto_switch:
+            # Start the load first, so a cloud upstream only bridges the wait.
+            waiting = self._bring(wanted, model, waited_s, wake=False)
+            lease = self._overflow(model)
+            return lease if lease is not None else waiting
+        lease = self._overflow(model)
+        if lease is not None:
+            return lease
+        default = fleet.engine(fleet.default_profile_id) if fleet.default_profile_id else None
+        if default is None and fleet.status().reason:
+            # Nothing runs and the manager knows why (e.g. the default profile does not fit
+            # this machine): that reason says more than "load it".
+            raise GatewayError(
+                503,
+                f"No engine is serving: {fleet.status().reason}.",
+                code="engine_unavailable",
+                headers=_RETRY_AFTER,
+            )
+        active = ", ".join(
+            e.status().served_model_name or e.profile_id for e in fleet.engines() if e.serves
+        )
+        raise GatewayError(
+            404,
+            f"The model {self.quoted_model(model)} is not loaded (active: {active or 'none'})."
+            " Load it with POST /api/models/{profile_id}/load (or switch), or enable AUTO_SWITCH.",
+            code="model_not_loaded",
+            param="model",
+        )
+
+    def slots(self, profile_id: str | None) -> int:
+        """A model's local slots: its profile's max_concurrency, else MAX_QUEUE_SIZE."""
+        if profile_id is None:
+            return self.config.max_local
+        try:
+            profile = self._control.profile(profile_id)
+        except ProfileNotFound:
+            return self.config.max_local
+        return profile.max_concurrency or self.config.max_local
 
     def loading(self, model: str | None) -> str | None:
-        """The model that a request for `model`, waiting, waits to be loaded (a switch, a start
-        or a restart after a crash in progress); None when it waits for something else, such as
-        a free slot.
-
-        The requested name when it is the model loading, else the loading profile's name (a
-        request for another model waits for this switch before its own).
-        """
-        manager = self._control.manager
-        job = manager.current_job
-        if job is not None:
-            loading: str | None = job.profile_id
-        else:
-            status = manager.status()
-            if status.state not in (
-                EngineState.STARTING,
-                EngineState.LOADING,
-                EngineState.RESTARTING,
-            ):
-                return None
-            loading = status.profile_id
-        if loading is None:
+        """The model that a request for `model`, waiting, waits to be loaded (a load, wake,
+        switch or restart in progress); None when it waits for something else, such as a free
+        slot or a swap's turn. The requested name when it names the model loading."""
+        fleet = self._control.manager
+        try:
+            wanted = self._wanted_profile(model)
+        except GatewayError:
+            return None
+        if wanted is None:
+            return None
+        engine = fleet.engine(wanted)
+        coming = engine is not None and engine.state in COMING_UP_STATES
+        if fleet.job_for(wanted) is None and not coming:
             return None
         if model and model != CURRENT:
             profile = self._control.profiles.by_served_name(model)
-            if profile is not None and profile.id == loading:
+            if profile is not None and profile.id == wanted:
                 return model
         try:
-            return self._control.profile(loading).served_model_name
+            return self._control.profile(wanted).served_model_name
         except ProfileNotFound:  # the profiles were reloaded without it: its id will do
-            return loading
+            return wanted
 
     def _overflows(self, ahead: int, waited_s: float | None) -> bool:
         """Whether a request that finds every local slot busy goes to the cloud (if any) now.
@@ -360,28 +426,31 @@ class Scheduler:
             return self.predicted_wait_s(ahead) > slo
         return waited_s >= slo
 
-    def _other_model(self, wanted: str, model: str | None, status: EngineStatus) -> Lease | _Wait:
-        """A model that is not the loaded one: switch to it (AUTO_SWITCH) and/or overflow."""
-        if self.config.auto_switch:
-            # Start the switch first, so a cloud upstream only bridges the wait.
-            waiting = self._not_loaded(wanted, model, status)
-            lease = self._overflow(model)
-            return lease if lease is not None else waiting
-        lease = self._overflow(model)
-        if lease is not None:
-            return lease
-        return self._not_loaded(wanted, model, status)
-
-    def _wanted_profile(self, model: str | None, status: EngineStatus) -> str | None:
-        if model is None or model == CURRENT or model in status.served_names:
-            job = self._control.manager.current_job
-            return status.profile_id or (job.profile_id if job else None)
+    def _wanted_profile(self, model: str | None) -> str | None:
+        """The profile a request's model names: the default engine's for "current" or none (or
+        the profile a switch is loading), a profile by served name or alias, or any resident
+        engine that lists the name (an external engine's own names); None for a model only
+        the cloud upstream serves. 404 for a name nothing here serves."""
+        fleet = self._control.manager
+        if model is None or model == CURRENT:
+            job = fleet.current_job
+            return fleet.default_profile_id or (job.profile_id if job else None)
+        default = fleet.default_profile_id
+        if default is not None:
+            engine = fleet.engine(default)
+            if engine is not None and model in engine.served_names:
+                return default
         profile = self._control.profiles.by_served_name(model)
         if profile is not None:
             return profile.id
+        for engine in fleet.engines():
+            if model in engine.served_names:
+                return engine.profile_id
         if self.config.cloud is not None and model in self.config.cloud.model_map.values():
             return None
-        served = sorted({*status.served_names, *self._all_served_names()})
+        served = sorted(
+            {*(n for e in fleet.engines() for n in e.served_names), *self._all_served_names()}
+        )
         raise GatewayError(
             404,
             f"The model {self.quoted_model(model)} does not exist. Available: {', '.join(served)}.",
@@ -395,44 +464,20 @@ class Scheduler:
             names.extend(profile.served_names)
         return names
 
-    def _not_loaded(self, wanted: str | None, model: str | None, status: EngineStatus) -> _Wait:
-        if wanted is None or wanted == EXTERNAL_PROFILE:
-            raise GatewayError(
-                503, "No engine is serving.", code="engine_unavailable", headers=_RETRY_AFTER
-            )
-        if not self.config.auto_switch:
-            if (
-                status.state is EngineState.IDLE
-                and status.reason
-                and self._control.manager.current_job is None
-            ):
-                # Nothing runs and the manager knows why (e.g. the default profile does not fit
-                # this machine): that reason says more than "switch to it".
-                raise GatewayError(
-                    503,
-                    f"No engine is serving: {status.reason}.",
-                    code="engine_unavailable",
-                    headers=_RETRY_AFTER,
-                )
-            raise GatewayError(
-                404,
-                f"The model {self.quoted_model(model)} is not loaded "
-                f"(active: {status.served_model_name or 'none'})."
-                " Switch with POST /api/models/switch, or enable AUTO_SWITCH.",
-                code="model_not_loaded",
-                param="model",
-            )
-        # No thrash: requests for the loaded model (by any of its names, or "current") go
-        # first; the switch waits for them.
-        waiting = self._waiting
-        if status.state is EngineState.READY and (
-            waiting.get(status.profile_id, 0)
-            or waiting.get(_CURRENT_KEY, 0)
-            or self.local_in_flight
-        ):
-            return _Wait(f"waiting for requests to {status.served_model_name} before switching")
+    def _waiters_for(self, profile_id: str) -> int:
+        waiting = self._waiting.get(profile_id, 0)
+        if profile_id == self._control.manager.default_profile_id:
+            waiting += self._waiting.get(_CURRENT_KEY, 0)
+        return waiting
+
+    def _bring(
+        self, wanted: str, model: str | None, waited_s: float | None, *, wake: bool
+    ) -> _Wait:
+        """Wake or load `wanted`, unless the engines it would evict still have requests in
+        flight or waiting and this request has not yet waited SWAP_MAX_WAIT_S (no thrash)."""
+        fleet = self._control.manager
         try:
-            self._control.switch(wanted)
+            self._control.check_fits(wanted)
         except ProfileDoesNotFit as exc:
             raise GatewayError(
                 409,
@@ -441,26 +486,53 @@ class Scheduler:
                 code="profile_does_not_fit",
                 param="model",
             ) from None
+        victims = fleet.victims_for(wanted)
+        if victims is None:
+            raise GatewayError(
+                503,
+                f"The model {self.quoted_model(model)} cannot be placed beside the pinned "
+                "engines; an administrator must unload one.",
+                code="no_room",
+                headers=_RETRY_AFTER,
+            )
+        bound = self.config.swap_max_wait_s
+        waited = waited_s or 0.0
+        contested = [
+            v
+            for v in victims
+            if (e := fleet.engine(v)) is not None and (e.in_flight or self._waiters_for(v))
+        ]
+        if contested and waited < bound:
+            # Serve the resident model's queue first; decide again at the fairness bound.
+            return _Wait(
+                f"waiting for requests to {', '.join(contested)} before swapping "
+                f"(at most {bound:g}s)",
+                until_waited_s=bound,
+            )
+        try:
+            job = fleet.request_wake(wanted) if wake else fleet.request_load(wanted)
         except EngineBusy as exc:
-            # Another switch is running: wait for it like the requests already queued.
+            # Another job acts on it: wait for it like the requests already queued.
             return _Wait(str(exc))
-        return _Wait(f"loading {wanted}")
+        self.metrics.swap_requested(wanted, waited)
+        return _Wait(f"{job.kind.value}: {wanted}")
 
-    def _local(self, model: str | None, status: EngineStatus) -> Lease | _Wait:
-        if not self._control.manager.acquire_slot():
+    def _local(self, model: str | None, engine: ManagedEngine) -> Lease | _Wait:
+        if not engine.acquire_slot():
             return _Wait("the engine is not ready")
-        names = status.served_names or (status.served_model_name or "",)
+        spec = engine.spec
+        names = engine.served_names or ((spec.served_model_name,) if spec else ("",))
         upstream_model = model if model in names else names[0]
-        spec = self._control.manager.spec
         headers = {"Authorization": f"Bearer {spec.api_key}"} if spec and spec.api_key else {}
         target = Target(
             route_name="local",
-            api_base=f"{status.base_url}/v1",
+            api_base=f"{engine.base_url}/v1",
             model=upstream_model,
             headers=headers,
+            profile_id=engine.profile_id,
         )
         self.metrics.in_flight_local.inc()
-        return Lease(target=target, scheduler=self)
+        return Lease(target=target, scheduler=self, engine=engine)
 
     def _overflow(self, model: str | None) -> Lease | None:
         cloud = self.config.cloud

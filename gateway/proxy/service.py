@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from collections.abc import Callable, Iterable
@@ -160,7 +161,9 @@ async def relay_checked(
                 on_finish=finished,
                 extra_headers=limit_headers,
                 on_unreachable=(
-                    state.manager.report_unreachable if lease.target.route_name == "local" else None
+                    functools.partial(state.manager.report_unreachable, lease.target.profile_id)
+                    if lease.target.route_name == "local"
+                    else None
                 ),
             )
         except BaseException:

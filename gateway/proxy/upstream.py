@@ -71,6 +71,8 @@ class Target:
     api_base: str
     model: str
     headers: dict[str, str] = field(default_factory=dict)
+    # The local engine's profile (None for the cloud).
+    profile_id: str | None = None
 
 
 @dataclass

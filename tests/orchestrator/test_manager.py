@@ -193,11 +193,18 @@ def test_transition_table_has_no_dead_ends() -> None:
         assert ALLOWED_TRANSITIONS[state], f"{state} has no way out"
     assert EngineState.READY not in ALLOWED_TRANSITIONS[EngineState.IDLE]
     # A ready engine is always drained before it is stopped (RESTARTING: it died already).
+    # A ready engine is drained before it sleeps, too.
     assert ALLOWED_TRANSITIONS[EngineState.READY] == {
         EngineState.DRAINING,
         EngineState.FAILED,
         EngineState.RESTARTING,
+        EngineState.SLEEPING,
     }
+    # An engine is woken only from ASLEEP, and only through WAKING.
+    assert {s for s, targets in ALLOWED_TRANSITIONS.items() if EngineState.WAKING in targets} == {
+        EngineState.ASLEEP
+    }
+    assert EngineState.READY not in ALLOWED_TRANSITIONS[EngineState.ASLEEP]
     # A restart never passes IDLE (requests held for it would be refused there) and never
     # skips the start's own checks.
     assert EngineState.IDLE not in ALLOWED_TRANSITIONS[EngineState.RESTARTING]
@@ -205,8 +212,14 @@ def test_transition_table_has_no_dead_ends() -> None:
 
 
 async def test_invalid_transition_raises(manager: VLLMModelManager) -> None:
-    with pytest.raises(InvalidTransition):
-        manager._enter(EngineState.READY, "skipping STARTING is not allowed")
+    engine = manager._engine_for("sim")
+    with pytest.raises(InvalidTransition, match="not allowed"):
+        engine._enter(EngineState.READY, "skipping STARTING", expect=EngineState.IDLE)
+    # Compare-and-set: a transition that expects another state than the engine's is refused,
+    # even when the edge itself exists.
+    with pytest.raises(InvalidTransition, match="expected ready"):
+        engine._enter(EngineState.STARTING, "from the wrong state", expect=EngineState.READY)
+    assert engine.state is EngineState.IDLE
 
 
 def test_engine_root_url_strips_v1() -> None:
@@ -293,7 +306,7 @@ async def test_no_start_over_an_engine_whose_stop_failed(
     assert "could not be confirmed stopped" in health.detail
 
     # A switch job is refused the same way: the job fails with the reason, nothing launches.
-    job = await manager.wait_job(manager.request_switch("sim-2").id, timeout_s=30)
+    job = await manager.wait_job(manager.request_switch("sim-2", exclusive=True).id, timeout_s=30)
     assert job.status is JobStatus.FAILED
     assert job.error
     assert "could not be confirmed stopped" in job.error
@@ -323,7 +336,7 @@ async def test_a_switch_retries_the_failed_stop_first_and_then_starts(
     assert manager.handle == old
     # The stop works again: the next switch's own stop clears the old engine, then it starts.
     runtime.fail_stop = False
-    job = await manager.wait_job(manager.request_switch("sim-2").id, timeout_s=30)
+    job = await manager.wait_job(manager.request_switch("sim-2", exclusive=True).id, timeout_s=30)
     assert job.status is JobStatus.SUCCEEDED, job.error
     assert not pid_alive(int(old.id))
     assert manager.status().profile_id == "sim-2"

@@ -220,7 +220,7 @@ async def test_a_switch_during_the_backoff_replaces_the_restart(
     pid = await _started(manager, factory)
     _kill(pid)
     await eventually(lambda: _state_is(manager, EngineState.RESTARTING), 10)
-    job = await manager.wait_job(manager.request_switch("sim-2").id, timeout_s=30)
+    job = await manager.wait_job(manager.request_switch("sim-2", exclusive=True).id, timeout_s=30)
     assert job.status.value == "succeeded", job.error
     await asyncio.sleep(1.0)
     status = manager.status()

@@ -114,11 +114,11 @@ async def _chat(manager: VLLMModelManager) -> str:
 
 
 async def test_switch_a_to_b_replaces_the_engine(manager: VLLMModelManager) -> None:
-    first = await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
+    first = await manager.wait_job(manager.request_switch("alpha", exclusive=True).id, timeout_s=30)
     assert first.status is JobStatus.SUCCEEDED
     assert await _chat(manager) == "alpha-model"
     alpha_url = manager.base_url
-    job = manager.request_switch("beta")
+    job = manager.request_switch("beta", exclusive=True)
     assert job.previous_profile_id == "alpha"
     done = await manager.wait_job(job.id, timeout_s=30)
     assert done.status is JobStatus.SUCCEEDED, done.error
@@ -137,8 +137,8 @@ async def test_switch_a_to_b_replaces_the_engine(manager: VLLMModelManager) -> N
 async def test_failed_switch_rolls_back_to_the_previous_profile(
     manager: VLLMModelManager,
 ) -> None:
-    await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
-    job = await manager.wait_job(manager.request_switch("broken").id, timeout_s=30)
+    await manager.wait_job(manager.request_switch("alpha", exclusive=True).id, timeout_s=30)
+    job = await manager.wait_job(manager.request_switch("broken", exclusive=True).id, timeout_s=30)
     assert job.status is JobStatus.ROLLED_BACK
     assert job.error
     assert "exited during startup" in job.error
@@ -152,10 +152,10 @@ async def test_failed_switch_rolls_back_to_the_previous_profile(
 async def test_failed_first_start_ends_failed_without_rollback(
     manager: VLLMModelManager,
 ) -> None:
-    job = await manager.wait_job(manager.request_switch("broken").id, timeout_s=30)
+    job = await manager.wait_job(manager.request_switch("broken", exclusive=True).id, timeout_s=30)
     assert job.status is JobStatus.FAILED
     assert manager.state is EngineState.FAILED
-    recovered = await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
+    recovered = await manager.wait_job(manager.request_switch("alpha", exclusive=True).id, timeout_s=30)
     assert recovered.status is JobStatus.SUCCEEDED
 
 
@@ -163,7 +163,7 @@ async def test_ten_concurrent_switches_run_exactly_one(manager: VLLMModelManager
     accepted, refused = [], []
     for _ in range(10):
         try:
-            accepted.append(manager.request_switch("slow"))
+            accepted.append(manager.request_switch("slow", exclusive=True))
         except EngineBusy as exc:
             refused.append(exc)
     assert len(accepted) == 1
@@ -172,12 +172,12 @@ async def test_ten_concurrent_switches_run_exactly_one(manager: VLLMModelManager
     done = await manager.wait_job(accepted[0].id, timeout_s=30)
     assert done.status is JobStatus.SUCCEEDED
     # Once it is done, the next switch is accepted.
-    again = manager.request_switch("alpha")
+    again = manager.request_switch("alpha", exclusive=True)
     assert (await manager.wait_job(again.id, timeout_s=30)).status is JobStatus.SUCCEEDED
 
 
 async def test_switch_drains_in_flight_requests_first(manager: VLLMModelManager) -> None:
-    await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
+    await manager.wait_job(manager.request_switch("alpha", exclusive=True).id, timeout_s=30)
     released = asyncio.Event()
     order: list[str] = []
 
@@ -188,7 +188,7 @@ async def test_switch_drains_in_flight_requests_first(manager: VLLMModelManager)
 
     holder = asyncio.create_task(in_flight())
     await asyncio.sleep(0.05)
-    job = manager.request_switch("beta")
+    job = manager.request_switch("beta", exclusive=True)
     await asyncio.sleep(0.3)
     assert manager.state is EngineState.DRAINING
     assert manager.status().in_flight == 1
@@ -209,7 +209,7 @@ async def test_serving_is_refused_while_not_ready(manager: VLLMModelManager) -> 
 
 
 async def test_unknown_profile_job_fails_with_reason(manager: VLLMModelManager) -> None:
-    job = await manager.wait_job(manager.request_switch("nope").id, timeout_s=5)
+    job = await manager.wait_job(manager.request_switch("nope", exclusive=True).id, timeout_s=5)
     assert job.status is JobStatus.FAILED
     assert job.error
     assert "cannot build engine" in job.error
@@ -219,8 +219,8 @@ async def test_unknown_profile_job_fails_with_reason(manager: VLLMModelManager) 
 async def test_any_factory_error_fails_the_job_and_frees_switching(
     manager: VLLMModelManager, profile_id: str
 ) -> None:
-    await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
-    job = await manager.wait_job(manager.request_switch(profile_id).id, timeout_s=5)
+    await manager.wait_job(manager.request_switch("alpha", exclusive=True).id, timeout_s=30)
+    job = await manager.wait_job(manager.request_switch(profile_id, exclusive=True).id, timeout_s=5)
     assert job.status is JobStatus.FAILED
     assert job.error == f"cannot build engine: {FACTORY_ERRORS[profile_id]}"
     assert manager.current_job is None
@@ -228,7 +228,7 @@ async def test_any_factory_error_fails_the_job_and_frees_switching(
     assert manager.state is EngineState.READY
     assert await _chat(manager) == "alpha-model"
     # The one-switch lock is free again: the next switch is accepted and runs.
-    again = await manager.wait_job(manager.request_switch("beta").id, timeout_s=30)
+    again = await manager.wait_job(manager.request_switch("beta", exclusive=True).id, timeout_s=30)
     assert again.status is JobStatus.SUCCEEDED, again.error
     assert await _chat(manager) == "beta-model"
 
@@ -236,8 +236,8 @@ async def test_any_factory_error_fails_the_job_and_frees_switching(
 async def test_an_unexpected_start_error_rolls_back_and_frees_switching(
     manager: VLLMModelManager,
 ) -> None:
-    await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
-    job = await manager.wait_job(manager.request_switch(NUL_PROFILE).id, timeout_s=30)
+    await manager.wait_job(manager.request_switch("alpha", exclusive=True).id, timeout_s=30)
+    job = await manager.wait_job(manager.request_switch(NUL_PROFILE, exclusive=True).id, timeout_s=30)
     assert job.status is JobStatus.ROLLED_BACK
     assert job.error
     assert "ValueError" in job.error
@@ -245,19 +245,19 @@ async def test_an_unexpected_start_error_rolls_back_and_frees_switching(
     assert manager.state is EngineState.READY
     assert manager.status().profile_id == "alpha"
     assert await _chat(manager) == "alpha-model"
-    again = await manager.wait_job(manager.request_switch("beta").id, timeout_s=30)
+    again = await manager.wait_job(manager.request_switch("beta", exclusive=True).id, timeout_s=30)
     assert again.status is JobStatus.SUCCEEDED, again.error
 
 
 async def test_an_unexpected_first_start_error_fails_and_frees_switching(
     manager: VLLMModelManager,
 ) -> None:
-    job = await manager.wait_job(manager.request_switch(NUL_PROFILE).id, timeout_s=30)
+    job = await manager.wait_job(manager.request_switch(NUL_PROFILE, exclusive=True).id, timeout_s=30)
     assert job.status is JobStatus.FAILED
     assert job.error
     assert "null byte" in job.error
     assert manager.state is EngineState.FAILED
-    again = await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
+    again = await manager.wait_job(manager.request_switch("alpha", exclusive=True).id, timeout_s=30)
     assert again.status is JobStatus.SUCCEEDED, again.error
 
 
@@ -265,12 +265,12 @@ async def test_drain_wait_is_bounded_by_drain_timeout() -> None:
     """A slot that is never given back delays the switch by drain_timeout_s, not forever."""
     drain_timeout_s = 0.6
     async with _running_manager(drain_timeout_s=drain_timeout_s) as manager:
-        await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
+        await manager.wait_job(manager.request_switch("alpha", exclusive=True).id, timeout_s=30)
         # A request that hangs: it takes a slot and does not give it back during the switch.
         assert manager.acquire_slot()
         try:
             started = time.monotonic()
-            job = manager.request_switch("beta")
+            job = manager.request_switch("beta", exclusive=True)
             done = await manager.wait_job(job.id, timeout_s=30)
             elapsed = time.monotonic() - started
         finally:
@@ -295,8 +295,8 @@ async def test_drain_that_finishes_in_time_does_not_report_a_timeout(
     manager: VLLMModelManager,
 ) -> None:
     """Without in-flight requests the stop follows the drain at once, with the plain message."""
-    await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
-    done = await manager.wait_job(manager.request_switch("beta").id, timeout_s=30)
+    await manager.wait_job(manager.request_switch("alpha", exclusive=True).id, timeout_s=30)
+    done = await manager.wait_job(manager.request_switch("beta", exclusive=True).id, timeout_s=30)
     assert done.status is JobStatus.SUCCEEDED, done.error
     draining, stopping = done.events[0], done.events[1]
     assert draining.message == "draining 0 in-flight request(s)"
@@ -308,9 +308,9 @@ async def test_an_engine_serving_another_name_never_becomes_ready(
     manager: VLLMModelManager,
 ) -> None:
     """/health 200 is not enough: /v1/models must list the profile's name, else roll back."""
-    await manager.wait_job(manager.request_switch("alpha").id, timeout_s=30)
+    await manager.wait_job(manager.request_switch("alpha", exclusive=True).id, timeout_s=30)
     started = time.monotonic()
-    job = manager.request_switch("misnamed")
+    job = manager.request_switch("misnamed", exclusive=True)
     seen_healthy = False
     misnamed_url: str | None = None
     async with httpx.AsyncClient() as client:

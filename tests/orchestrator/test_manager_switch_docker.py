@@ -152,7 +152,7 @@ async def setup(
 
 
 async def _switch(manager: VLLMModelManager, profile_id: str) -> SwitchJob:
-    job = manager.request_switch(profile_id)
+    job = manager.request_switch(profile_id, exclusive=True)
     return await manager.wait_job(job.id, timeout_s=JOB_TIMEOUT_S)
 
 
@@ -329,7 +329,7 @@ async def test_concurrent_switch_requests_accept_exactly_one(setup: Setup) -> No
 
         async def attempt(profile_id: str) -> SwitchJob | EngineBusy:
             try:
-                return manager.request_switch(profile_id)
+                return manager.request_switch(profile_id, exclusive=True)
             except EngineBusy as exc:
                 return exc
 
