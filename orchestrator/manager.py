@@ -153,7 +153,8 @@ class VLLMModelManager:
         # Counters the gateway's metrics read.
         self.evictions: dict[str, int] = {}
         self.ledger_mismatches = 0
-        self.operations: list[tuple[str, float]] = []  # (kind, seconds), drained by metrics
+        # Who is told each load, wake and sleep duration (observe_operations).
+        self._operation_observers: list[Callable[[str, float], None]] = []
         self.swaps = 0
 
     # -- engines -----------------------------------------------------------------------------
@@ -302,6 +303,18 @@ class VLLMModelManager:
         """The default engine's last log lines."""
         engine = self._default_engine()
         return engine.logs_tail(lines) if engine else []
+
+    def observe_operations(self, observer: Callable[[str, float], None]) -> Callable[[], None]:
+        """Call `observer(kind, seconds)` after every cold start ("cold": from starting the
+        process until it serves or fails), wake ("wake") and sleep ("sleep"); returns the call
+        that stops it. A callback, not an event: no duration is lost to a full queue."""
+        self._operation_observers.append(observer)
+        return lambda: self._operation_observers.remove(observer)
+
+    def _operation_done(self, kind: str, started: float) -> None:
+        seconds = time.monotonic() - started
+        for observer in list(self._operation_observers):
+            observer(kind, seconds)
 
     async def subscribe(self) -> AsyncIterator[EngineEvent]:
         """Yield every engine's events until the consumer stops iterating."""
@@ -526,10 +539,17 @@ class VLLMModelManager:
             if not self._jobs[oldest].done:
                 break
             del self._jobs[oldest]
-        engine = self._engines.get(profile_id)
-        if engine is not None:
-            engine.job = job
+        # The engine exists from here on, so that job_for() finds the job at once: concurrent
+        # requests for one model share one load.
+        self._engine_for(profile_id).job = job
         return job
+
+    def _forget_if_never_run(self, profile_id: str) -> None:
+        """Drop the engine of a profile whose job failed before anything ran (an unknown or
+        unplaceable profile), so the engine list holds only engines that ran or run."""
+        engine = self._engines.get(profile_id)
+        if engine is not None and engine.spec is None and engine.state is EngineState.IDLE:
+            del self._engines[profile_id]
 
     def _spawn_job(self, job: SwitchJob, work: Awaitable[None]) -> None:
         async def run() -> None:
@@ -591,6 +611,7 @@ class VLLMModelManager:
         except Exception as exc:
             # Nothing was stopped yet, so the current engine keeps serving.
             self._finish(job, JobStatus.FAILED, f"cannot build engine: {reason_of(exc)}")
+            self._forget_if_never_run(job.profile_id)
             return
         engine = self._engine_for(job.profile_id)
         engine.job = job
@@ -663,9 +684,13 @@ class VLLMModelManager:
             return
         except Exception as exc:
             self._finish(job, JobStatus.FAILED, f"cannot build engine: {reason_of(exc)}")
+            self._forget_if_never_run(job.profile_id)
             return
         if engine.serves:
-            if self._default is None or self._default_engine() is None:
+            default = self._default_engine()
+            if default is None or default.state in (EngineState.IDLE, EngineState.ASLEEP):
+                # "current" means what is loaded when its engine was evicted (one engine at a
+                # time: the model just loaded).
                 self._default = job.profile_id
             self._finish(job, JobStatus.SUCCEEDED, None)
         else:
@@ -702,7 +727,7 @@ class VLLMModelManager:
             return
         started = time.monotonic()
         slept = await engine.sleep(wanted)
-        self.operations.append(("sleep", time.monotonic() - started))
+        self._operation_done("sleep", started)
         self._check_ledger()
         if slept:
             self._finish(job, JobStatus.SUCCEEDED, None)
@@ -729,7 +754,7 @@ class VLLMModelManager:
         async with self._gpus_locked(gpu_ids), engine.lock:
             await engine.stop_locked()
             await engine.start_locked(engine.runtime_for(spec), spec)
-        self.operations.append(("cold", time.monotonic() - started))
+        self._operation_done("cold", started)
         if not engine.serves:
             self._claims.pop(engine.profile_id, None)
         self._check_ledger()
@@ -745,7 +770,7 @@ class VLLMModelManager:
                 return engine.serves
             woke = await engine.wake_locked()
         if woke:
-            self.operations.append(("wake", time.monotonic() - started))
+            self._operation_done("wake", started)
             self.swaps += 1
         self._check_ledger()
         return woke
@@ -888,7 +913,7 @@ class VLLMModelManager:
         started = time.monotonic()
         if level:
             slept = await engine.sleep(level)
-            self.operations.append(("sleep", time.monotonic() - started))
+            self._operation_done("sleep", started)
             if slept:
                 self.evictions[f"{reason}_sleep"] = self.evictions.get(f"{reason}_sleep", 0) + 1
                 return

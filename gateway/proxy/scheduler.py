@@ -308,8 +308,14 @@ class Scheduler:
             lease = self._overflow(model)
             if lease is not None:
                 return lease
+            # For "current" with nothing started, the manager may know why (the planner's
+            # verdict on the default profile).
+            why = fleet.status().reason if model in (None, CURRENT) else None
             raise GatewayError(
-                503, "No engine is serving.", code="engine_unavailable", headers=_RETRY_AFTER
+                503,
+                f"No engine is serving: {why}." if why else "No engine is serving.",
+                code="engine_unavailable",
+                headers=_RETRY_AFTER,
             )
         job = fleet.job_for(wanted)
         state = engine.state if engine is not None else EngineState.IDLE
@@ -372,7 +378,8 @@ class Scheduler:
         raise GatewayError(
             404,
             f"The model {self.quoted_model(model)} is not loaded (active: {active or 'none'})."
-            " Load it with POST /api/models/{profile_id}/load (or switch), or enable AUTO_SWITCH.",
+            f" Load it with POST /api/models/{wanted}/load (beside the others) or"
+            " POST /api/models/switch (as the default), or enable AUTO_SWITCH.",
             code="model_not_loaded",
             param="model",
         )
@@ -463,6 +470,11 @@ class Scheduler:
         for profile in self._control.profiles.profiles.values():
             names.extend(profile.served_names)
         return names
+
+    def queued_for(self, profile_id: str) -> int:
+        """Requests waiting for a profile's engine (a slot, its load or its wake); those for
+        "current" count for the default engine."""
+        return self._waiters_for(profile_id)
 
     def _waiters_for(self, profile_id: str) -> int:
         waiting = self._waiting.get(profile_id, 0)

@@ -134,10 +134,13 @@ class Gateway:
         """Wait until the engine (of this profile) is ready; return its URL."""
 
         async def ready() -> str | None:
+            if profile_id is not None:
+                # Any engine of the fleet, the default or not.
+                fleet_engine = self.manager.engine(profile_id)
+                serves = fleet_engine is not None and fleet_engine.serves
+                return fleet_engine.base_url if serves and fleet_engine else None
             engine = await self.engine_status()
-            if engine["state"] == "ready" and profile_id in (None, engine["profile_id"]):
-                return str(engine["engine_url"])
-            return None
+            return str(engine["engine_url"]) if engine["state"] == "ready" else None
 
         url: str = await eventually(ready, timeout_s)
         return url

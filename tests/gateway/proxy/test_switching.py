@@ -172,7 +172,9 @@ def _jobs(gw: Gateway) -> list[Any]:
 @pytest.fixture
 async def auto() -> Any:
     profiles = {"sim-a": sim_profile("sim-a", *PACE), "sim-b": sim_profile("sim-b", *PACE)}
-    async with gateway(gateway_settings(profiles, "sim-a", AUTO_SWITCH=True)) as gw:
+    # One engine at a time: every load evicts the other (where no-thrash matters).
+    settings = gateway_settings(profiles, "sim-a", AUTO_SWITCH=True, FLEET_MAX_ENGINES=1)
+    async with gateway(settings) as gw:
         yield gw
 
 
@@ -228,7 +230,9 @@ async def test_auto_switch_serves_the_loaded_model_first(auto: Gateway) -> None:
         "sim-a": sim_profile("sim-a", *PACE, aliases=("alias-a",)),
         "sim-b": sim_profile("sim-b", *PACE),
     }
-    settings = gateway_settings(profiles, "sim-a", AUTO_SWITCH=True, MAX_QUEUE_SIZE=1)
+    settings = gateway_settings(
+        profiles, "sim-a", AUTO_SWITCH=True, MAX_QUEUE_SIZE=1, FLEET_MAX_ENGINES=1
+    )
     async with gateway(settings) as one_slot, one_slot.sdk(timeout=30) as sdk:
         jobs_before = len(_jobs(one_slot))
         running = asyncio.create_task(_ask(sdk, "sim-a", 100))
