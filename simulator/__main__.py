@@ -200,6 +200,16 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "0 = half of what sleep frees)",
     )
     p.add_argument(
+        "--fail-sleep",
+        action="store_true",
+        help="POST /sleep answers 500 and the engine stays awake (a sleep that fails)",
+    )
+    p.add_argument(
+        "--fail-wake",
+        action="store_true",
+        help="POST /wake_up answers 500 and the engine stays asleep (a wake that fails)",
+    )
+    p.add_argument(
         "--api-key",
         # Like vLLM, the key may come from VLLM_API_KEY: the gateway passes an engine's key
         # that way (the environment of a process is private to its user; argv is not).
@@ -262,6 +272,8 @@ def config_from_args(
             gpu_memory_bytes=args.gpu_memory_bytes,
             sleep_residual_bytes=args.sleep_residual_bytes,
             weights_bytes=args.weights_bytes,
+            fail_sleep=args.fail_sleep,
+            fail_wake=args.fail_wake,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -871,6 +871,9 @@ class SimulatorApp:
         if level not in ("1", "2"):
             await send_bytes(send, 400, error_body(f"level must be 1 or 2, got {level!r}.", 400))
             return
+        if self.config.fail_sleep:
+            await send_bytes(send, 500, error_body("Sleep failed (simulated: --fail-sleep).", 500))
+            return
         started = time.perf_counter()
         await self.sleep.sleep(int(level), running=self.stats.running)
         self.metrics.sleep_operations.labels("sleep").observe(time.perf_counter() - started)
@@ -882,6 +885,9 @@ class SimulatorApp:
     ) -> None:
         # Repeated, as vLLM reads them: ?tags=weights&tags=kv_cache; none wakes everything.
         tags = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("tags", [])
+        if self.config.fail_wake:
+            await send_bytes(send, 500, error_body("Wake failed (simulated: --fail-wake).", 500))
+            return
         started = time.perf_counter()
         try:
             awake = await self.sleep.wake_up(tags)

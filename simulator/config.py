@@ -31,6 +31,8 @@ class SimulatorConfig:
     long falling asleep and waking the weights (or reloading them) take; ``gpu_memory_bytes``
     is the claim it runs with on each GPU of its set, of which ``sleep_residual_bytes`` stays
     while it sleeps and ``weights_bytes`` are the weights (0: half of what sleep frees).
+    ``fail_sleep`` and ``fail_wake`` make those calls fail (500), as a sleep or a wake that
+    goes wrong in vLLM does.
     """
 
     model: str = "simulated-model"
@@ -58,6 +60,9 @@ class SimulatorConfig:
     gpu_memory_bytes: int = 0
     sleep_residual_bytes: int = DEFAULT_SLEEP_RESIDUAL_BYTES
     weights_bytes: int = 0
+    # Faults of the sleep contract: POST /sleep (or /wake_up) answers 500 and changes nothing.
+    fail_sleep: bool = False
+    fail_wake: bool = False
 
     def __post_init__(self) -> None:
         """Reject impossible settings early, with a message naming the setting."""

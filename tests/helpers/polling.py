@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,12 +12,14 @@ from typing import Any
 async def eventually(
     check: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.05
 ) -> Any:
-    """Poll an async check until it returns something truthy; return that (or fail, saying what
-    it returned last)."""
+    """Poll a check (async, or a plain function) until it returns something truthy; return that
+    (or fail, saying what it returned last)."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < deadline:
-        last = await check()
+        last = check()
+        if inspect.isawaitable(last):
+            last = await last
         if last:
             return last
         await asyncio.sleep(interval_s)
