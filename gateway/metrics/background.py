@@ -1,6 +1,6 @@
-"""Series kept up to date off the request path: GPU readings on an interval, and the engine's
-state, switch jobs and restarts from the manager's events (the orchestrator knows nothing of
-metrics)."""
+"""Series kept up to date off the request path: GPU readings on an interval, and the engines'
+state, switch jobs and restarts from the manager's events; the fleet's engines and claims are
+also read at each scrape (the orchestrator knows nothing of metrics)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import Gauge
 
 from gateway.logging import get_logger
+from gateway.metrics.exposition import refresh_before_scrape
+from gateway.metrics.fleet import FleetSeries
 from gateway.metrics.series import (
     ENGINE_RESTARTS,
     ENGINE_STATE,
@@ -28,7 +31,7 @@ from gateway.metrics.series import (
     SWITCH_DURATION,
     SWITCHES,
 )
-from orchestrator.manager import EngineState, EngineStatus, JobStatus, VLLMModelManager
+from orchestrator.manager import EngineState, JobStatus, VLLMModelManager
 
 if TYPE_CHECKING:
     from orchestrator.gpus import GpuInventory
@@ -43,10 +46,6 @@ class EngineView(Protocol):
     @property
     def manager(self) -> VLLMModelManager:
         """The engine manager (status, jobs, events)."""
-        ...
-
-    def status(self) -> EngineStatus:
-        """The engine's current status."""
         ...
 
     def profile_ids(self) -> list[str]:
@@ -125,13 +124,11 @@ class EngineSeries:
         self._restarts: dict[str, int] = {}  # restarts already counted, by profile
 
     def sync_state(self) -> None:
-        """Set the state gauge from the manager's status (inactive profiles are idle)."""
-        status = self._control.status()
-        profiles = set(self._control.profile_ids())
-        if status.profile_id is not None:
-            profiles.add(status.profile_id)
+        """Set the state gauge from each engine of the fleet (profiles never run are idle)."""
+        states = {e.profile_id: e.state for e in self._control.manager.engines()}
+        profiles = set(self._control.profile_ids()) | set(states)
         for profile in profiles:
-            current = status.state if profile == status.profile_id else EngineState.IDLE
+            current = states.get(profile, EngineState.IDLE)
             for state in EngineState:
                 ENGINE_STATE.labels(profile=profile, state=state.value).set(
                     1 if state is current else 0
@@ -181,22 +178,40 @@ class BackgroundMetrics:
         self._interval_s = gpu_interval_s
         self.gpus = GpuSeries()
         self.engine = EngineSeries(control)
+        self.fleet = FleetSeries(control.manager)
         self._tasks: list[asyncio.Task[None]] = []
+        self._stops: list[Callable[[], None]] = []
 
     def start(self) -> None:
-        """Start sampling GPUs and following the engine (switch counters start at 0)."""
+        """Start sampling GPUs and following the engines (switch, eviction and the other
+        labelled counters start at 0), and read the fleet at every scrape."""
         self.engine.start_at_zero()
+        self.fleet.start_at_zero(self._control.profile_ids())
+        self.fleet.sync()
+        self._stops = [
+            self._control.manager.observe_operations(self.fleet.observe),
+            refresh_before_scrape(self.refresh),
+        ]
         self._tasks = [
             asyncio.create_task(self._sample_gpus(), name="metrics-gpus"),
             asyncio.create_task(self._follow_engine(), name="metrics-engine"),
         ]
 
+    def refresh(self) -> None:
+        """Bring the engines' state and the fleet's series up to date (before a scrape)."""
+        self.engine.sync_state()
+        self.fleet.sync()
+
     async def aclose(self) -> None:
-        """Stop both loops."""
+        """Stop both loops and the fleet's observers; drop the fleet's claim series."""
+        for stop in self._stops:
+            stop()
+        self._stops = []
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        self.fleet.clear()  # after the follower stopped: nothing writes them again
 
     async def _sample_gpus(self) -> None:
         while True:
@@ -212,7 +227,7 @@ class BackgroundMetrics:
     async def _follow_engine(self) -> None:
         self.engine.sync_state()
         async for event in self._control.manager.subscribe():
-            self.engine.sync_state()
+            self.refresh()
             self.engine.count_restarts()
             if event.job_id is not None:
                 self.engine.job_event(event.job_id)

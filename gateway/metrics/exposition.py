@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess, values
@@ -10,6 +11,23 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, mult
 from gateway.logging import get_logger
 
 log = get_logger(__name__)
+
+# Called on the event loop before each scrape is rendered: series read from in-memory state
+# (the fleet's engines and claims) are written then, so they are never older than the scrape.
+_before_scrape: list[Callable[[], None]] = []
+
+
+def refresh_before_scrape(hook: Callable[[], None]) -> Callable[[], None]:
+    """Call `hook` before every scrape (cheap, in-memory reads only: it runs on the event
+    loop); returns the call that stops it."""
+    _before_scrape.append(hook)
+    return lambda: _before_scrape.remove(hook)
+
+
+def run_before_scrape() -> None:
+    """Run every hook registered with `refresh_before_scrape`."""
+    for hook in list(_before_scrape):
+        hook()
 
 
 def multiprocess_enabled() -> bool:

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from gateway.errors import GatewayError
-from gateway.metrics.exposition import render_latest
+from gateway.metrics.exposition import render_latest, run_before_scrape
 from gateway.metrics.recorders import count_auth_failure
 from gateway.settings import Settings
 
@@ -31,6 +31,7 @@ _PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 async def metrics(request: Request) -> Response:
     """Every gateway series (merged across worker processes in multiprocess mode)."""
     check_scrape_access(request, request.app.state.settings)
+    run_before_scrape()  # on the event loop: the state it reads is the loop's
     # Reading the multiprocess files (or a large registry) is blocking work.
     body = await asyncio.to_thread(render_latest)
     return Response(body, media_type=CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"})

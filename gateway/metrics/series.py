@@ -25,6 +25,8 @@ _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 3
 _TOKENS_PER_S_BUCKETS = (1, 5, 10, 20, 40, 60, 80, 100, 150, 200, 300, 500, 1000, 2000, 5000)
 _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _SWITCH_BUCKETS = (1, 5, 10, 20, 30, 60, 90, 120, 180, 300, 600, 900, 1800)
+# A wake or sleep takes about a second, a cold start of a large model minutes.
+_OPERATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 450, 600)
 
 # -- the process ------------------------------------------------------------------------------
 
@@ -165,6 +167,48 @@ SWITCH_DURATION = Histogram(
     "Duration of model switch jobs (drain + stop + start + health), by outcome.",
     ["outcome"],
     buckets=_SWITCH_BUCKETS,
+)
+
+# -- the fleet (several engines at once; read from the manager at each scrape) ---------------
+
+FLEET_ENGINES = Gauge(
+    "gateway_fleet_engines",
+    "Engines the fleet has run, by state now (every state, 0 included; a profile never "
+    "loaded is not counted).",
+    ["state"],
+    multiprocess_mode="livemax",
+)
+FLEET_VRAM_CLAIM = Gauge(
+    "gateway_fleet_vram_claim_bytes",
+    "GPU memory the placement ledger says each resident engine holds on each of its GPUs: "
+    "its budget, or the residual while asleep (engines that left the ledger have no series).",
+    ["gpu", "engine"],
+    multiprocess_mode="livemax",
+)
+FLEET_VRAM_BUDGET = Gauge(
+    "gateway_fleet_vram_budget_bytes",
+    "Each resident engine's budget on each of its GPUs: what it holds awake, and what a "
+    "wake needs back.",
+    ["gpu", "engine"],
+    multiprocess_mode="livemax",
+)
+FLEET_OPERATIONS = Histogram(
+    "gateway_fleet_operation_seconds",
+    "Duration of engine operations, by kind: cold (a start until it serves or fails), wake, sleep.",
+    ["kind"],
+    buckets=_OPERATION_BUCKETS,
+)
+FLEET_EVICTIONS = Counter(
+    "gateway_fleet_evictions_total",
+    "Engines put to sleep or stopped to make room, by why and how: placement (another needed "
+    "its GPU memory), max_engines (FLEET_MAX_ENGINES reached), idle (idle_ttl_s), each "
+    "_sleep or _stop.",
+    ["reason"],
+)
+FLEET_LEDGER_MISMATCHES = Counter(
+    "gateway_fleet_ledger_mismatches_total",
+    "GPUs whose NVML used memory disagreed (by more than 1 GiB) with the placement ledger, "
+    "checked after every start, stop, sleep and wake (never with a recorded GPU snapshot).",
 )
 
 # -- GPUs (sampled in the background, not per scrape) -----------------------------------------

@@ -87,3 +87,26 @@ def switching_profiles(delay_s: float = 0.0) -> dict[str, object]:
             },
         },
     }
+
+
+#: Qwen2-7B's shapes (config.json): 15.2 GB of bf16 weights, one recorded RTX 3090 each.
+QWEN2_7B_ARCHITECTURE: dict[str, Any] = {
+    "params_b": 7.616,
+    "layers": 28,
+    "attention_heads": 28,
+    "kv_heads": 4,
+    "head_dim": 128,
+    "hidden_size": 3584,
+    "max_context": 32768,
+}
+
+
+def standing_in_for_7b(profile: dict[str, Any], *, sleep_level: int = 0) -> dict[str, Any]:
+    """A simulator or command profile placed on the GPUs as a 7B bf16 model at 8K context
+    (the fleet claims GPU memory for it; the process itself allocates none)."""
+    return {
+        **profile,
+        "architecture": dict(QWEN2_7B_ARCHITECTURE),  # a copy: YAML would write an alias
+        "vllm": {**profile.get("vllm", {}), "dtype": "bfloat16", "max_model_len": 8192},
+        **({"sleep_level": sleep_level} if sleep_level else {}),
+    }

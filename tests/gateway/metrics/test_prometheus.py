@@ -22,6 +22,7 @@ import yaml
 from tests.deploy.grafana import DEPLOY, concrete, dashboards, panels, variable_queries
 from tests.helpers.metrics import Scrape, scrape
 from tests.helpers.paths import REPO
+from tests.helpers.profiles import standing_in_for_7b
 from tests.helpers.prometheus_server import PrometheusServer, prometheus_binary
 from tests.helpers.proxy import (
     AUTH,
@@ -122,7 +123,8 @@ async def test_every_dashboard_query_returns_series_from_a_real_scrape(
 ) -> None:
     prometheus_binary()
     settings = gateway_settings(
-        {"local": sim_profile("local-sim", *SLOW)},
+        # Placed on the recorded GPUs as a 7B model: the fleet's VRAM panels have a claim.
+        {"local": standing_in_for_7b(sim_profile("local-sim", *SLOW))},
         "local",
         REQUIRE_AUTH=True,
         ADMIN_PASSWORD=ADMIN_PASSWORD,
@@ -212,5 +214,16 @@ async def check_values(prometheus: PrometheusServer, before: Scrape) -> None:
     assert await grew("gateway_model_time_to_first_token_seconds_count", model="local-sim") == 3
     assert await one('gateway_engine_state{profile="local", state="ready"}') == 1
     assert await one("sum(gateway_gpu_memory_total_bytes)") == 2 * 24576 * 1024 * 1024
+    # The fleet: one engine, ready, holding its budget on one GPU since its cold start.
+    assert await one('gateway_fleet_engines{state="ready"}') == 1
+    assert await one("sum(gateway_fleet_engines)") == 1
+    assert await one('count(gateway_fleet_vram_claim_bytes{engine="local"})') == 1
+    assert (
+        await one("sum(gateway_fleet_vram_claim_bytes) - sum(gateway_fleet_vram_budget_bytes)") == 0
+    )
+    assert await one('sum(gateway_fleet_operation_seconds_count{kind="cold"})') >= 1
+    assert await one("sum(gateway_fleet_evictions_total)") == before.value(
+        "gateway_fleet_evictions_total"
+    )
     # Prometheus reached the gateway with the token: the scrape itself is healthy.
     assert await one('up{job="vllm-gateway"}') == 1
