@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -51,6 +52,7 @@ from orchestrator.placement import (
     not_ours,
     place,
     sleep_level_for,
+    start_problem,
 )
 from orchestrator.profiles import Profile
 from orchestrator.recovery import Failure, RestartPolicy
@@ -79,6 +81,9 @@ log = structlog.get_logger(__name__)
 SpecFactory = Callable[[str], EngineSpec]
 
 _MAX_JOBS_KEPT = 50
+# How long a start on live GPUs waits for the memory it claims to be free (a stopped engine's
+# memory is returned to the driver a moment after its process exits).
+START_SETTLE_S = 30.0
 
 
 class NoRoom(Exception):
@@ -728,6 +733,8 @@ class VLLMModelManager:
         started = time.monotonic()
         slept = await engine.sleep(wanted)
         self._operation_done("sleep", started)
+        if slept:
+            self._measure_residual(job.profile_id)
         self._check_ledger()
         if slept:
             self._finish(job, JobStatus.SUCCEEDED, None)
@@ -753,6 +760,7 @@ class VLLMModelManager:
         started = time.monotonic()
         async with self._gpus_locked(gpu_ids), engine.lock:
             await engine.stop_locked()
+            await self._wait_for_free_memory(self._placements.get(engine.profile_id))
             await engine.start_locked(engine.runtime_for(spec), spec)
         self._operation_done("cold", started)
         if not engine.serves:
@@ -796,7 +804,7 @@ class VLLMModelManager:
             key=lambda c: (c.priority, c.last_used, c.engine_id),
         )
         chosen: list[str] = []
-        pids = self._our_pids()
+        pids = self._our_pids(inventory)
         for _ in range(len(candidates) + 1):
             fits = all(
                 available(gpu, ledger, our_pids=pids) >= claim.bytes_per_gpu
@@ -838,7 +846,7 @@ class VLLMModelManager:
         assert self._placer is not None
         inventory = self._placer.inventory(fresh=True)
         ledger = self.ledger().without(profile.id)
-        pids = self._our_pids()
+        pids = self._our_pids(inventory)
         placement = place(profile, inventory, ledger, our_pids=pids, allow_reduced_context=False)
         if placement.placed:
             return placement
@@ -915,6 +923,7 @@ class VLLMModelManager:
             slept = await engine.sleep(level)
             self._operation_done("sleep", started)
             if slept:
+                self._measure_residual(profile_id)
                 self.evictions[f"{reason}_sleep"] = self.evictions.get(f"{reason}_sleep", 0) + 1
                 return
         if engine.state is EngineState.IDLE:
@@ -950,7 +959,7 @@ class VLLMModelManager:
                 return tuple(self._wake_victims(claim, self._placer.inventory()))
         inventory = self._placer.inventory()
         ledger = self.ledger().without(profile_id)
-        pids = self._our_pids()
+        pids = self._our_pids(inventory)
         if place(profile, inventory, ledger, our_pids=pids, allow_reduced_context=False).placed:
             return self._cap_victims(profile_id)
         eviction = choose_victims(profile, inventory, ledger, our_pids=pids)
@@ -1001,13 +1010,64 @@ class VLLMModelManager:
         profile = self._profile(profile_id)
         return profile.sleep_level if profile is not None else 0
 
-    def _our_pids(self) -> tuple[int, ...]:
-        pids = []
+    def _our_pids(self, inventory: GpuInventory | None = None) -> tuple[int, ...]:
+        """The pids of our process engines as NVML lists them: a process engine is started in
+        its own process group (its handle's id), and vLLM's GPU work runs in its children, so a
+        GPU process whose group is one of ours is ours."""
+        groups = {pid: e.profile_id for pid, e in self._process_groups().items()}
+        pids = set(groups)
+        for gpu in inventory.gpus if inventory is not None else ():
+            for process in gpu.processes:
+                if _group_of(process.pid) in groups:
+                    pids.add(process.pid)
+        return tuple(sorted(pids))
+
+    def _process_groups(self) -> dict[int, ManagedEngine]:
+        groups = {}
         for engine in self._engines.values():
             handle = engine.handle
             if handle is not None and handle.runtime == "process" and handle.id.isdigit():
-                pids.append(int(handle.id))
-        return tuple(pids)
+                groups[int(handle.id)] = engine
+        return groups
+
+    def _measure_residual(self, profile_id: str) -> None:
+        """After a sleep, where NVML is live: what the engine's processes still hold on each
+        of its GPUs becomes its residual in the ledger (instead of SLEEP_RESIDUAL_BYTES)."""
+        claim = self._claims.get(profile_id)
+        engine = self._engines.get(profile_id)
+        if self._placer is None or claim is None or engine is None or engine.handle is None:
+            return
+        inventory = self._placer.inventory(fresh=True)
+        if inventory.source != "nvml" or not engine.handle.id.isdigit():
+            return
+        group = int(engine.handle.id)
+        held = [
+            sum(p.used_memory_bytes for p in gpu.processes if _group_of(p.pid) == group)
+            for gpu in inventory.gpus
+            if gpu.index in claim.gpu_ids
+        ]
+        if held and max(held) > 0:
+            self._claims[profile_id] = replace(claim, residual_bytes_per_gpu=max(held))
+            log.info("sleep_residual_measured", profile=profile_id, bytes_per_gpu=max(held))
+
+    async def _wait_for_free_memory(self, placement: Placement | None) -> None:
+        """Before a start on live GPUs: vLLM checks its gpu_memory_utilization against the memory
+        free at that moment, and a just-stopped engine's memory takes a moment to be returned;
+        wait (bounded) until the GPUs have the claim free, else start and let vLLM say why."""
+        if self._placer is None or placement is None:
+            return
+        deadline = time.monotonic() + START_SETTLE_S
+        while True:
+            inventory = self._placer.inventory(fresh=True)
+            if inventory.source != "nvml":
+                return
+            problem = start_problem(placement, inventory)
+            if problem is None:
+                return
+            if time.monotonic() > deadline:
+                log.warning("engine_start_memory_not_free", reason=problem)
+                return
+            await asyncio.sleep(0.5)
 
     @contextlib.asynccontextmanager
     async def _gpus_locked(self, gpu_ids: Iterable[int]) -> AsyncIterator[None]:
@@ -1030,7 +1090,7 @@ class VLLMModelManager:
             return
         ledger = self.ledger()
         if self._baseline_not_ours is None:
-            pids = self._our_pids()
+            pids = self._our_pids(inventory)
             self._baseline_not_ours = {g.index: not_ours(g, pids) for g in inventory.gpus}
         result = check_ledger(ledger, inventory, baseline_not_ours=self._baseline_not_ours)
         for mismatch in result.mismatches:
@@ -1084,3 +1144,11 @@ class VLLMModelManager:
             await engine.aclose()
         with contextlib.suppress(InvalidTransition):
             await self.stop()
+
+
+def _group_of(pid: int) -> int | None:
+    """A process's group, None when it cannot be read (gone, or in another pid namespace)."""
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None

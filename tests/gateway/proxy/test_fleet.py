@@ -289,3 +289,25 @@ async def test_switching_the_default_under_load_fails_no_request(three: Gateway)
     chat = gw.manager.engine("chat")
     assert chat is not None
     assert chat.state.value == "idle"  # the exclusive switch stopped it
+
+
+async def test_idle_engines_sleep_or_stop_after_their_idle_ttl() -> None:
+    profiles = {
+        "coder": {**stand_in("coder", CODER_7B, sleep_level=1), "idle_ttl_s": 1.0},
+        "chat": {**stand_in("chat", CHAT_8B), "idle_ttl_s": 1.0},
+    }
+    async with gateway(fleet_settings(profiles)) as gw:
+        await gw.wait_ready("coder")
+        assert (await _ask(gw, "chat")).status_code == 200
+        coder, chat = gw.manager.engine("coder"), gw.manager.engine("chat")
+        assert coder is not None
+        assert chat is not None
+        # Unused past their TTL: the one with sleep mode sleeps, the other is stopped.
+        await eventually(lambda: coder.state.value == "asleep", 15)
+        await eventually(lambda: chat.state.value == "idle", 15)
+        assert gw.manager.evictions.get("idle_sleep") == 1
+        assert gw.manager.evictions.get("idle_stop") == 1
+        # A request wakes the sleeper.
+        woken = await _ask(gw, "coder")
+        assert woken.status_code == 200, woken.text
+        assert coder.last_wake_s is not None
