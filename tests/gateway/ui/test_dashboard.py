@@ -32,7 +32,7 @@ UI = tuple[Page, PageProblems]
 async def sign_in_to_console(page: Page, gateway: Gateway) -> None:
     """Sign in as the admin and wait for the engine panel."""
     await sign_in(page, gateway, "/dashboard", "admin", gateway.admin_password)
-    await expect(page.get_by_role("heading", name="Engine")).to_be_visible()
+    await expect(page.get_by_role("heading", name="Engine", exact=True)).to_be_visible()
 
 
 async def test_admin_switches_the_model_and_sees_progress_reach_ready(
