@@ -157,9 +157,10 @@ class EngineSeries:
                 self._restarts[profile] = total
 
     def job_event(self, job_id: str) -> None:
-        """Count a switch job once, when it has an outcome."""
+        """Count a switch job once, when it has an outcome (loads, sleeps and wakes have
+        their own series: gateway_fleet_operation_seconds)."""
         job = self._control.manager.job(job_id)
-        if job is None or not job.done or job_id in self._counted:
+        if job is None or not job.done or job_id in self._counted or job.kind.value != "switch":
             return
         self._counted.append(job_id)
         outcome = job.status.value
