@@ -491,9 +491,11 @@ class Scheduler:
         try:
             self._control.check_fits(wanted)
         except ProfileDoesNotFit as exc:
+            # A model that can never run here is not one this gateway serves (it is not listed
+            # in /v1/models either): 404, with the planner's reasons.
             raise GatewayError(
-                409,
-                f"The model {self.quoted_model(model)} does not fit this hardware: "
+                404,
+                f"The model {self.quoted_model(model)} cannot run on this hardware: "
                 f"{'; '.join(exc.verdict.reasons)}",
                 code="profile_does_not_fit",
                 param="model",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import subprocess
@@ -14,13 +15,14 @@ import httpx
 import pytest
 
 from orchestrator.gpus import GpuInventory, SnapshotReader
+from orchestrator.placement import Ledger, claim_for, place
 from orchestrator.planner import FitVerdict, plan_profile
-from orchestrator.profiles import Profile, ProfileSet, load_profiles
+from orchestrator.profiles import Profile, ProfileSet, RuntimeKind, load_profiles
 from orchestrator.runtimes import ProcessRuntime
 from orchestrator.runtimes.base import LABEL_SERVED_NAME, EngineSpec, RuntimeHandle, engine_key_env
 from orchestrator.runtimes.docker import container_kwargs
 from orchestrator.runtimes.process import engine_environment
-from orchestrator.specs import VLLM_SERVER_MODULE, SpecError, build_engine_spec, vllm_args
+from orchestrator.specs import VLLM_SERVER_MODULE, SpecError, build_engine_spec, placed, vllm_args
 from simulator.__main__ import config_from_args
 from tests.helpers.paths import REPO
 from tests.helpers.ports import free_port
@@ -512,3 +514,82 @@ async def wait_for_models(
             pass
         await asyncio.sleep(0.5)
     pytest.fail("vLLM not ready after 240 s:\n" + "\n".join(runtime.logs_tail(handle, 40)))
+
+
+def test_an_engine_placed_beside_another_gets_its_own_fraction_of_the_gpu(
+    shipped: ProfileSet, dual_3090: GpuInventory
+) -> None:
+    """The fleet's spec: the placement's GPU, TP size and context, and gpu_memory_utilization
+    = its claim / the GPU's total (not the profile's 0.9), since two engines share the box."""
+    qwen = shipped.get("qwen2-7b").model_copy(update={"runtime": RuntimeKind.PROCESS})
+    llama = shipped.get("llama-3-8b").model_copy(update={"runtime": RuntimeKind.PROCESS})
+    first = place(qwen, dual_3090, Ledger())
+    ledger = Ledger((claim_for(first, qwen, last_used=0.0),))
+    second = place(llama, dual_3090, ledger)
+    assert (first.gpu_ids, second.gpu_ids) == ((1,), (0,))
+    profile, verdict = placed(llama, plan_profile(llama, dual_3090), second)
+    spec = build_engine_spec(
+        profile,
+        verdict,
+        port=8124,
+        vllm_python=VLLM_PYTHON,
+        hf_cache=None,
+        hf_token=None,
+        log_dir=None,
+        instance="test",
+        gateway_python=GATEWAY_PYTHON,
+    )
+    args = list(spec.command)
+    fraction = float(args[args.index("--gpu-memory-utilization") + 1])
+    assert fraction == second.utilization
+    assert fraction < 0.9
+    # Rounded up: vLLM never gets less than the claim.
+    assert fraction * dual_3090.gpus[0].memory_total_bytes >= second.bytes_per_gpu
+    assert args[args.index("--tensor-parallel-size") + 1] == "1"
+    assert args[args.index("--max-model-len") + 1] == str(second.max_model_len)
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_a_simulator_placed_as_a_model_is_told_its_claim_and_weights(
+    dual_3090: GpuInventory,
+) -> None:
+    simulator = Profile.model_validate(
+        {
+            "id": "coder",
+            "display_name": "stand-in",
+            "engine": "simulator",
+            "runtime": "process",
+            "served_model_name": "coder",
+            "architecture": {
+                "params_b": 7.616,
+                "layers": 28,
+                "attention_heads": 28,
+                "kv_heads": 4,
+                "head_dim": 128,
+                "hidden_size": 3584,
+                "max_context": 32768,
+            },
+            "vllm": {"dtype": "bfloat16", "max_model_len": 8192},
+        }
+    )
+    placement = place(simulator, dual_3090, Ledger())
+    profile, verdict = placed(simulator, plan_profile(simulator, dual_3090), placement)
+    spec = build_engine_spec(
+        profile,
+        verdict,
+        port=8125,
+        vllm_python=VLLM_PYTHON,
+        hf_cache=None,
+        hf_token=None,
+        log_dir=None,
+        instance="test",
+        gateway_python=GATEWAY_PYTHON,
+    )
+    args = list(spec.command)
+    assert int(args[args.index("--gpu-memory-bytes") + 1]) == placement.bytes_per_gpu
+    weights = int(args[args.index("--weights-bytes") + 1])
+    assert weights == math.ceil(7.616e9 * 2)
+    # The simulator accepts what the fleet gives it.
+    config = config_from_args(args[args.index("-m") + 2 :])
+    assert config.gpu_memory_bytes == placement.bytes_per_gpu
+    assert config.max_model_len == 8192

@@ -311,3 +311,26 @@ async def test_idle_engines_sleep_or_stop_after_their_idle_ttl() -> None:
         woken = await _ask(gw, "coder")
         assert woken.status_code == 200, woken.text
         assert coder.last_wake_s is not None
+
+
+async def test_a_model_that_never_fits_is_a_404_naming_why() -> None:
+    profiles = {
+        "coder": stand_in("coder", CODER_7B),
+        "huge": {
+            **stand_in("huge", {**BIG_14B, "params_b": 140.0}),
+            "vllm": {"max_model_len": 8192},
+        },
+    }
+    async with gateway(fleet_settings(profiles)) as gw:
+        await gw.wait_ready("coder")
+        response = await _ask(gw, "huge")
+        assert gw.manager.engine("huge") is None  # nothing was started or evicted for it
+        coder = gw.manager.engine("coder")
+        assert coder is not None
+        assert coder.serves
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert error["code"] == "profile_does_not_fit"
+    assert error["param"] == "model"
+    assert "cannot run on this hardware" in error["message"]
+    assert "GiB" in error["message"]  # the planner's numbers
