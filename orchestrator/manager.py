@@ -1010,6 +1010,11 @@ class VLLMModelManager:
         profile = self._profile(profile_id)
         return profile.sleep_level if profile is not None else 0
 
+    def our_pids(self, inventory: GpuInventory | None = None) -> tuple[int, ...]:
+        """The GPU processes of this reading that are our engines' (what placement does not
+        count as memory held by others)."""
+        return self._our_pids(inventory)
+
     def _our_pids(self, inventory: GpuInventory | None = None) -> tuple[int, ...]:
         """The pids of our process engines as NVML lists them: a process engine is started in
         its own process group (its handle's id), and vLLM's GPU work runs in its children, so a

@@ -12,19 +12,25 @@ from gateway.deps import get_admin
 from gateway.engine import ModelsDep
 from gateway.models_api import service
 from gateway.models_api.schemas import (
+    PROFILE_ID_PATTERN,
+    FleetView,
     GpuInventoryView,
+    JobList,
     ModelStatus,
     ProfileList,
     ProfileView,
     ReloadResult,
+    SleepRequest,
     SwitchJobView,
     SwitchRequest,
 )
+from gateway.proxy.deps import SchedulerDep
 from gateway.routing import GuardedRoute
 
 router = APIRouter(tags=["models"], dependencies=[Depends(get_admin)], route_class=GuardedRoute)
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-f0-9]+$")]
+ProfileId = Annotated[str, Path(min_length=1, max_length=64, pattern=PROFILE_ID_PATTERN)]
 
 
 @router.get("/api/models/status", response_model=ModelStatus)
@@ -42,14 +48,62 @@ async def profiles(models: ModelsDep) -> ProfileList:
 
 @router.post("/api/models/switch", response_model=SwitchJobView, status_code=202)
 async def switch(body: SwitchRequest, models: ModelsDep) -> SwitchJobView:
-    """Switch to a profile in the background; poll the job or follow /api/models/events."""
-    return service.switch(control=models, profile_id=body.profile_id)
+    """Make a profile the default model in the background (beside the resident engines, or
+    alone with `exclusive`); poll the job or follow /api/models/events."""
+    return service.switch(control=models, profile_id=body.profile_id, exclusive=body.exclusive)
 
 
 @router.get("/api/models/switch/{job_id}", response_model=SwitchJobView)
 async def switch_job(job_id: JobId, models: ModelsDep) -> SwitchJobView:
-    """A switch job: status, progress events, and the engine's last log lines on failure."""
+    """A job: status, progress events, and the engine's last log lines on failure."""
     return service.get_job(control=models, job_id=job_id)
+
+
+@router.get("/api/models/jobs", response_model=JobList)
+async def jobs(models: ModelsDep) -> JobList:
+    """The recent jobs of every kind (switch, load, unload, sleep, wake), newest first."""
+    return service.list_jobs(control=models)
+
+
+@router.get("/api/models/jobs/{job_id}", response_model=SwitchJobView)
+async def job(job_id: JobId, models: ModelsDep) -> SwitchJobView:
+    """A job of any kind: status, progress events, the engine's last log lines on failure."""
+    return service.get_job(control=models, job_id=job_id)
+
+
+@router.get("/api/models/engines", response_model=FleetView)
+async def engines(models: ModelsDep, scheduler: SchedulerDep) -> FleetView:
+    """Every engine the fleet has run (state, GPUs, memory, requests, timings, its job) and
+    each GPU's memory split between our engines, other processes and free."""
+    return service.fleet_view(control=models, scheduler=scheduler)
+
+
+@router.post("/api/models/{profile_id}/load", response_model=SwitchJobView, status_code=202)
+async def load(profile_id: ProfileId, models: ModelsDep) -> SwitchJobView:
+    """Load (or wake) a profile's engine beside the others, evicting only what it needs."""
+    return service.load(control=models, profile_id=profile_id)
+
+
+@router.post("/api/models/{profile_id}/unload", response_model=SwitchJobView, status_code=202)
+async def unload(profile_id: ProfileId, models: ModelsDep) -> SwitchJobView:
+    """Drain and stop a profile's engine."""
+    return service.unload(control=models, profile_id=profile_id)
+
+
+@router.post("/api/models/{profile_id}/sleep", response_model=SwitchJobView, status_code=202)
+async def sleep(
+    profile_id: ProfileId, models: ModelsDep, body: SleepRequest | None = None
+) -> SwitchJobView:
+    """Drain a ready engine and put it to sleep (vLLM sleep mode): its GPU memory is freed,
+    its process kept for a fast wake."""
+    level = body.level if body is not None else None
+    return service.sleep(control=models, profile_id=profile_id, level=level)
+
+
+@router.post("/api/models/{profile_id}/wake", response_model=SwitchJobView, status_code=202)
+async def wake(profile_id: ProfileId, models: ModelsDep) -> SwitchJobView:
+    """Wake a sleeping engine (started cold if the wake fails)."""
+    return service.wake(control=models, profile_id=profile_id)
 
 
 @router.get("/api/models/events", response_class=EventSourceResponse)

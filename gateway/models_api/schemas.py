@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# What a profile id may look like (in a body and in a path): the ids model_profiles.yml allows.
+PROFILE_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
 
 class SwitchRequest(BaseModel):
-    """Switch the served model to a profile from model_profiles.yml."""
+    """Make a profile from model_profiles.yml the default model ("current")."""
 
     model_config = ConfigDict(extra="forbid")
 
-    profile_id: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    profile_id: str = Field(min_length=1, max_length=64, pattern=PROFILE_ID_PATTERN)
+    exclusive: bool = Field(
+        default=False,
+        description="Stop every other engine first (one engine at a time). Otherwise the "
+        "profile is loaded beside the resident engines, evicting only what it needs.",
+    )
+
+
+class SleepRequest(BaseModel):
+    """POST /api/models/{profile_id}/sleep: the sleep level (default: the profile's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    level: Literal[1, 2] | None = Field(
+        default=None,
+        description="1: weights copied to host RAM (fast wake); 2: weights discarded "
+        "(reloaded on wake). Absent: the profile's sleep_level.",
+    )
 
 
 class EngineView(BaseModel):
@@ -64,11 +84,13 @@ class JobEventView(BaseModel):
 
 
 class SwitchJobView(BaseModel):
-    """A switch job and its outcome."""
+    """A job of the fleet (switch, load, unload, sleep or wake) and its outcome."""
 
     job_id: str
+    kind: str = Field(description="switch, load, unload, sleep or wake.")
     profile_id: str
     previous_profile_id: str | None
+    exclusive: bool = Field(description="A switch that stopped every other engine first.")
     status: str
     created_at: float
     finished_at: float | None
@@ -142,3 +164,81 @@ class ReloadResult(BaseModel):
     profiles: int
     default_profile: str
     source: str
+
+
+class JobList(BaseModel):
+    """GET /api/models/jobs: the recent jobs, newest first."""
+
+    jobs: list[SwitchJobView]
+
+
+class FleetEngineView(BaseModel):
+    """One engine of the fleet (admins only: `error` may quote the engine)."""
+
+    profile_id: str
+    served_model_name: str | None
+    aliases: list[str]
+    state: str = Field(
+        description="idle, starting, loading, ready, draining, stopping, restarting, failed, "
+        "sleeping, asleep or waking."
+    )
+    node: str = Field(description="Where it runs (one node: local).")
+    gpu_ids: list[int]
+    claim_bytes_per_gpu: int = Field(description="Its budget on each of its GPUs (0: no GPU).")
+    held_bytes_per_gpu: int = Field(
+        description="What it holds on each of its GPUs now: the budget, or the residual "
+        "while asleep (0 when not resident)."
+    )
+    in_flight: int
+    queued: int = Field(description="Requests waiting for this engine.")
+    slots: int = Field(description="Requests it serves at once (max_concurrency).")
+    last_used: float | None
+    sleep_level: int = Field(description="The level it sleeps at (0: awake).")
+    profile_sleep_level: int = Field(
+        description="The profile's sleep_level: what an eviction or a sleep without a "
+        "level uses (0: no sleep mode)."
+    )
+    last_load_s: float | None = Field(description="Its last cold load, in seconds.")
+    last_wake_s: float | None = Field(description="Its last wake, in seconds.")
+    pinned: bool
+    priority: int
+    is_default: bool = Field(description='The engine "current" (or no model) reaches.')
+    job: SwitchJobView | None = Field(description="The job acting on it now.")
+    failure: str | None
+    reason: str | None
+    error: str | None
+
+
+class GpuShareView(BaseModel):
+    """What one engine holds on one GPU (the ledger)."""
+
+    profile_id: str
+    bytes: int
+    state: str
+
+
+class FleetGpuView(BaseModel):
+    """One GPU split between our engines, other users and free memory."""
+
+    index: int
+    name: str
+    total_bytes: int
+    used_bytes: int = Field(description="Used, as the GPU reading says.")
+    not_ours_bytes: int = Field(
+        description="Used by other processes and the driver: used less what our engines' "
+        "processes use."
+    )
+    free_bytes: int = Field(
+        description="Left for a new engine before the reserve: total less not ours less "
+        "what our engines hold."
+    )
+    engines: list[GpuShareView]
+
+
+class FleetView(BaseModel):
+    """GET /api/models/engines."""
+
+    default_profile: str | None = Field(description='The profile "current" names.')
+    max_engines: int = Field(description="FLEET_MAX_ENGINES: engines awake at once.")
+    engines: list[FleetEngineView]
+    gpus: list[FleetGpuView]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from gateway.deps import PrincipalDep, get_principal
 from gateway.proxy import service
@@ -73,14 +73,20 @@ _add_openai_route(Route.EMBEDDINGS, "/v1/embeddings", "Embeddings.")
 
 
 class ModelEntry(BaseModel):
-    """One model name the gateway can route, with the state of the profile behind it."""
+    """One model the gateway can serve (OpenAI's shape, with the fleet's fields)."""
 
     id: str
     object: str = "model"
     created: int
     owned_by: str = "vllm-chat-gateway"
-    profile: str
-    state: str
+    profile: str = Field(description="The profile in model_profiles.yml that serves it.")
+    state: str = Field(
+        description="ready, loading, sleeping, unloading, failed or not_loaded (loaded when "
+        "a request names it, with AUTO_SWITCH, or by an administrator)."
+    )
+    aliases: list[str] = Field(description="Other names a request may give for this model.")
+    load_s: float | None = Field(description="Its last cold load, in seconds (null: none yet).")
+    wake_s: float | None = Field(description="Its last wake from sleep, in seconds.")
 
 
 class ModelList(BaseModel):
@@ -92,8 +98,8 @@ class ModelList(BaseModel):
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(state: ProxyDep, _principal: PrincipalDep) -> ModelList:
-    """Every profile's served name and aliases, with its state (ready, loading, available,
-    does_not_fit)."""
+    """The models this gateway can serve: resident, asleep, or able to fit the GPUs, each with
+    its state and aliases (a model too big for this machine is not listed)."""
     return ModelList(data=[ModelEntry(**entry) for entry in service.model_entries(state=state)])
 
 

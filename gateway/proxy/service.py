@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import Request
 
 from gateway.body import read_capped_body
+from gateway.engine import EXTERNAL_PROFILE
 from gateway.errors import GatewayError
 from gateway.fields import tier_grants
 from gateway.limits.enforce import check_inference
@@ -24,6 +25,8 @@ from gateway.proxy.scheduler import CURRENT, Lease, Scheduler
 from gateway.proxy.upstream import Outcome, RelayResponse
 from gateway.proxy.validation import Limits, ProxyRequest, Route, parse_request
 from gateway.settings import Settings
+from orchestrator.engine import ManagedEngine
+from orchestrator.manager import EngineState, JobKind, SwitchJob
 
 # A streamed request that has waited this long for a model that is loading gets its 200 and a
 # loading comment, then another as often: proxies commonly give up after 60 s of silence.
@@ -237,28 +240,72 @@ def check_model_scope(principal: Principal, model: str | None, state: ProxyResou
         )
 
 
+# What /v1/models calls an engine's state: the words a client needs, not the state machine's.
+_PUBLIC_STATES: dict[EngineState, str] = {
+    EngineState.IDLE: "not_loaded",
+    EngineState.STARTING: "loading",
+    EngineState.LOADING: "loading",
+    EngineState.RESTARTING: "loading",
+    EngineState.WAKING: "loading",
+    EngineState.READY: "ready",
+    EngineState.SLEEPING: "sleeping",
+    EngineState.ASLEEP: "sleeping",
+    EngineState.DRAINING: "unloading",
+    EngineState.STOPPING: "unloading",
+    EngineState.FAILED: "failed",
+}
+# Jobs after which the model serves: while one runs for a model, it is "loading".
+BRINGING_UP = frozenset({JobKind.LOAD, JobKind.WAKE, JobKind.SWITCH})
+
+
+def model_state(engine: ManagedEngine | None, job: SwitchJob | None) -> str:
+    """A model's state as /v1/models shows it: ready, loading, sleeping, unloading, failed or
+    not_loaded."""
+    if engine is not None and engine.serves:
+        return "ready"
+    if job is not None and job.kind in BRINGING_UP:
+        return "loading"
+    if engine is None:
+        return "not_loaded"
+    if engine.status().asleep:  # ASLEEP, or READY but put to sleep outside the gateway
+        return "sleeping"
+    return _PUBLIC_STATES[engine.state]
+
+
 def model_entries(*, state: ProxyResources) -> list[dict[str, Any]]:
-    """Served names and aliases of every profile, with the state of each profile here."""
+    """One entry per model this gateway can serve: resident (awake or asleep), being loaded,
+    or loadable because the planner says it fits the GPUs alone. A model that can never run
+    here is not listed (GET /api/models/profiles says why). Aliases are a field of their
+    model's entry; each entry has the model's state and its last load and wake times."""
     control = state.models
-    status = control.status()
-    job = control.manager.current_job
+    fleet = control.manager
     created = int(state.started_at)
     entries: list[dict[str, Any]] = []
     for profile_id, verdict in control.verdicts().items():
+        engine = fleet.engine(profile_id)
+        job = fleet.job_for(profile_id)
+        resident = engine is not None and engine.resident
+        if not (resident or job is not None or verdict.fits):
+            continue
         profile = control.profile(profile_id)
-        if profile_id == status.profile_id:
-            model_state = status.state.value
-        elif job is not None and job.profile_id == profile_id:
-            model_state = "loading"
+        listed = engine.served_names if engine is not None else ()
+        if profile_id == EXTERNAL_PROFILE:
+            # An engine someone else runs serves what it lists; nothing until it has.
+            names = listed
         else:
-            model_state = "available" if verdict.fits else "does_not_fit"
-        names = profile.served_names
-        if profile_id == status.profile_id and status.served_names:
-            names = tuple(dict.fromkeys((*status.served_names, *names)))
-        if profile_id == "external":
-            names = status.served_names if profile_id == status.profile_id else ()
-        entries.extend(
-            {"id": name, "created": created, "profile": profile_id, "state": model_state}
-            for name in names
+            names = tuple(dict.fromkeys((*profile.served_names, *listed)))
+        if not names:
+            continue
+        status = engine.status() if engine is not None else None
+        entries.append(
+            {
+                "id": names[0],
+                "created": created,
+                "profile": profile_id,
+                "state": model_state(engine, job),
+                "aliases": list(names[1:]),
+                "load_s": status.last_load_s if status else None,
+                "wake_s": status.last_wake_s if status else None,
+            }
         )
     return entries

@@ -19,9 +19,10 @@ Left out, with the reason:
   ST202 failures, and only when the error names the rule by its code on an operation that
   has it; every other refusal of a schema-valid request fails the run;
 - `GET /api/models/events` (an SSE stream that ends only when the client leaves),
-  `POST /api/models/switch` and `POST /api/models/reload` (they change which engine runs;
-  switching answers 503 with Retry-After while it loads, which is right but a 5xx):
-  tests/gateway/models_api covers them;
+  `POST /api/models/switch`, `POST /api/models/reload` and the fleet's
+  `POST /api/models/{profile_id}/load|unload|sleep|wake` (they change which engines run;
+  requests for a model that is loading answer 503 with Retry-After, which is right but a
+  5xx): tests/gateway/models_api covers them;
 - `POST /api/auth/logout`: it would end the session whose token the run uses
   (tests/gateway/auth covers it).
 """
@@ -45,6 +46,10 @@ EXCLUDED_PATHS = (
     "/api/models/events",
     "/api/models/switch",
     "/api/models/reload",
+    "/api/models/{profile_id}/load",
+    "/api/models/{profile_id}/unload",
+    "/api/models/{profile_id}/sleep",
+    "/api/models/{profile_id}/wake",
     "/api/auth/logout",
 )
 ADMIN = "fuzz-admin"

@@ -18,6 +18,7 @@ DUMMY_PATH_PARAMS = {
     "user_id": str(uuid.UUID(int=1)),
     "key_id": str(uuid.UUID(int=2)),
     "job_id": "deadbeef",
+    "profile_id": "no-such-profile",
     "conversation_id": str(uuid.UUID(int=3)),
     "asset": "ui.css",
     "file": "swagger-ui.css",

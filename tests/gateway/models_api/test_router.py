@@ -148,12 +148,14 @@ async def test_switch_a_to_b_then_failed_switch_rolls_back(
         assert status["engine"]["served_names"] == ["sim-a", "model-a"]
         a_url = status["engine"]["engine_url"]
 
+        # Exclusive: one engine at a time, sim-a is stopped before sim-b starts.
         accepted = await client.post(
-            "/api/models/switch", json={"profile_id": "sim-b"}, headers=AUTH
+            "/api/models/switch", json={"profile_id": "sim-b", "exclusive": True}, headers=AUTH
         )
         assert accepted.status_code == 202
         job = await _wait_job(client, accepted.json()["job_id"])
         assert job["status"] == "succeeded"
+        assert (job["kind"], job["exclusive"]) == ("switch", True)
         assert job["previous_profile_id"] == "sim-a"
         assert job["events"][-1]["progress"] == 1.0
         status = (await client.get("/api/models/status", headers=AUTH)).json()

@@ -30,7 +30,10 @@ def _profiles_with_tiny_model(tmp_path: Path, model_dir: Path) -> Path:
 
 
 async def _switch(client: httpx.AsyncClient, profile_id: str) -> dict[str, Any]:
-    accepted = await client.post("/api/models/switch", json={"profile_id": profile_id})
+    # Exclusive: one engine at a time, so each switch stops the engine before it.
+    accepted = await client.post(
+        "/api/models/switch", json={"profile_id": profile_id, "exclusive": True}
+    )
     assert accepted.status_code == 202, accepted.text
     job_id = accepted.json()["job_id"]
     for _ in range(3000):

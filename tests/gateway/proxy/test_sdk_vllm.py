@@ -127,7 +127,7 @@ async def test_models_list(gw: Gateway) -> None:
     by_id = {model.id: model.model_dump() for model in page.data}
     assert by_id[MODEL]["state"] == "ready"
     assert by_id[MODEL]["profile"] == "tiny-cpu"
-    assert by_id["simulator"]["state"] == "available"
+    assert by_id["simulator"]["state"] == "not_loaded"
 
 
 async def test_embeddings_error_is_passed_through(gw: Gateway) -> None:
