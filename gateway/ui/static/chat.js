@@ -4,17 +4,22 @@
 (function () {
   const { el, replace, $, api, announce } = window.VCG;
   const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+  // /v1/models lists only what can run here; each state says what a request for it will meet.
   const STATE_LABELS = {
     ready: "ready",
     loading: "loading",
     starting: "starting",
-    available: "not loaded",
-    does_not_fit: "does not fit",
+    waking: "waking up",
     failed: "failed",
     idle: "idle",
     draining: "switching",
     stopping: "stopping",
+    restarting: "restarting",
+    unloading: "unloading",
   };
+  const ASLEEP_STATES = new Set(["sleeping", "asleep"]);
+  const NOT_LOADED_STATES = new Set(["not_loaded", "available", "idle"]);
+  const MODEL_WAIT_MS = 600000; // a cold load of a large model may take minutes
 
   const state = {
     me: null,
@@ -71,17 +76,28 @@
       announce("Models could not be listed: " + err.message, "error");
       return;
     }
-    state.models = list.data || [];
+    // One entry per profile: its served name (aliases name the same engine).
+    const seen = new Set();
+    state.models = (list.data || []).filter((m) => {
+      const key = m.profile || m.id;
+      if (seen.has(key)) return false;
+      seen.add(key);
+      return true;
+    });
     const ready = state.models.find((m) => m.state === "ready");
     const options = [
       el("option", { value: "current" }, "Active model" + (ready ? " (" + ready.id + ")" : "")),
     ];
+    // Any model may be picked: a request for one that sleeps wakes it, and one that is not
+    // loaded loads it when the gateway switches on demand (otherwise the reply says so).
     for (const model of state.models) {
-      const label = STATE_LABELS[model.state] || model.state;
-      const usable = model.state === "ready" || (isAdmin() && model.state !== "does_not_fit");
+      const aliases = (model.aliases || []).filter((alias) => alias !== model.id);
       options.push(
-        el("option", { value: model.id, disabled: !usable, "data-state": model.state },
-          model.id + " — " + label),
+        el("option", {
+          value: model.id,
+          "data-state": model.state,
+          title: aliases.length ? "Also called " + aliases.join(", ") : null,
+        }, model.id + " — " + modelLabel(model)),
       );
     }
     replace(select, options);
@@ -90,53 +106,100 @@
     updateSwitchButton();
   }
 
+  /** "ready", "sleeping (wakes in ~3 s)", "not loaded (loads in ~40 s)", "not loaded (loads on first use)"… */
+  function modelLabel(model) {
+    if (ASLEEP_STATES.has(model.state)) {
+      return "sleeping (" + (typeof model.wake_s === "number"
+        ? "wakes in ~" + roundSeconds(model.wake_s) + " s"
+        : "wakes in a few seconds") + ")";
+    }
+    if (NOT_LOADED_STATES.has(model.state)) {
+      return "not loaded (" + (typeof model.load_s === "number"
+        ? "loads in ~" + roundSeconds(model.load_s) + " s"
+        : "loads on first use") + ")";
+    }
+    return STATE_LABELS[model.state] || String(model.state).replaceAll("_", " ");
+  }
+
+  function roundSeconds(value) {
+    return Math.max(1, Math.round(value));
+  }
+
   function selectedModel() {
     return state.models.find((m) => m.id === $("#model-select").value) || null;
   }
 
-  function updateSwitchButton() {
-    const model = selectedModel();
-    const loadable = isAdmin() && model && !["ready", "does_not_fit"].includes(model.state);
-    $("#switch-model").hidden = !loadable || state.switching;
+  /** What an admin's button does to the picked model: wake it, load it, or nothing. */
+  function modelAction(model) {
+    if (!isAdmin() || !model) return null;
+    if (ASLEEP_STATES.has(model.state)) return { path: "wake", label: "Wake model", doing: "Waking" };
+    if (NOT_LOADED_STATES.has(model.state) || model.state === "failed") {
+      return { path: "load", label: "Load model", doing: "Loading" };
+    }
+    return null;
   }
 
+  function updateSwitchButton() {
+    const action = modelAction(selectedModel());
+    const button = $("#switch-model");
+    button.hidden = !action || state.switching;
+    if (action) button.textContent = action.label;
+  }
+
+  /** An admin loads (or wakes) the picked model beside the others, then waits for it in
+   *  /v1/models; a request would do the same on demand, this only saves the wait. */
   async function switchModel() {
     const model = selectedModel();
-    if (!model) return;
+    const action = modelAction(model);
+    if (!action) return;
     state.switching = true;
     updateSwitchButton();
     const bar = $("#switch-bar");
     const text = $("#switch-text");
     $("#switch-progress").hidden = false;
     bar.removeAttribute("value");
-    text.textContent = "Loading " + model.id + "…";
+    text.textContent = action.doing + " " + model.id + "…";
     try {
-      let job = await api("/api/models/switch", {
-        method: "POST",
-        body: { profile_id: model.profile },
-      });
-      while (job.status === "pending" || job.status === "running") {
-        const last = job.events[job.events.length - 1];
-        if (last) {
-          if (typeof last.progress === "number") bar.value = last.progress;
-          text.textContent = last.message;
-        }
-        await new Promise((resolve) => setTimeout(resolve, 500));
-        job = await api("/api/models/switch/" + encodeURIComponent(job.job_id));
-      }
-      if (job.status === "succeeded") {
+      const job = await api(
+        "/api/models/" + encodeURIComponent(model.profile) + "/" + action.path,
+        { method: "POST" },
+      );
+      const outcome = await waitForModel(model.id, job);
+      if (outcome === "ready") {
         bar.value = 1;
         announce(model.id + " is ready.");
       } else {
-        announce("The switch " + job.status.replace("_", " ") + ": " + (job.error || ""), "error");
+        announce(model.id + " is not ready: " + outcome, "error");
       }
     } catch (err) {
-      announce("Switch refused: " + err.message, "error");
+      announce(action.doing + " refused: " + err.message, "error");
     } finally {
       state.switching = false;
       $("#switch-progress").hidden = true;
       await loadModels();
     }
+  }
+
+  /** Follow the admin's job until it ends; "ready", or why the model is not. */
+  async function waitForModel(id, job) {
+    const jobId = job && (job.job_id || job.id);
+    const deadline = Date.now() + MODEL_WAIT_MS;
+    while (job && ["pending", "running"].includes(job.status) && Date.now() < deadline) {
+      const last = job.events && job.events[job.events.length - 1];
+      if (last) {
+        if (typeof last.progress === "number") $("#switch-bar").value = last.progress;
+        if (last.message) $("#switch-text").textContent = last.message;
+      }
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      job = await api("/api/models/jobs/" + encodeURIComponent(jobId));
+    }
+    if (job && job.status !== "succeeded") {
+      return job.status.replace("_", " ") + (job.error ? ": " + job.error : "");
+    }
+    // The job is done: the listing says whether the model serves now (an unfinished job too).
+    const list = await api("/v1/models");
+    const model = (list.data || []).find((m) => m.id === id);
+    return model && model.state === "ready" ? "ready" : model ? modelLabel(model) : "not listed";
   }
 
   // -- conversation list -------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-// The admin console: engine and switch progress (live events), GPUs, profiles, load balancer,
-// API keys, users and usage.
+// The admin console: engine and switch progress (live events), the fleet (GPU map, engines and
+// their load / unload / sleep / wake), GPUs, profiles, load balancer, API keys, users and usage.
 "use strict";
 
 (function () {
@@ -9,6 +9,18 @@
   const FINAL_STATES = new Set(["ready", "failed", "idle"]);
   // States after which the whole engine status is read again (restarts, error, log lines).
   const REFRESH_STATES = new Set([...FINAL_STATES, "restarting"]);
+  // The fleet is read every few seconds, and every second while an engine is on its way somewhere.
+  const FLEET_POLL_MS = 4000;
+  const FLEET_BUSY_POLL_MS = 1000;
+  const SETTLED_ENGINE_STATES = new Set(["idle", "ready", "failed", "asleep"]);
+  const ACTIVE_JOB = new Set(["pending", "running"]);
+  // Which fleet action makes sense in which engine state (a button is disabled otherwise).
+  const FLEET_ACTIONS = [
+    { action: "load", label: "Load", states: ["idle", "failed"] },
+    { action: "unload", label: "Unload", states: ["ready", "asleep", "restarting"] },
+    { action: "sleep", label: "Sleep", states: ["ready"] },
+    { action: "wake", label: "Wake", states: ["asleep"] },
+  ];
 
   const state = {
     me: null,
@@ -17,6 +29,11 @@
     timers: [],
     events: null, // AbortController of the events stream
     polling: null, // job id being polled
+    fleetOn: false, // the fleet is followed (signed in as an admin, console shown)
+    fleetTimer: 0, // the next read of /api/models/engines
+    fleetRead: 0, // reads started: only the latest one's answer is drawn
+    fleet: null, // the last /api/models/engines
+    profiles: null, // the last /api/models/profiles (profiles no engine has run yet)
   };
 
   // -- sign in -----------------------------------------------------------------------------------
@@ -37,7 +54,10 @@
     window.VCG.showView("dashboard-view");
     refreshAll();
     followEvents();
+    state.fleetOn = true;
+    scheduleFleet(FLEET_POLL_MS);
     state.timers.push(setInterval(() => visible() && loadGpus(), 5000));
+    state.timers.push(setInterval(() => visible() && loadProfiles(), 30000));
     state.timers.push(setInterval(() => visible() && loadLb(), 5000));
     state.timers.push(setInterval(() => visible() && loadStatus(), 15000));
   }
@@ -49,6 +69,9 @@
   function stop() {
     state.timers.forEach(clearInterval);
     state.timers = [];
+    state.fleetOn = false;
+    clearTimeout(state.fleetTimer);
+    state.fleetTimer = 0;
     if (state.events) state.events.abort();
     state.events = null;
   }
@@ -63,6 +86,7 @@
   function refreshAll() {
     return Promise.all([
       loadStatus(),
+      loadFleet(),
       loadGpus(),
       loadProfiles(),
       loadLb(),
@@ -169,10 +193,18 @@
     $("#engine-logs").textContent = logs.join("\n");
   }
 
+  /** "Switch", or the fleet job's kind ("Load", "Unload", "Sleep", "Wake"). */
+  function jobName(job) {
+    const kind = job.kind || "switch";
+    return kind.charAt(0).toUpperCase() + kind.slice(1);
+  }
+
   function renderJob(job) {
+    const name = jobName(job);
     $("#switch-panel").hidden = false;
-    $("#switch-title").textContent =
-      "Switch to " + job.profile_id + (job.previous_profile_id ? " (from " + job.previous_profile_id + ")" : "");
+    $("#switch-title").textContent = name === "Switch"
+      ? "Switch to " + job.profile_id + (job.previous_profile_id ? " (from " + job.previous_profile_id + ")" : "")
+      : name + " " + job.profile_id;
     const last = job.events[job.events.length - 1];
     const progress = $("#switch-progress");
     if (job.status === "succeeded") progress.value = 1;
@@ -181,8 +213,8 @@
       job.status === "pending" || job.status === "running"
         ? (last ? last.message : "Waiting…")
         : job.status === "succeeded"
-          ? "Done: " + job.profile_id + " is ready."
-          : "Switch " + job.status.replace("_", " ") + ": " + (job.error || "");
+          ? "Done: " + job.profile_id + doneText(job)
+          : name + " " + job.status.replace("_", " ") + ": " + (job.error || "");
     $("#switch-panel").dataset.status = job.status;
     replace(
       $("#switch-events"),
@@ -195,6 +227,13 @@
     $("#switch-logs").textContent = hasLogs ? job.logs.join("\n") : "";
   }
 
+  function doneText(job) {
+    const kind = job.kind || "switch";
+    if (kind === "unload") return " is unloaded.";
+    if (kind === "sleep") return " is asleep.";
+    return " is ready.";
+  }
+
   function onProgress(event) {
     // Events of a switch job go to its panel; the engine's own (a crash, a restart, sleep) show
     // in the engine's figures, read again below.
@@ -205,10 +244,16 @@
       $("#switch-message").textContent = event.message;
       $("#switch-events").append(el("li", null, stateText(event.state), " ", event.message));
     }
-    if (state.engine) renderEngine(Object.assign({}, state.engine, { state: event.state }));
+    // The engine panel is the default engine's: another engine's progress shows in the fleet.
+    if (state.engine && (!event.profile_id || event.profile_id === state.engine.profile_id)) {
+      renderEngine(Object.assign({}, state.engine, { state: event.state }));
+    } else {
+      scheduleFleet(0);
+    }
     if (!event.job_id || REFRESH_STATES.has(event.state)) {
       loadStatus();
       if (FINAL_STATES.has(event.state)) {
+        loadFleet();
         loadProfiles();
         loadLb();
         if (event.job_id) pollJob(event.job_id);
@@ -252,7 +297,7 @@
       replace($("#switch-events"));
       renderJob(job);
       announce("Switching to " + profileId + "…");
-      pollJob(job.job_id);
+      pollJob(job.job_id || job.id);
     } catch (err) {
       announce("Switch refused: " + err.message, "error");
     }
@@ -268,7 +313,7 @@
         if (job.status !== "pending" && job.status !== "running") {
           renderJob(job);
           announce(
-            job.status === "succeeded" ? job.profile_id + " is ready." : "Switch " + job.status.replace("_", " ") + ".",
+            job.status === "succeeded" ? job.profile_id + doneText(job) : jobName(job) + " " + job.status.replace("_", " ") + ".",
             job.status === "succeeded" ? "info" : "error",
           );
           break;
@@ -280,9 +325,199 @@
     } finally {
       state.polling = null;
       loadStatus();
+      loadFleet();
       loadProfiles();
       loadLb();
     }
+  }
+
+  // -- fleet: GPU map and engines ------------------------------------------------------------------
+
+  /** Read /api/models/engines again after `delay` ms (one pending read at a time). */
+  function scheduleFleet(delay) {
+    if (!state.fleetOn) return;
+    clearTimeout(state.fleetTimer);
+    state.fleetTimer = setTimeout(async () => {
+      const busy = visible() ? await loadFleet() : false;
+      scheduleFleet(busy ? FLEET_BUSY_POLL_MS : FLEET_POLL_MS);
+    }, delay);
+  }
+
+  /** Render the fleet; resolves true while an engine moves or a job acts on one. */
+  async function loadFleet() {
+    const read = ++state.fleetRead;
+    let fleet;
+    try {
+      fleet = await api("/api/models/engines");
+    } catch (err) {
+      failed("Fleet")(err);
+      return false;
+    }
+    if (read !== state.fleetRead) return true; // a newer read is on its way: let it draw
+    state.fleet = fleet;
+    renderFleet();
+    return fleet.engines.some((engine) => !SETTLED_ENGINE_STATES.has(engine.state) || jobActive(engine));
+  }
+
+  function renderFleet() {
+    const fleet = state.fleet;
+    if (!fleet) return;
+    const engines = fleet.engines || [];
+    const resident = engines.filter((engine) => !["idle", "failed"].includes(engine.state)).length;
+    $("#fleet-summary").textContent =
+      "Default profile: " + (fleet.default_profile || "none") + " · " +
+      resident + " of at most " + fleet.max_engines + " engines resident.";
+    renderGpuMap(fleet.gpus || []);
+    renderEngineTable(engines.concat(notYetRun(engines)));
+  }
+
+  /** The fleet lists engines it has run; a profile that can run here but never did is a row
+   *  too (idle), so that it can be loaded from the table. */
+  function notYetRun(engines) {
+    const known = new Set(engines.map((engine) => engine.profile_id));
+    return (state.profiles || [])
+      .filter((profile) => !known.has(profile.id) && (profile.verdict || {}).fit !== "does_not_fit")
+      .map((profile) => ({
+        profile_id: profile.id,
+        served_model_name: profile.served_model_name,
+        aliases: profile.aliases,
+        state: "idle",
+        never_run: true,
+        gpu_ids: [],
+        is_default: profile.is_default,
+        job: null,
+      }));
+  }
+
+  function jobActive(engine) {
+    return Boolean(engine.job && ACTIVE_JOB.has(engine.job.status));
+  }
+
+  /** Always in GiB, as the map's labels promise (formatBytes switches to MiB below 1 GiB). */
+  function gib(bytes) {
+    return ((bytes || 0) / 1024 ** 3).toFixed(1) + " GiB";
+  }
+
+  /** What a part of a GPU's memory is: "ready" (an engine that runs), "asleep" (a sleeping
+   *  engine's residual), "busy" (an engine on its way), "foreign" (not ours) or "free". */
+  function segmentKind(engineState) {
+    if (engineState === "ready") return "ready";
+    if (engineState === "asleep" || engineState === "sleeping") return "asleep";
+    return "busy";
+  }
+
+  function renderGpuMap(gpus) {
+    if (!gpus.length) {
+      replace($("#gpu-map"), el("p", { class: "muted" }, "No GPUs: engines here run without one."));
+      return;
+    }
+    replace($("#gpu-map"), gpus.map(gpuRow));
+  }
+
+  function gpuRow(gpu) {
+    const total = Math.max(gpu.total_bytes || 0, 1);
+    const parts = (gpu.engines || []).map((engine) => ({
+      kind: segmentKind(engine.state),
+      bytes: engine.bytes || 0,
+      label: engine.profile_id + " (" + engine.state + (segmentKind(engine.state) === "asleep" ? ", residual" : "") + ")",
+      profile: engine.profile_id,
+      state: engine.state,
+    }));
+    parts.push({ kind: "foreign", bytes: gpu.not_ours_bytes || 0, label: "not ours" });
+    parts.push({ kind: "free", bytes: gpu.free_bytes || 0, label: "free" });
+    const width = 1000;
+    let x = 0;
+    const rects = [];
+    for (const part of parts) {
+      const w = Math.max(0, Math.min(width - x, (part.bytes / total) * width));
+      if (w <= 0) continue;
+      rects.push(svg("rect", { class: "seg seg-" + part.kind, x: x.toFixed(1), y: 0, width: w.toFixed(1), height: 20 },
+        svg("title", null, part.label + ": " + gib(part.bytes))));
+      x += w;
+    }
+    const captionId = "gpu-map-" + gpu.index;
+    return el(
+      "figure",
+      { class: "gpu-row", "data-gpu": gpu.index, "aria-labelledby": captionId },
+      // The total only: the reading's "used" may predate our engines (a recorded snapshot),
+      // the parts below say who holds what.
+      el("figcaption", { id: captionId }, "GPU " + gpu.index + " · " + gpu.name + " · " + gib(gpu.total_bytes)),
+      svg("svg", { class: "gpu-bar", viewBox: "0 0 " + width + " 20", preserveAspectRatio: "none", "aria-hidden": "true" },
+        svg("rect", { class: "seg seg-rest", x: 0, y: 0, width, height: 20 }), rects),
+      el("ul", { class: "gpu-legend" },
+        parts.map((part) => el(
+          "li",
+          { "data-segment": part.kind, "data-profile": part.profile || null, "data-state": part.state || null },
+          el("span", { class: "swatch seg-" + part.kind, "aria-hidden": "true" }),
+          part.label + " " + gib(part.bytes),
+        ))),
+    );
+  }
+
+  function seconds(value) {
+    return typeof value === "number" ? value.toFixed(1) + " s" : "—";
+  }
+
+  function renderEngineTable(engines) {
+    replace(
+      $("#engine-table tbody"),
+      engines.length ? engines.map(engineRow) :
+        el("tr", null, el("td", { colspan: 8, class: "muted" }, "No engine has run yet.")),
+    );
+  }
+
+  function engineRow(engine) {
+    const job = engine.job;
+    const working = jobActive(engine);
+    const held = engine.held_bytes_per_gpu;
+    const problem = engine.error || engine.reason;
+    return el(
+      "tr",
+      { "data-engine": engine.profile_id, "data-state": engine.state },
+      el("td", null,
+        el("strong", null, engine.profile_id),
+        engine.is_default ? el("span", { class: "badge", title: "What the model \"current\" names" }, "default") : null,
+        engine.pinned ? el("span", { class: "badge" }, "pinned") : null,
+        el("br"),
+        el("span", { class: "muted" }, [engine.served_model_name, ...(engine.aliases || [])]
+          .filter((name) => name && name !== engine.profile_id).join(", "))),
+      el("td", null,
+        stateText(engine.state),
+        engine.never_run ? el("span", { class: "muted" }, " · not loaded yet") : null,
+        working ? el("span", { class: "muted" }, " · " + job.kind + " " + job.status) : null,
+        problem ? el("br") : null,
+        problem ? el("span", { class: engine.error ? "error" : "muted" }, problem) : null,
+        engine.failure ? el("span", { class: "muted" }, " (" + engine.failure + ")") : null),
+      el("td", { title: engine.node ? "Node: " + engine.node : null },
+        engine.never_run ? "—" : (engine.gpu_ids || []).length ? engine.gpu_ids.join(", ") : "no GPU"),
+      el("td", null, engine.claim_bytes_per_gpu ? gib(engine.claim_bytes_per_gpu) : "—",
+        held && held !== engine.claim_bytes_per_gpu ? el("span", { class: "muted" }, " (holds " + gib(held) + ")") : null),
+      el("td", null, [engine.in_flight, engine.queued, engine.slots].map(formatNumber).join(" / ")),
+      el("td", null, formatDate(engine.last_used)),
+      el("td", null, seconds(engine.last_load_s) + " / " + seconds(engine.last_wake_s)),
+      el("td", { class: "actions" }, FLEET_ACTIONS.map((spec) => el("button", {
+        type: "button",
+        "data-action": spec.action,
+        disabled: working || !spec.states.includes(engine.state) ||
+          (spec.action === "sleep" && engine.profile_sleep_level === 0),
+        title: spec.action === "sleep" && engine.profile_sleep_level === 0 ? "No sleep mode (sleep_level 0)" : null,
+        "aria-label": spec.label + " " + engine.profile_id,
+        text: spec.label,
+        on: { click: (event) => fleetAction(engine.profile_id, spec, event.target) },
+      }))),
+    );
+  }
+
+  /** POST /api/models/{id}/{action}: 202 with the job; the table follows it until it ends. */
+  async function fleetAction(profileId, spec, button) {
+    button.disabled = true;
+    try {
+      const job = await api("/api/models/" + encodeURIComponent(profileId) + "/" + spec.action, { method: "POST" });
+      announce(spec.label + " " + profileId + ": " + (job && job.status ? job.status : "accepted") + ".");
+    } catch (err) {
+      announce(spec.label + " refused: " + err.message, "error");
+    }
+    scheduleFleet(0);
   }
 
   // -- GPUs --------------------------------------------------------------------------------------
@@ -344,6 +579,8 @@
       failed("Profiles")(err);
       return;
     }
+    state.profiles = list.profiles;
+    renderFleet();
     const engine = state.engine;
     const busy = engine && !["ready", "idle", "failed"].includes(engine.state);
     replace(

@@ -9,12 +9,11 @@ import re
 import time
 from typing import Any
 
-import pytest
 from playwright.async_api import Browser, Dialog, Page, Route, expect
-from playwright.async_api import Error as PlaywrightError
 
 from tests.helpers.browser import (
     BIG_PROFILE,
+    EXPECTED_CONSOLE,
     REPLY_WORDS,
     Gateway,
     PageProblems,
@@ -459,13 +458,15 @@ async def test_admin_loads_another_model_from_the_chat(
     await sign_in(page, gateway, "/chat", "admin", gateway.admin_password)
     picker = page.get_by_role("combobox", name="Model")
     await expect(picker).to_have_value("sim-a")
-    # States are shown; a model that is not loaded can be loaded by an admin.
-    await expect(picker.locator("option[value=sim-b]")).to_have_text("sim-b — not loaded")
+    # States are shown; a model that is not loaded can be loaded by an admin, beside the others.
+    await expect(picker.locator("option[value=sim-b]")).to_have_text(
+        "sim-b — not loaded (loads on first use)"
+    )
     await picker.select_option("sim-b")
     await page.get_by_role("button", name="Load model").click()
     await expect(page.locator("#status-line")).to_have_text("sim-b is ready.", timeout=30_000)
     await expect(picker.locator("option[value=sim-b]")).to_have_text("sim-b — ready")
-    await expect(picker.locator("option[value=sim-a]")).to_have_text("sim-a — not loaded")
+    await expect(picker.locator("option[value=sim-a]")).to_have_text("sim-a — ready")
     await expect(picker).to_have_value("sim-b")
     await page.get_by_role("textbox", name="Message").fill("Which model are you?")
     await page.keyboard.press("Enter")
@@ -473,17 +474,27 @@ async def test_admin_loads_another_model_from_the_chat(
     await expect(reply).to_have_attribute("data-status", "complete")
     await expect(reply.locator(".meta")).to_contain_text("sim-b")
 
-    # A normal user sees the states but cannot pick a model that is not loaded, nor load it.
+    # A normal user sees the states and may pick a model that is not loaded, but not load it:
+    # without AUTO_SWITCH the request is refused, and the reply says so.
     context, other, problems = await new_page(browser)
     try:
         await sign_in(other, gateway, "/chat", gateway.user_name, gateway.user_password)
         user_picker = other.get_by_role("combobox", name="Model")
-        await expect(user_picker).to_have_value("sim-b")
-        await expect(user_picker.locator("option[value=sim-a]")).to_be_disabled()
+        unloaded = user_picker.locator("option[value=sim-broken]")
+        await expect(unloaded).to_have_text("sim-broken — not loaded (loads on first use)")
+        await expect(unloaded).to_be_enabled()
+        await user_picker.select_option("sim-broken")
+        await expect(user_picker).to_have_value("sim-broken")
         await expect(other.get_by_role("button", name="Load model")).to_be_hidden()
+        await other.get_by_role("textbox", name="Message").fill("Hello?")
+        await other.keyboard.press("Enter")
+        refused = other.locator("article[data-role=assistant]")
+        await expect(refused).to_have_attribute("data-status", "error")
+        await expect(refused.get_by_role("alert")).to_contain_text("is not loaded")
     finally:
         await context.close()
-    assert not problems.errors
+    unexpected = [e for e in problems.errors if not EXPECTED_CONSOLE.search(e)]
+    assert not unexpected, unexpected
 
 
 HIGHLIGHTED_SOURCE = '# greet someone\ndef greet(name):\n    return "Hello, " + name * 2'
@@ -560,13 +571,14 @@ async def test_code_blocks_are_highlighted_and_raw_html_stays_text(
     assert dialogs == []
 
 
-async def test_picker_marks_a_model_that_does_not_fit_and_refuses_it(
+async def test_picker_leaves_out_a_model_that_cannot_run_here(
     gateway: Gateway, ui: UI, browser: Browser
 ) -> None:
     page, _ = ui
     listed = (await gateway.as_user("GET", "/v1/models")).json()["data"]
-    assert {m["id"]: m["state"] for m in listed}[BIG_PROFILE] == "does_not_fit"
-    # Neither an admin (who may load other models) nor a normal user can pick it.
+    assert BIG_PROFILE not in {m["id"] for m in listed}
+    assert {m["id"]: m["state"] for m in listed}["sim-b"] == "not_loaded"
+    # Neither an admin nor a normal user is offered it; the others are shown with their states.
     await sign_in(page, gateway, "/chat", "admin", gateway.admin_password)
     context, other, problems = await new_page(browser)
     try:
@@ -574,19 +586,12 @@ async def test_picker_marks_a_model_that_does_not_fit_and_refuses_it(
         for who in (page, other):
             picker = who.get_by_role("combobox", name="Model")
             await expect(picker).to_have_value("sim-a")
-            big = picker.locator(f"option[value='{BIG_PROFILE}']")
-            await expect(big).to_have_text(f"{BIG_PROFILE} — does not fit")
-            await expect(big).to_have_attribute("data-state", "does_not_fit")
-            await expect(big).to_be_disabled()
-            # The other states are shown next to it.
+            await expect(picker.locator(f"option[value='{BIG_PROFILE}']")).to_have_count(0)
             await expect(picker.locator("option[value=sim-a]")).to_have_text("sim-a — ready")
-            await expect(picker.locator("option[value=sim-b]")).to_have_text("sim-b — not loaded")
-            # Choosing it does nothing: the browser refuses a disabled option, the value stays.
-            with pytest.raises(PlaywrightError):
-                await picker.select_option(BIG_PROFILE, timeout=1_000)
-            await expect(picker).to_have_value("sim-a")
-            await expect(who.get_by_role("button", name="Load model")).to_be_hidden()
-        await screenshot(other, "chat_picker_does_not_fit_as_a_user")
+            await expect(picker.locator("option[value=sim-b]")).to_have_text(
+                "sim-b — not loaded (loads on first use)"
+            )
+        await screenshot(other, "chat_picker_as_a_user")
     finally:
         await context.close()
     assert not problems.errors
