@@ -461,3 +461,33 @@ TEMPLATE_KWARGS_SCHEMA: dict[str, Any] = {
     ],
     "description": "Template variables (e.g. `enable_thinking`); never the template itself.",
 }
+
+
+#: The largest integer every JSON client holds exactly (2^53 - 1): the bound of the integer
+#: engine fields the proxy checks (seed, top_k), as /api/chat's seed.
+JSON_SAFE_INTEGER = 2**53 - 1
+
+
+def checked_integer_schemas(
+    max_tokens: int | None = None, max_n: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """The engine fields the proxy checks as integers (gateway/proxy/validation.py), as the
+    documents state them: a schema that left them open would promise what the proxy refuses.
+    The caps (MAX_TOKENS_CAP, MAX_N) are stated where the document knows them (gateway/openapi.py
+    writes them into /api/chat's)."""
+
+    def integer(low: int, high: int | None) -> dict[str, Any]:
+        bounded: dict[str, Any] = {"type": "integer", "minimum": low}
+        if high is not None:
+            bounded["maximum"] = high
+        return {"anyOf": [bounded, {"type": "null"}]}
+
+    safe = JSON_SAFE_INTEGER
+    return {
+        "seed": integer(-safe, safe),
+        "top_k": integer(-1, safe),
+        "min_tokens": integer(0, max_tokens),
+        "max_completion_tokens": integer(1, max_tokens),
+        "n": integer(1, max_n),
+        "best_of": integer(1, max_n),
+    }

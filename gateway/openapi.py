@@ -100,12 +100,22 @@ def _fix_responses(responses: dict[str, Any], *, relayed: bool) -> None:
     }
 
 
-def _cap_chat_max_tokens(schemas: dict[str, Any], max_tokens: int) -> None:
-    # ChatRequest is defined in gateway.chat, a layer above this one: found by name.
-    field = schemas.get("ChatRequest", {}).get("properties", {}).get("max_tokens", {})
-    for branch in field.get("anyOf", [field]):
-        if branch.get("type") == "integer":
-            branch["maximum"] = min(max_tokens, branch.get("maximum", max_tokens))
+def _cap_chat_max_tokens(schemas: dict[str, Any], max_tokens: int, max_n: int) -> None:
+    # ChatRequest is defined in gateway.chat, a layer above this one: found by name. Its
+    # min_tokens is checked against the same cap as max_tokens.
+    properties = schemas.get("ChatRequest", {}).get("properties", {})
+    caps = {
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+        "max_completion_tokens": max_tokens,
+        "n": max_n,
+        "best_of": max_n,
+    }
+    for name, cap in caps.items():
+        field = properties.get(name, {})
+        for branch in field.get("anyOf", [field]):
+            if branch.get("type") == "integer":
+                branch["maximum"] = min(cap, branch.get("maximum", cap))
 
 
 def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
@@ -133,7 +143,7 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
         }
     }
     limits = limits_from(settings)
-    _cap_chat_max_tokens(schemas, limits.max_tokens)
+    _cap_chat_max_tokens(schemas, limits.max_tokens, limits.max_n)
     bodies = {path: route for route, path in UPSTREAM_PATHS.items()}
     for path, operations in document.get("paths", {}).items():
         for method, operation in operations.items():

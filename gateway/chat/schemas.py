@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StringCon
 from pydantic.config import JsonDict, JsonValue
 
 from gateway.conversations.schemas import MAX_TEXT_CHARS, Text
-from gateway.fields import TEMPLATE_KWARGS_SCHEMA, field_names_schema
+from gateway.fields import TEMPLATE_KWARGS_SCHEMA, checked_integer_schemas, field_names_schema
 from gateway.integers import WHOLE_NUMBER
 from gateway.text import NoNul, NotBlank
 
@@ -76,6 +76,10 @@ def _chat_schema(schema: dict[str, Any]) -> None:
         also=ChatRequest.model_fields, refused=CHAT_OWNED_FIELDS
     )
     schema["properties"]["chat_template_kwargs"] = TEMPLATE_KWARGS_SCHEMA
+    # The engine's integer fields the proxy checks, unless this body declares them itself.
+    for name, field in checked_integer_schemas().items():
+        if name not in CHAT_OWNED_FIELDS:
+            schema["properties"].setdefault(name, field)
 
 
 class ChatMessage(BaseModel):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.fields import TEMPLATE_KWARGS_SCHEMA, field_names_schema
+from gateway.fields import TEMPLATE_KWARGS_SCHEMA, checked_integer_schemas, field_names_schema
 from gateway.proxy.validation import (
     CHAT_ROLES,
     MAX_TOKEN_ID,
@@ -42,6 +42,7 @@ def _sampling(limits: Limits) -> dict[str, Any]:
         "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
         "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
         "chat_template_kwargs": TEMPLATE_KWARGS_SCHEMA,
+        **checked_integer_schemas(limits.max_tokens, limits.max_n),
     }
 
 

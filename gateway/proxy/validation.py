@@ -14,9 +14,9 @@ from typing import Any, cast
 
 import orjson
 
-from gateway.body import MAX_INTEGER, MIN_INTEGER, check_json_shape, orjson_refusal
+from gateway.body import check_json_shape, orjson_refusal
 from gateway.errors import GatewayError
-from gateway.fields import check_fields
+from gateway.fields import JSON_SAFE_INTEGER, check_fields
 from gateway.integers import whole_number
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -188,10 +188,12 @@ def parse_request(
     _integer(body, "max_completion_tokens", 1, limits.max_tokens)
     _integer(body, "n", 1, limits.max_n)
     _integer(body, "best_of", 1, limits.max_n)
-    _integer(body, "seed", MIN_INTEGER, MAX_INTEGER)
+    # Within what vLLM takes (64 bits) and what every JSON client holds exactly: past 2^53 a
+    # client's number may already be a float that lost digits (the /api/chat bound too).
+    _integer(body, "seed", -JSON_SAFE_INTEGER, JSON_SAFE_INTEGER)
     # vLLM's integer sampling extras: bounded here too, so a 2**70 that parsing turned into a
     # float is a 400 naming the field rather than whatever the engine makes of it.
-    _integer(body, "top_k", -1, MAX_INTEGER)
+    _integer(body, "top_k", -1, JSON_SAFE_INTEGER)
     _integer(body, "min_tokens", 0, limits.max_tokens)
     _number(body, "temperature", 0.0, 2.0)
     _number(body, "top_p", 0.0, 1.0)
