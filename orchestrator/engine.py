@@ -294,6 +294,9 @@ class ManagedEngine:
         self._asleep = False
         self._sleep_level = 0
         self.last_used: float | None = None
+        # When it last became ready (monotonic): a swap gives a model that just became ready
+        # its turn before evicting it again (the scheduler's no-thrash bound).
+        self.ready_since: float | None = None
         self.last_load_s: float | None = None
         self.last_wake_s: float | None = None
         self._crashes = CrashWindow(config.restart_policy)
@@ -1053,6 +1056,8 @@ class ManagedEngine:
         if state not in ALLOWED_TRANSITIONS[self._state]:
             raise InvalidTransition(f"{self._state.value} -> {state.value} is not allowed")
         self._state, self._since = state, time.time()
+        if state is EngineState.READY:
+            self.ready_since = time.monotonic()
         log.info("engine_state", profile=self.profile_id, state=state.value, message=message)
         self.emit(message)
 

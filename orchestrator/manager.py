@@ -147,6 +147,8 @@ class VLLMModelManager:
         self._not_started: str | None = None
         self._claims: dict[str, Claim] = {}
         self._placements: dict[str, Placement] = {}
+        # Sleeping engines whose wake has its room reserved (their whole claim counts).
+        self._waking: set[str] = set()
         self._placing = asyncio.Lock()
         self._gpu_locks: dict[int, asyncio.Lock] = {}
         self._subscribers: set[asyncio.Queue[EngineEvent]] = set()
@@ -188,7 +190,9 @@ class VLLMModelManager:
             engine = self._engines.get(profile_id)
             if engine is None or not engine.resident:
                 continue
-            asleep = engine.state in (EngineState.ASLEEP, EngineState.SLEEPING)
+            # Only a finished sleep frees memory; an engine being woken is counted whole from
+            # the moment room was made for it (another placement must not take that room).
+            asleep = engine.state is EngineState.ASLEEP and profile_id not in self._waking
             claims.append(replace(claim, asleep=asleep, last_used=engine.last_used or 0.0))
         return Ledger(tuple(claims))
 
@@ -634,6 +638,10 @@ class VLLMModelManager:
                 self._finish(job, JobStatus.FAILED, stuck)
                 return
             self._default = job.profile_id
+        if previous is None or previous_spec is None:
+            # Nothing serves "current" meanwhile: the views (status, health, the console) follow
+            # the engine being loaded, as they did before the fleet.
+            self._default = job.profile_id
         try:
             await self._ensure(job, engine)
         except EngineNotStopped as exc:
@@ -768,51 +776,63 @@ class VLLMModelManager:
         self._check_ledger()
 
     async def _wake(self, job: SwitchJob, engine: ManagedEngine) -> bool:
-        claim = self._claims.get(engine.profile_id)
-        if claim is not None:
-            await self._make_room_to_wake(job, claim)
+        """Wake a sleeping engine where it sleeps, once its whole claim fits there again (what
+        stands in the way is evicted). When it cannot fit there (pinned engines), or the wake
+        fails, it is stopped and False is returned: the caller places and starts it cold."""
+        profile_id = engine.profile_id
+        claim = self._claims.get(profile_id)
+        if claim is not None and not await self._make_room_to_wake(job, claim):
+            engine.emit(f"no room to wake {profile_id} on its GPUs: stopping it to start it cold")
+            await engine.stop()
+            return False
         gpu_ids = claim.gpu_ids if claim else ()
         started = time.monotonic()
-        async with self._gpus_locked(gpu_ids), engine.lock:
-            if engine.state is not EngineState.ASLEEP:
-                return engine.serves
-            woke = await engine.wake_locked()
+        try:
+            async with self._gpus_locked(gpu_ids), engine.lock:
+                if engine.state is not EngineState.ASLEEP:
+                    return engine.serves
+                woke = await engine.wake_locked()
+        finally:
+            self._waking.discard(profile_id)
         if woke:
             self._operation_done("wake", started)
             self.swaps += 1
         self._check_ledger()
         return woke
 
-    async def _make_room_to_wake(self, job: SwitchJob, claim: Claim) -> None:
-        """Evict what stands on a sleeping engine's GPUs until its budget fits there again."""
+    async def _make_room_to_wake(self, job: SwitchJob, claim: Claim) -> bool:
+        """Evict what stands on a sleeping engine's GPUs until its budget fits there again, and
+        reserve that room (the claim counts whole until the wake ends); False when it cannot
+        fit there even with every evictable engine gone."""
         if self._placer is None:
-            return
+            return True
         async with self._placing:
             inventory = self._placer.inventory(fresh=True)
-            for victim in self._wake_victims(claim, inventory):
+            victims = self._wake_victims(claim, inventory)
+            if victims is None:
+                return False
+            for victim in victims:
                 await self._evict(job, victim, stop=False)
+            self._waking.add(claim.engine_id)
+            return True
 
-    def _wake_victims(self, claim: Claim, inventory: GpuInventory) -> list[str]:
+    def _wake_victims(self, claim: Claim, inventory: GpuInventory) -> list[str] | None:
+        """The engines to evict so that a sleeping engine's budget fits on its own GPUs again:
+        idle ones first, then busy ones (drained); awake ones before sleeping ones (a sleeper
+        frees only its residual), lowest priority, least recently used first. None when even
+        all of them would not make room (pinned engines stand there)."""
         ledger = self.ledger().without(claim.engine_id)
         busy = self._busy()
+        pids = self._our_pids(inventory)
+        gpus = [gpu for gpu in inventory.gpus if gpu.index in claim.gpu_ids]
         candidates = sorted(
-            (
-                c
-                for c in ledger.claims
-                if not c.pinned and c.engine_id not in busy and set(c.gpu_ids) & set(claim.gpu_ids)
-            ),
-            key=lambda c: (c.priority, c.last_used, c.engine_id),
+            (c for c in ledger.claims if not c.pinned and set(c.gpu_ids) & set(claim.gpu_ids)),
+            key=lambda c: (c.engine_id in busy, c.asleep, c.priority, c.last_used, c.engine_id),
         )
         chosen: list[str] = []
-        pids = self._our_pids(inventory)
-        for _ in range(len(candidates) + 1):
-            fits = all(
-                available(gpu, ledger, our_pids=pids) >= claim.bytes_per_gpu
-                for gpu in inventory.gpus
-                if gpu.index in claim.gpu_ids
-            )
-            if fits or not candidates:
-                break
+        while not all(available(gpu, ledger, our_pids=pids) >= claim.bytes_per_gpu for gpu in gpus):
+            if not candidates:
+                return None
             victim = candidates.pop(0)
             chosen.append(victim.engine_id)
             ledger = ledger.without(victim.engine_id)
@@ -956,7 +976,10 @@ class VLLMModelManager:
         if engine is not None and engine.state is EngineState.ASLEEP:
             claim = self._claims.get(profile_id)
             if claim is not None:
-                return tuple(self._wake_victims(claim, self._placer.inventory()))
+                woken = self._wake_victims(claim, self._placer.inventory())
+                if woken is not None:
+                    return tuple(woken)
+                # No room where it sleeps: it is started cold wherever the placement finds.
         inventory = self._placer.inventory()
         ledger = self.ledger().without(profile_id)
         pids = self._our_pids(inventory)

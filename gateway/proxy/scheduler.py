@@ -512,17 +512,25 @@ class Scheduler:
         bound = self.config.swap_max_wait_s
         waited = waited_s or 0.0
         contested = [
-            v
+            e
             for v in victims
             if (e := fleet.engine(v)) is not None and (e.in_flight or self._waiters_for(v))
         ]
-        if contested and waited < bound:
-            # Serve the resident model's queue first; decide again at the fairness bound.
-            return _Wait(
-                f"waiting for requests to {', '.join(contested)} before swapping "
-                f"(at most {bound:g}s)",
-                until_waited_s=bound,
-            )
+        if contested:
+            # Serve the resident model's queue first, for at most the fairness bound. The bound
+            # counts from when the victim last became ready, not only from this request's
+            # arrival: a model that was just swapped in gets its turn (its waiters are served)
+            # before requests that waited through its load swap it out again, or the two
+            # would swap back and forth without serving anyone.
+            now = time.monotonic()
+            turn = min(now - (e.ready_since or now) for e in contested)
+            effective = min(waited, turn)
+            if effective < bound:
+                names = ", ".join(e.profile_id for e in contested)
+                return _Wait(
+                    f"waiting for requests to {names} before swapping (at most {bound:g}s)",
+                    until_waited_s=waited + (bound - effective),
+                )
         try:
             job = fleet.request_wake(wanted) if wake else fleet.request_load(wanted)
         except EngineBusy as exc:
