@@ -155,7 +155,9 @@ async def test_failed_first_start_ends_failed_without_rollback(
     job = await manager.wait_job(manager.request_switch("broken", exclusive=True).id, timeout_s=30)
     assert job.status is JobStatus.FAILED
     assert manager.state is EngineState.FAILED
-    recovered = await manager.wait_job(manager.request_switch("alpha", exclusive=True).id, timeout_s=30)
+    recovered = await manager.wait_job(
+        manager.request_switch("alpha", exclusive=True).id, timeout_s=30
+    )
     assert recovered.status is JobStatus.SUCCEEDED
 
 
@@ -237,7 +239,9 @@ async def test_an_unexpected_start_error_rolls_back_and_frees_switching(
     manager: VLLMModelManager,
 ) -> None:
     await manager.wait_job(manager.request_switch("alpha", exclusive=True).id, timeout_s=30)
-    job = await manager.wait_job(manager.request_switch(NUL_PROFILE, exclusive=True).id, timeout_s=30)
+    job = await manager.wait_job(
+        manager.request_switch(NUL_PROFILE, exclusive=True).id, timeout_s=30
+    )
     assert job.status is JobStatus.ROLLED_BACK
     assert job.error
     assert "ValueError" in job.error
@@ -252,7 +256,9 @@ async def test_an_unexpected_start_error_rolls_back_and_frees_switching(
 async def test_an_unexpected_first_start_error_fails_and_frees_switching(
     manager: VLLMModelManager,
 ) -> None:
-    job = await manager.wait_job(manager.request_switch(NUL_PROFILE, exclusive=True).id, timeout_s=30)
+    job = await manager.wait_job(
+        manager.request_switch(NUL_PROFILE, exclusive=True).id, timeout_s=30
+    )
     assert job.status is JobStatus.FAILED
     assert job.error
     assert "null byte" in job.error
