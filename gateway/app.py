@@ -87,6 +87,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
         cloud=cloud,
         enabled=settings.LB_ENABLED,
         swap_max_wait_s=settings.SWAP_MAX_WAIT_S,
+        max_local_set="MAX_QUEUE_SIZE" in settings.model_fields_set,
         secret_prefixes=_secret_prefixes(settings),
     )
 

@@ -26,11 +26,16 @@ from gateway.proxy.metrics import ModelNames, ProxyMetrics
 from gateway.proxy.upstream import Target
 from orchestrator.engine import COMING_UP_STATES, ManagedEngine
 from orchestrator.manager import EngineBusy, EngineState
+from orchestrator.profiles import Engine
 
 CURRENT = "current"
 _RETRY_AFTER = {"Retry-After": "5"}
 # The waiters' key of requests for "current" (no profile id has angle brackets).
 _CURRENT_KEY = "<current>"
+# A vLLM engine batches concurrent requests: without a profile's max_concurrency (or an
+# explicit MAX_QUEUE_SIZE) it gets this many local slots, not the 4 meant for one-at-a-time
+# engines (vLLM's own scheduler then decides; its default max_num_seqs is larger still).
+VLLM_DEFAULT_SLOTS = 64
 # States in which a request for the engine waits for it rather than starting anything.
 _ON_THE_WAY = COMING_UP_STATES | {
     EngineState.SLEEPING,
@@ -71,6 +76,8 @@ class SchedulerConfig:
     auto_switch: bool
     cloud: CloudUpstream | None
     swap_max_wait_s: float = 30.0
+    # Whether MAX_QUEUE_SIZE was set (then it bounds vLLM engines too, as the seed's setting).
+    max_local_set: bool = False
     enabled: bool = True
     # Model names starting like one of these are never logged or echoed (see shown_model):
     # API_KEY_PREFIX and the start of ADMIN_API_KEY, besides KEY_LIKE_PREFIX.
@@ -385,14 +392,20 @@ class Scheduler:
         )
 
     def slots(self, profile_id: str | None) -> int:
-        """A model's local slots: its profile's max_concurrency, else MAX_QUEUE_SIZE."""
+        """A model's local slots: its profile's max_concurrency; else, for a vLLM engine (which
+        batches), VLLM_DEFAULT_SLOTS unless MAX_QUEUE_SIZE was set (the seed's override);
+        else MAX_QUEUE_SIZE."""
         if profile_id is None:
             return self.config.max_local
         try:
             profile = self._control.profile(profile_id)
         except ProfileNotFound:
             return self.config.max_local
-        return profile.max_concurrency or self.config.max_local
+        if profile.max_concurrency is not None:
+            return profile.max_concurrency
+        if profile.engine is Engine.VLLM and not self.config.max_local_set:
+            return VLLM_DEFAULT_SLOTS
+        return self.config.max_local
 
     def loading(self, model: str | None) -> str | None:
         """The model that a request for `model`, waiting, waits to be loaded (a load, wake,

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
-from tests.helpers.paths import DUAL_3090_SNAPSHOT
+from gateway.proxy.scheduler import VLLM_DEFAULT_SLOTS
+from tests.helpers.paths import DUAL_3090_SNAPSHOT, REPO
 from tests.helpers.polling import eventually
 from tests.helpers.proxy import AUTH, HELLO, Gateway, gateway, gateway_settings
 
@@ -421,3 +424,24 @@ async def test_a_wake_waits_for_room_and_never_over_claims_a_gpu() -> None:
     # Served only once the 14B's request was done (it was drained, not cut off).
     assert waited >= 1.4
     assert all(peak <= GPU_BYTES for peak in peaks.values()), peaks
+
+
+async def test_local_slots_per_engine() -> None:
+    """A profile's max_concurrency is its engine's slots; a vLLM engine (which batches) gets
+    VLLM_DEFAULT_SLOTS without it, unless MAX_QUEUE_SIZE was set; other engines get
+    MAX_QUEUE_SIZE (default 4)."""
+    shipped = yaml.safe_load((REPO / "model_profiles.yml").read_text())["profiles"]
+    profiles = {
+        "coder": stand_in("coder", CODER_7B),
+        "batching": copy.deepcopy(shipped["tiny-cpu"]),
+        "capped": {**copy.deepcopy(shipped["tiny-cpu"]), "max_concurrency": 12},
+    }
+    profiles["capped"]["served_model_name"] = "capped"
+    async with gateway(fleet_settings(profiles)) as gw:
+        scheduler = gw.app.state.resources.scheduler
+        default_slots = [scheduler.slots(p) for p in ("coder", "batching", "capped")]
+    async with gateway(fleet_settings(profiles, MAX_QUEUE_SIZE=6)) as gw:
+        scheduler = gw.app.state.resources.scheduler
+        set_slots = [scheduler.slots(p) for p in ("coder", "batching", "capped")]
+    assert default_slots == [4, VLLM_DEFAULT_SLOTS, 12]
+    assert set_slots == [6, 6, 12]
