@@ -527,7 +527,13 @@ class Scheduler:
         contested = [
             e
             for v in victims
-            if (e := fleet.engine(v)) is not None and (e.in_flight or self._waiters_for(v))
+            if (e := fleet.engine(v)) is not None
+            and (
+                e.in_flight
+                or self._waiters_for(v)
+                or e.state in COMING_UP_STATES
+                or fleet.job_for(v) is not None
+            )
         ]
         if contested:
             # Serve the resident model's queue first, for at most the fairness bound. The bound
@@ -535,8 +541,13 @@ class Scheduler:
             # arrival: a model that was just swapped in gets its turn (its waiters are served)
             # before requests that waited through its load swap it out again, or the two
             # would swap back and forth without serving anyone.
+            # A victim still on its way up (loading, waking, a job acting on it) has not had
+            # its turn at all: evicting it as soon as it is ready would serve nobody.
             now = time.monotonic()
-            turn = min(now - (e.ready_since or now) for e in contested)
+            turn = min(
+                now - e.ready_since if e.serves and e.ready_since is not None else 0.0
+                for e in contested
+            )
             effective = min(waited, turn)
             if effective < bound:
                 names = ", ".join(e.profile_id for e in contested)
