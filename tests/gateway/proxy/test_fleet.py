@@ -445,3 +445,23 @@ async def test_local_slots_per_engine() -> None:
         set_slots = [scheduler.slots(p) for p in ("coder", "batching", "capped")]
     assert default_slots == [4, VLLM_DEFAULT_SLOTS, 12]
     assert set_slots == [6, 6, 12]
+
+
+async def test_three_models_one_at_a_time_never_evict_an_engine_still_loading() -> None:
+    """One engine at a time, three models, loads that outlast the swap bound, a burst for all
+    three: a load requested while another engine is still loading waits for that engine's turn,
+    so every request is served (an eviction queued behind a load used to stop each engine the
+    moment it became ready, serving nobody)."""
+    profiles = {
+        name: stand_in(name, arch, "--startup-delay", "1")
+        for name, arch in (("coder", CODER_7B), ("chat", CHAT_8B), ("big", BIG_14B))
+    }
+    settings = fleet_settings(profiles, SWAP_MAX_WAIT_S=0.3, FLEET_MAX_ENGINES=1)
+    async with gateway(settings) as gw:
+        await gw.wait_ready("coder")
+        models = ["chat", "big", "coder"] * 4
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(_ask(gw, m, 4) for m in models)), timeout=90
+        )
+    assert [a.status_code for a in answers] == [200] * 12, [a.text for a in answers]
+    assert [a.json()["model"] for a in answers] == models
