@@ -2,9 +2,11 @@
 
 Both sides do the same work in the same run, alternating: stop the running engine, start the
 other one, wait until it answers /health with 200. "bare" is a plain subprocess plus a tight
-health poll; "manager" is `request_switch` through the real manager and ProcessRuntime (drain,
-state machine, /v1/models check, events). The ratio manager/bare is what is reported (target
-<= 1.1). Loopback only; bounded by --rounds.
+health poll; "manager" is an exclusive `request_switch` through the real manager and
+ProcessRuntime (drain, state machine, /v1/models check, events). Exclusive, because a plain
+switch keeps the previous engine running beside the new one (the fleet): switching back to it
+would then only change the default, not stop and start anything. The ratio manager/bare is
+what is reported (target <= 1.1). Loopback only; bounded by --rounds.
 
     .venv/bin/python bench/switch.py [--rounds 6] [--engine simulator|tiny-cpu]
 """
@@ -121,14 +123,14 @@ async def main() -> None:
         )
         process: asyncio.subprocess.Process | None = None
         try:
-            await manager.wait_job(manager.request_switch("engine-a").id)
+            await manager.wait_job(manager.request_switch("engine-a", exclusive=True).id)
             _, process = await bare_switch(client, args.engine, None, "engine-a")
             for round_no in range(args.rounds):
                 target = "engine-b" if round_no % 2 == 0 else "engine-a"
                 seconds, process = await bare_switch(client, args.engine, process, target)
                 bare.append(seconds)
                 started = time.perf_counter()
-                job = await manager.wait_job(manager.request_switch(target).id)
+                job = await manager.wait_job(manager.request_switch(target, exclusive=True).id)
                 managed.append(time.perf_counter() - started)
                 if job.status is not JobStatus.SUCCEEDED:
                     raise SystemExit(f"switch failed: {job.error}")
