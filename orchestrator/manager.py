@@ -928,6 +928,11 @@ class VLLMModelManager:
         engine = self._engines.get(profile_id)
         if engine is None:
             return
+        if engine.lock.locked():
+            # An operation in progress (a load, a wake) ends first: an engine that is waking
+            # is put back to sleep, not stopped because it did not serve yet.
+            async with engine.lock:
+                pass
         claim = self._claims.get(profile_id)
         level = 0
         if not stop and engine.serves and engine.status().failure is None:
