@@ -255,10 +255,15 @@ async def test_victims_sleep_their_residual_is_counted_and_they_wake() -> None:
         assert big.state.value == "idle"
 
 
+SLOW_LOAD = ("--startup-delay", "1.5")
+
+
 async def test_alternating_models_that_cannot_share_swap_a_bounded_number_of_times() -> None:
     profiles = {
-        "coder": stand_in("coder", CODER_7B, "--tokens-per-second", "20"),
-        "big": stand_in("big", BIG_14B, "--tokens-per-second", "20"),
+        # Loads take 1.5 s (a real one takes tens of seconds): requests for both models
+        # queue up during each, as they would on a GPU box.
+        "coder": stand_in("coder", CODER_7B, *SLOW_LOAD, "--tokens-per-second", "20"),
+        "big": stand_in("big", BIG_14B, *SLOW_LOAD, "--tokens-per-second", "20"),
     }
     settings = fleet_settings(profiles, SWAP_MAX_WAIT_S=2.0)
     async with gateway(settings) as gw:
