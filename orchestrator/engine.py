@@ -241,6 +241,10 @@ Respec = Callable[[], EngineSpec]
 # Where events go: the fleet adds them to the job and hands them to its subscribers.
 Publish = Callable[[EngineEvent], None]
 
+# How often a starting engine is probed for readiness during its first seconds.
+_FAST_POLL_S = 0.01
+_FAST_POLL_FOR_S = 2.0
+
 # Progress reported while an engine loads (STARTING and LOADING cover 0..1 of a switch).
 _PROGRESS = {
     EngineState.DRAINING: 0.1,
@@ -780,8 +784,9 @@ class ManagedEngine:
     async def _wait_serving(self, runtime: Runtime, spec: EngineSpec) -> None:
         """Wait for /health 200 and /v1/models listing the served name."""
         assert self._handle is not None
-        deadline = time.monotonic() + spec.startup_timeout_s
-        interval = min(0.02, self._config.poll_interval_s)
+        started = time.monotonic()
+        deadline = started + spec.startup_timeout_s
+        interval = min(_FAST_POLL_S, self._config.poll_interval_s)
         while True:
             if not await runtime.is_running(self._handle):
                 raise RuntimeError_(f"engine exited during startup: {self._last_log_line()}")
@@ -798,9 +803,12 @@ class ManagedEngine:
                 raise TimeoutError(
                     f"engine not serving after {spec.startup_timeout_s:g}s: {why_not}"
                 )
-            # Poll fast at first (small engines are up in well under a second), then back off.
+            # Poll fast at first (small engines are up in well under a second: a growing
+            # interval would add up to half of its last step to each of their starts), then
+            # back off to poll_interval_s (a real model loads for tens of seconds).
             await asyncio.sleep(interval)
-            interval = min(interval * 1.5, self._config.poll_interval_s)
+            if time.monotonic() - started > _FAST_POLL_FOR_S:
+                interval = min(interval * 1.5, self._config.poll_interval_s)
 
     async def _served_names_if_healthy(
         self, spec: EngineSpec

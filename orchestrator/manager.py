@@ -153,6 +153,8 @@ class VLLMModelManager:
         self._gpu_locks: dict[int, asyncio.Lock] = {}
         self._subscribers: set[asyncio.Queue[EngineEvent]] = set()
         self._jobs: dict[str, SwitchJob] = {}
+        # Set when a job has its outcome (wait_job awaits it rather than polling).
+        self._job_done: dict[str, asyncio.Event] = {}
         self._switch: SwitchJob | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._watch_interval_s: float | None = None
@@ -543,11 +545,13 @@ class VLLMModelManager:
             exclusive=exclusive,
         )
         self._jobs[job.id] = job
+        self._job_done[job.id] = asyncio.Event()
         while len(self._jobs) > _MAX_JOBS_KEPT:
             oldest = next(iter(self._jobs))
             if not self._jobs[oldest].done:
                 break
             del self._jobs[oldest]
+            self._job_done.pop(oldest, None)
         # The engine exists from here on, so that job_for() finds the job at once: concurrent
         # requests for one model share one load.
         self._engine_for(profile_id).job = job
@@ -593,15 +597,20 @@ class VLLMModelManager:
     async def wait_job(self, job_id: str, timeout_s: float | None = None) -> SwitchJob:
         """Wait until a job has an outcome."""
         job = self._jobs[job_id]
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while not job.done:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{job.kind.value} job {job_id} still {job.status.value}")
-            await asyncio.sleep(0.05)
+        done = self._job_done.get(job_id)
+        if job.done or done is None:
+            return job
+        try:
+            await asyncio.wait_for(done.wait(), timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"{job.kind.value} job {job_id} still {job.status.value}") from None
         return job
 
     def _finish(self, job: SwitchJob, status: JobStatus, error: str | None) -> None:
         job.status, job.error, job.finished_at = status, error, time.time()
+        done = self._job_done.get(job.id)
+        if done is not None:
+            done.set()
         engine = self._engines.get(job.profile_id)
         message = f"{job.kind.value} {status.value}" + (f": {error}" if error else "")
         if engine is not None:

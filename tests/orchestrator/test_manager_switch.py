@@ -358,3 +358,18 @@ async def test_an_engine_serving_another_name_never_becomes_ready(
     with pytest.raises(httpx.ConnectError):
         async with httpx.AsyncClient() as client:
             await client.get(f"{misnamed_url}/health")
+
+
+async def test_wait_job_times_out_naming_the_job_then_returns_its_outcome(
+    manager: VLLMModelManager,
+) -> None:
+    job = manager.request_switch("slow", exclusive=True)
+    with pytest.raises(TimeoutError, match=f"switch job {job.id} still (pending|running)"):
+        await manager.wait_job(job.id, timeout_s=0.2)
+    # The timed-out wait left the job alone: it goes on and a later wait gets its outcome.
+    done = await manager.wait_job(job.id, timeout_s=30)
+    assert done is job
+    assert done.status is JobStatus.SUCCEEDED
+    assert manager.status().profile_id == "slow"
+    # Waiting on a finished job returns it at once, even with no time at all to wait.
+    assert await manager.wait_job(job.id, timeout_s=0) is job
