@@ -1,9 +1,11 @@
 """A throwaway PostgreSQL server for tests (Debian's ``postgresql`` package, version 15).
 
 The cluster lives in a temp dir, listens on 127.0.0.1 and a Unix socket in that dir only, trusts
-every local connection as user ``postgres`` and runs with fsync off. As root (``initdb`` refuses to
-run as root) the dir is handed to the ``postgres`` system user and the binaries run through
-``runuser -u postgres --``.
+every local connection as user ``postgres`` and runs with fsync off (only a machine crash could
+lose data) but with ``synchronous_commit`` on, as a production server: a commit is written to
+the WAL before it returns, so ``pause()``'s hard stop loses no committed transaction. As root
+(``initdb`` refuses to run as root) the dir is handed to the ``postgres`` system user and the
+binaries run through ``runuser -u postgres --``.
 
 ``pause()`` / ``resume()`` take the server down and bring it back on the same port with the same
 data, for fault-injection tests; ``stop()`` also removes the data.
@@ -136,7 +138,7 @@ class PostgresServer:
         for attempt in range(3):
             options = (
                 f"-p {self.port} -k {self.dir} -c listen_addresses={self.host} "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+                "-c fsync=off -c full_page_writes=off "
                 "-c max_connections=200"
             )
             try:

@@ -400,8 +400,10 @@ async def test_database_down_is_a_503_before_any_engine_call(
         finally:
             await asyncio.to_thread(postgres_server.resume)
         assert (await gw.sim_stats())["requests_total"] == engine_calls
-        # Nothing half-saved: the failed request left no conversation. (The test server runs
-        # with synchronous_commit=off, so the warm-up's rows may be lost by the hard stop.)
+        # Nothing half-saved: the failed request left no conversation, and nothing committed
+        # before the crash was lost (the warm-up's conversation is still there).
         listed = await http.get("/api/conversations", headers=bearer(key))
         assert listed.status_code == 200
+        ids = [c["id"] for c in listed.json()["data"]]
         assert "is anyone there?" not in [c["title"] for c in listed.json()["data"]]
+        assert ids == [warm.headers["X-Conversation-Id"]]
