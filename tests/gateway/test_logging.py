@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from fastapi import FastAPI
 
 from gateway.logging import get_logger
 from tests.helpers.app import make_settings, running_app
@@ -39,7 +40,7 @@ async def test_request_id_is_bound_to_lines_logged_inside_the_request(
 ) -> None:
     inner = get_logger("tests.inner")
 
-    def routes(app):  # type: ignore[no-untyped-def]
+    def routes(app: FastAPI) -> None:
         @app.get("/_test/log")
         async def log_something() -> dict[str, bool]:
             inner.info("inside_handler", password="hunter2", api_key="sk-secret-value")

@@ -125,7 +125,8 @@ def test_the_login_form_has_the_json_bodys_rules(document: dict[str, Any]) -> No
 def test_cursors_have_the_shape_the_api_issues(document: dict[str, Any]) -> None:
     def cursor(path: str) -> dict[str, Any]:
         parameters = document["paths"][path]["get"]["parameters"]
-        return next(p for p in parameters if p["name"] == "cursor")["schema"]
+        schema: dict[str, Any] = next(p for p in parameters if p["name"] == "cursor")["schema"]
+        return schema
 
     for path, pattern in (
         ("/api/conversations", CONVERSATION_CURSOR_PATTERN),

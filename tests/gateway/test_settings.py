@@ -87,7 +87,7 @@ def test_seed_variable_names_and_formats(monkeypatch: pytest.MonkeyPatch) -> Non
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None)
     assert settings.JWT_ALGORITHM == "HS512"
     assert settings.JWT_EXPIRE_HOURS == 12
     assert settings.CORS_ORIGINS == ["http://localhost:3000"]

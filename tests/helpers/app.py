@@ -32,7 +32,7 @@ def make_settings(**overrides: Any) -> Settings:
         "REQUIRE_AUTH": False,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **values)
 
 
 def engine_headers(app: FastAPI) -> dict[str, str]:

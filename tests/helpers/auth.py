@@ -97,7 +97,7 @@ async def create_user(
     client: httpx.AsyncClient,
     admin_token: str,
     username: str,
-    password: str = USER_PASSWORD,
+    password: str | None = USER_PASSWORD,
     **fields: Any,
 ) -> dict[str, Any]:
     """Create a user through the admin API."""

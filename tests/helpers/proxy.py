@@ -15,6 +15,7 @@ import httpx
 import openai
 import yaml
 from fastapi import FastAPI
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.migrate import upgrade
 from gateway.settings import Settings
@@ -29,7 +30,8 @@ ADMIN_KEY = "sk-admin-test-proxy-4f7a2c9e1b3d"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
-HELLO = [{"role": "user", "content": "hello there"}]
+# Typed as the OpenAI SDK's message so that SDK calls type-check; JSON bodies take it as is.
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there"}]
 
 
 def sim_command(model: str, *flags: str, aliases: tuple[str, ...] = ()) -> list[str]:

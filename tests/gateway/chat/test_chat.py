@@ -233,7 +233,11 @@ async def test_regenerate_and_edit_replace_the_last_exchange(pg_url: str) -> Non
         empty = await http.post("/api/conversations", json={}, headers=bearer(token))
         assert empty.status_code == 201, empty.text
         engine_calls = (await gw.sim_stats())["requests_total"]
-        for action, extra in (("regenerate", {}), ("edit", {"message": "new text"})):
+        replays: list[tuple[str, dict[str, Any]]] = [
+            ("regenerate", {}),
+            ("edit", {"message": "new text"}),
+        ]
+        for action, extra in replays:
             nothing = await chat(
                 http, token, conversation_id=empty.json()["id"], action=action, **extra
             )

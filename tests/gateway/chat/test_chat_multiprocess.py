@@ -5,6 +5,7 @@ every question followed by its own reply."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import subprocess
 from pathlib import Path
 
@@ -41,7 +42,7 @@ async def test_concurrent_chats_from_two_gateway_processes_stay_ordered_and_comp
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports[1]}", timeout=60) as two,
         ):
             for http in (one, two):
-                await eventually(lambda http=http: engine_ready(http), 60, 0.2)
+                await eventually(functools.partial(engine_ready, http), 60, 0.2)
             await create_user(one, "alice")
             token = await login(one, "alice")  # a JWT: both processes share the secret
             start = await one.post("/api/chat", json={"message": "start"}, headers=bearer(token))

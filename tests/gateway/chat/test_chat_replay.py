@@ -96,7 +96,11 @@ async def test_retrying_after_the_reply_was_regenerated_is_a_409_and_saves_nothi
         http = gw.http
         await create_user(http, "alice")
         token = await login(http, "alice")
-        for action, extra in (("regenerate", {}), ("edit", {"message": "better question"})):
+        replays: list[tuple[str, dict[str, Any]]] = [
+            ("regenerate", {}),
+            ("edit", {"message": "better question"}),
+        ]
+        for action, extra in replays:
             key = {"Idempotency-Key": f"replaced-by-{action}"}
             first = await chat(http, token, message=f"question before {action}", headers=key)
             assert first.status_code == 200, first.text
@@ -144,7 +148,11 @@ async def test_retry_regenerate_and_edit_while_the_reply_streams_are_409s(pg_url
             assert other.status_code == 422, other.text
             assert error_code(other) == "idempotency_key_reused"
 
-            for action, extra in (("regenerate", {}), ("edit", {"message": "changed"})):
+            replays: list[tuple[str, dict[str, Any]]] = [
+                ("regenerate", {}),
+                ("edit", {"message": "changed"}),
+            ]
+            for action, extra in replays:
                 refused = await chat(
                     http, token, conversation_id=conversation_id, action=action, **extra
                 )

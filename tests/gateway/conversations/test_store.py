@@ -22,11 +22,10 @@ from gateway.conversations.models import Conversation, Message, MessageStatus
 from gateway.conversations.service import (
     INTERRUPTED_NOTE,
     database_errors,
-    is_database_down,
     startup_sweep,
     writer_id,
 )
-from gateway.db import create_engine, create_session_factory
+from gateway.db import create_engine, create_session_factory, is_database_down
 from gateway.errors import GatewayError
 from gateway.proxy.upstream import Outcome
 from gateway.users.models import User

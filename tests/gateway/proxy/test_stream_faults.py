@@ -12,6 +12,7 @@ from typing import Any
 import openai
 import orjson
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from sqlalchemy import select
 
 from gateway.db import create_engine, create_session_factory
@@ -268,7 +269,7 @@ async def test_unreachable_engine_is_503_from_the_gateway() -> None:
 
 
 async def test_engine_errors_pass_through_with_their_status_and_body() -> None:
-    too_long = [{"role": "user", "content": "word " * 200}]
+    too_long: list[ChatCompletionMessageParam] = [{"role": "user", "content": "word " * 200}]
     async with gateway(_one_profile("--max-model-len", "64")) as gw:
         engine_url = await gw.wait_ready()
         body = {"model": "sim", "messages": too_long, "max_tokens": 4}
