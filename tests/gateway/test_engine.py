@@ -16,6 +16,7 @@ from orchestrator.manager import EngineState
 from orchestrator.planner import plan_profile
 from orchestrator.profiles import ProfileRegistry
 from tests.helpers.app import make_settings, running_app
+from tests.helpers.polling import eventually
 from tests.helpers.processes import pid_alive
 from tests.helpers.profiles import llama_70b
 
@@ -85,9 +86,11 @@ async def test_external_engine_that_is_down_is_reported(sqlite_url: str) -> None
         ENGINE_STARTUP_TIMEOUT_S=0.5,
     )
     async with running_app(settings) as (app, client):
-        await asyncio.sleep(1.0)
+        manager = app.state.resources.manager
+        # The start times out after 0.5 s; wait for its outcome rather than a fixed time.
+        await eventually(lambda: manager.status().error is not None, 30)
         response = await client.get("/health/ready")
-        admin_error = app.state.resources.manager.status().error
+        admin_error = manager.status().error
     assert response.status_code == 503
     engine = response.json()["checks"]["engine"]
     assert engine["status"] == "down"

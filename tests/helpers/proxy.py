@@ -160,10 +160,12 @@ class Gateway:
         assert response.status_code == 200, response.text
         return dict(response.json())
 
-    async def switch(self, profile_id: str) -> dict[str, Any]:
+    async def switch(self, profile_id: str, *, exclusive: bool = False) -> dict[str, Any]:
         """Switch through the admin API and wait for the job's outcome."""
         accepted = await self.http.post(
-            "/api/models/switch", json={"profile_id": profile_id}, headers=AUTH
+            "/api/models/switch",
+            json={"profile_id": profile_id, "exclusive": exclusive},
+            headers=AUTH,
         )
         assert accepted.status_code == 202, accepted.text
         job_id = accepted.json()["job_id"]

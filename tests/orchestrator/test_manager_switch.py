@@ -13,6 +13,7 @@ import pytest
 
 from orchestrator.manager import EngineBusy, EngineState, JobStatus, VLLMModelManager
 from orchestrator.runtimes import EngineSpec, ExternalRuntime, ProcessRuntime
+from tests.helpers.polling import eventually
 from tests.helpers.ports import free_port
 
 # Profile id -> extra simulator flags; "broken" fails while loading like an engine that OOMs.
@@ -191,6 +192,9 @@ async def test_switch_drains_in_flight_requests_first(manager: VLLMModelManager)
     holder = asyncio.create_task(in_flight())
     await asyncio.sleep(0.05)
     job = manager.request_switch("beta", exclusive=True)
+    # The switch drains and holds there while the request runs, however long the job took to
+    # get going.
+    await eventually(lambda: manager.state is EngineState.DRAINING, 10)
     await asyncio.sleep(0.3)
     assert manager.state is EngineState.DRAINING
     assert manager.status().in_flight == 1

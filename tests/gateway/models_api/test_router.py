@@ -12,6 +12,7 @@ import pytest
 
 from gateway.settings import Settings
 from tests.helpers.app import engine_headers, make_settings, running_app, served_app
+from tests.helpers.polling import eventually
 
 SNAPSHOT = Path(__file__).parents[2] / "fixtures" / "gpu" / "dual_rtx3090.json"
 ADMIN_KEY = "sk-admin-test-7f3c9a1e5b2d4c6a"
@@ -229,7 +230,8 @@ async def test_events_stream_reports_progress_to_ready(
                             return
 
         follower = asyncio.create_task(follow())
-        await asyncio.sleep(0.3)
+        # The stream opens with the current status: switch only once the follower has it.
+        await eventually(lambda: bool(events), 30)
         accepted = await client.post("/api/models/switch", json={"profile_id": "sim-a"})
         await asyncio.wait_for(follower, 30)
     assert events[0][0] == "status"

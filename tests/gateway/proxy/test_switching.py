@@ -73,7 +73,14 @@ async def _client_loop(
     return served
 
 
-async def test_switch_under_steady_load_fails_no_request() -> None:
+@pytest.mark.parametrize("exclusive", [True, False], ids=["exclusive", "beside"])
+async def test_switch_under_steady_load_fails_no_request(exclusive: bool) -> None:
+    """Four clients send "current" requests in a loop through a switch from sim-a to sim-b.
+
+    Exclusive (one engine at a time): sim-a is drained (requests in flight complete on it) and
+    stopped, and requests sent meanwhile wait for sim-b. Beside (the fleet's switch): sim-b
+    loads next to sim-a, which serves every request until sim-b is ready and stays resident.
+    Either way no request fails, and "current" is sim-a before and sim-b after."""
     profiles = {"sim-a": sim_profile("sim-a", *PACE), "sim-b": sim_profile("sim-b", *PACE)}
     async with gateway(gateway_settings(profiles, "sim-a")) as gw, gw.sdk(timeout=30) as sdk:
         stop = asyncio.Event()
@@ -94,12 +101,14 @@ async def test_switch_under_steady_load_fails_no_request() -> None:
 
         await eventually(each_loop_has(3), timeout_s=30)
         switch_started = time.monotonic()
-        job = await gw.switch("sim-b")
+        job = await gw.switch("sim-b", exclusive=exclusive)
         switch_done = time.monotonic()
         await eventually(each_loop_has(3, since=switch_done), timeout_s=30)
         stop.set()
         served = await asyncio.gather(*loops)
         lb = await gw.lb()
+        sim_a = gw.manager.engine("sim-a")
+        sim_a_state = sim_a.state.value if sim_a is not None else None
     assert job["status"] == "succeeded", job
     assert job["previous_profile_id"] == "sim-a"
     assert [s.failures for s in served] == [[], [], [], []]
@@ -113,12 +122,19 @@ async def test_switch_under_steady_load_fails_no_request() -> None:
         assert len(after) >= 3
         assert set(after) == {"sim-b"}
     results = [result for loop in served for result in loop.results]
-    # Both sides of the switch were exercised: requests in flight when it began were drained
-    # (completed on sim-a after it was asked for), and requests sent during it waited for sim-b.
+    # Requests in flight when the switch began completed on sim-a after it was asked for.
     drained = [end for _, end, model in results if model == "sim-a" and end > switch_started]
-    waited = [start for start, _, model in results if model == "sim-b" and start < switch_done]
     assert drained
-    assert waited
+    if exclusive:
+        # sim-a was stopped, so requests sent during the switch waited for sim-b.
+        waited = [start for start, _, model in results if model == "sim-b" and start < switch_done]
+        assert waited
+        assert sim_a_state == "idle"
+    else:
+        # sim-a served requests sent while sim-b loaded (nobody waited for the load), and stays.
+        during = [start for start, _, m in results if m == "sim-a" and start > switch_started]
+        assert during
+        assert sim_a_state == "ready"
     assert lb["local_requests"] == 0
     assert lb["local_model"] == "sim-b"
 
