@@ -72,6 +72,7 @@ class Feature:
     name: str
     env: dict[str, str] | None
     api_key: bool = False  # requests carry a user's API key (created through the admin API)
+    jwt: bool = False  # requests carry a user's access token (the user logs in first)
     note: str = ""
 
     @property
@@ -106,6 +107,9 @@ _METRICS_ON = {"METRICS_ENABLED": "true"}
 FEATURES = (
     Feature("logging", _LOGGING_ON, note="one JSON line per request, to a file"),
     Feature("auth", {"REQUIRE_AUTH": "true"}, api_key=True, note="a premium user's API key"),
+    Feature(
+        "auth jwt", {"REQUIRE_AUTH": "true"}, jwt=True, note="a premium user's access token (JWT)"
+    ),
     Feature("limits", _LIMITS_ON, note="request + token limits, local limiter, never hit"),
     Feature("metrics", _METRICS_ON, note="Prometheus series per request (/metrics)"),
     Feature("usage", _USAGE_ON, note="a usage row per request, batched into SQLite"),
@@ -238,6 +242,30 @@ class Cluster:
             raise ValueError(f"HTTP {response.status_code}: {response.text[:200]}")
         key: str = response.json()["key"]
         return key
+
+    def access_token(self, gateway: Server) -> str:
+        """An access token (JWT) of a premium user on `gateway`: the user is created with the
+        admin key, then logs in as a web UI or JWT client does."""
+        password = secrets.token_urlsafe(18)
+        created = httpx.post(
+            gateway.base + "/admin/api/users",
+            json={"username": "bench-jwt", "password": password, "tier": "premium"},
+            headers={"authorization": f"Bearer {self.admin_key}"},
+            timeout=10,
+            trust_env=False,
+        )
+        if created.status_code != 201:
+            raise ValueError(f"HTTP {created.status_code}: {created.text[:200]}")
+        logged_in = httpx.post(
+            gateway.base + "/api/auth/login",
+            json={"username": "bench-jwt", "password": password},
+            timeout=10,
+            trust_env=False,
+        )
+        if logged_in.status_code != 200:
+            raise ValueError(f"HTTP {logged_in.status_code}: {logged_in.text[:200]}")
+        token: str = logged_in.json()["access_token"]
+        return token
 
     def wait_ready(self, timeout_s: float = 60) -> None:
         """Poll every server's readiness URL until all answer 200."""
@@ -796,6 +824,18 @@ def report(res: Results, args: argparse.Namespace, load_avg: tuple[float, float]
             f"{feature.name:<11}{added:>+11.2f} ms{ratio:>11.3f}x{extra:>+14.0f} us"
             f"{lines / max(sent, 1):>15.2f}  {feature.note}"
         )
+    added_p50 = {
+        name: pct(data["latency c=1"][name].latencies, 0.5)
+        - pct(data["latency c=1"]["gateway"].latencies, 0.5)
+        for name, data in res.features.items()
+    }
+    if "auth" in added_p50 and "auth jwt" in added_p50:
+        gap = added_p50["auth jwt"] - added_p50["auth"]
+        print(
+            f"JWT vs API key, added p50 at c=1: {added_p50['auth jwt']:+.3f} vs "
+            f"{added_p50['auth']:+.3f} ms, the JWT path {gap:+.3f} ms "
+            f"(target <= +0.2 ms {_verdict(gap <= 0.2)})"
+        )
     print("baseline: " + " ".join(f"{k}={v}" for k, v in BASELINE_ENV.items()))
     for feature in FEATURES:
         if feature.env is not None:
@@ -869,10 +909,13 @@ def main() -> None:
         for feature in FEATURES:
             if not feature.built:
                 continue
+            gateway = servers[f"gw-{feature.name}"]
             try:
-                key = cluster.api_key(servers[f"gw-{feature.name}"]) if feature.api_key else None
+                key = cluster.api_key(gateway) if feature.api_key else None
+                if feature.jwt:
+                    key = cluster.access_token(gateway)
             except (httpx.HTTPError, KeyError, ValueError) as exc:
-                skipped[feature.name] = f"could not create an API key ({exc})"
+                skipped[feature.name] = f"could not create a credential ({exc})"
                 continue
             feature_headers[feature.name] = {"authorization": f"Bearer {key}"} if key else {}
         with contextlib.suppress(ImportError):

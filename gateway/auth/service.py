@@ -5,7 +5,8 @@ Sessions are refresh-token families. Login starts a family; each refresh marks t
 token used and issues a new pair in the same family. A refresh token presented a second time
 means it was stolen (or replayed): the whole family is revoked, and the access tokens of a
 revoked family are refused too (`load_session_user`). Deactivating a user revokes every family
-and drops their keys from the key cache.
+and drops their keys from the key cache; every change that ends sessions or changes a user drops
+them from the session cache too, after its commit.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.auth import tokens
 from gateway.auth.models import RefreshToken
+from gateway.auth.session_cache import SESSION_CACHE
 from gateway.errors import GatewayError
 from gateway.keys.service import KEY_CACHE
 from gateway.logging import get_logger
@@ -137,6 +139,7 @@ async def refresh(*, session: AsyncSession, settings: Settings, refresh_token: s
         if row is not None and row.user_id == claims.user_id and row.used_at is not None:
             await _revoke_families(session, RefreshToken.family_id == row.family_id, now)
             await session.commit()
+            SESSION_CACHE.invalidate_families({row.family_id})
             log.warning(
                 "refresh_token_reused",
                 user_id=str(row.user_id),
@@ -181,6 +184,7 @@ async def logout(
         )
     await _revoke_families(session, RefreshToken.family_id.in_(families), _now())
     await session.commit()
+    SESSION_CACHE.invalidate_families(families)
 
 
 async def revoke_user_sessions(*, session: AsyncSession, user_id: uuid.UUID) -> None:
@@ -252,6 +256,8 @@ async def update_own_account(
     if set_email:
         user.email = email
     await session.commit()
+    if new_password is not None:
+        _forget_cached_keys(user.id)
     return user
 
 
@@ -313,9 +319,11 @@ async def deactivate(*, session: AsyncSession, user_id: uuid.UUID) -> User:
 
 
 def _forget_cached_keys(user_id: uuid.UUID) -> None:
-    # API key lookups cache the owner for a few seconds; a changed role, tier or state must
-    # apply to the next request, not after the cache expires.
+    # API key and access-token lookups cache the user for a few seconds; a changed role, tier
+    # or state, or ended sessions, must apply to the next request, not after the cache expires.
+    # Called after the change is committed (see SessionCache's generation).
     KEY_CACHE.invalidate_user(user_id)
+    SESSION_CACHE.invalidate_user(user_id)
 
 
 async def create_or_promote_admin(*, session: AsyncSession, username: str, password: str) -> bool:

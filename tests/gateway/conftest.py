@@ -7,14 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from gateway.auth.session_cache import SESSION_CACHE
 from gateway.keys.service import KEY_CACHE
 from gateway.migrate import upgrade
 
 
 @pytest.fixture(autouse=True)
-def _fresh_key_cache() -> None:
-    # The key cache is process-wide: no lookup may carry over from another test's database.
+def _fresh_credential_caches() -> None:
+    # The key and session caches are process-wide: no lookup may carry over from another
+    # test's database.
     KEY_CACHE.clear()
+    SESSION_CACHE.clear()
 
 
 @pytest.fixture
