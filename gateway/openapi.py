@@ -24,7 +24,7 @@ from fastapi.openapi.utils import get_openapi
 from gateway.fields import field_schemas
 from gateway.proxy.docs import request_body
 from gateway.proxy.service import limits_from
-from gateway.proxy.validation import UPSTREAM_PATHS
+from gateway.proxy.validation import OPENAI_PATHS
 from gateway.settings import Settings
 
 # Operations that need no credentials (tests/gateway/test_route_inventory.py holds the full
@@ -144,7 +144,7 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     }
     limits = limits_from(settings)
     _cap_chat_max_tokens(schemas, limits.max_tokens, limits.max_n)
-    bodies = {path: route for route, path in UPSTREAM_PATHS.items()}
+    bodies = OPENAI_PATHS
     for path, operations in document.get("paths", {}).items():
         for method, operation in operations.items():
             if method not in _HTTP_METHODS:

@@ -31,6 +31,9 @@ router = APIRouter(tags=["models"], dependencies=[Depends(get_admin)], route_cla
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-f0-9]+$")]
 ProfileId = Annotated[str, Path(min_length=1, max_length=64, pattern=PROFILE_ID_PATTERN)]
+# A served name or alias (no "/": a name with one is loaded by its profile id instead).
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
+ModelName = Annotated[str, Path(min_length=1, max_length=128, pattern=MODEL_NAME_PATTERN)]
 
 
 @router.get("/api/models/status", response_model=ModelStatus)
@@ -82,6 +85,13 @@ async def engines(models: ModelsDep, scheduler: SchedulerDep) -> FleetView:
 async def load(profile_id: ProfileId, models: ModelsDep) -> SwitchJobView:
     """Load (or wake) a profile's engine beside the others, evicting only what it needs."""
     return service.load(control=models, profile_id=profile_id)
+
+
+@router.post("/models/{model_name}/load", response_model=SwitchJobView, status_code=202)
+async def load_by_name(model_name: ModelName, models: ModelsDep) -> SwitchJobView:
+    """Seed 004's path: load a model (by served name, alias or profile id) as
+    POST /api/models/{profile_id}/load does."""
+    return service.load_by_name(control=models, model_name=model_name)
 
 
 @router.post("/api/models/{profile_id}/unload", response_model=SwitchJobView, status_code=202)

@@ -202,6 +202,23 @@ def load(*, control: ModelControl, profile_id: str) -> SwitchJobView:
     return job_view(job)
 
 
+def load_by_name(*, control: ModelControl, model_name: str) -> SwitchJobView:
+    """Seed 004's load: `model_name` is a model's served name or alias, or a profile id."""
+    profile = control.profiles.by_served_name(model_name)
+    if profile is None:
+        try:
+            profile = control.profile(model_name)
+        except ProfileNotFound:
+            names = sorted({n for p in control.profiles.profiles.values() for n in p.served_names})
+            raise GatewayError(
+                404,
+                f"No model {model_name!r}. Models: {', '.join(names)}.",
+                code="model_not_found",
+                param="model_name",
+            ) from None
+    return load(control=control, profile_id=profile.id)
+
+
 def unload(*, control: ModelControl, profile_id: str) -> SwitchJobView:
     """Drain and stop a profile's engine (a job that succeeds at once when none runs)."""
     _known_profile(control, profile_id)

@@ -1,5 +1,5 @@
-"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models;
-and /lb/status."""
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models
+(and seed 004's /api/v1/* and /models for the same); and /lb/status."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from gateway.deps import PrincipalDep, get_principal
 from gateway.proxy import service
 from gateway.proxy.deps import ProxyDep, SchedulerDep, get_proxy
 from gateway.proxy.upstream import RelayResponse
-from gateway.proxy.validation import Route
+from gateway.proxy.validation import SEED_PATHS, UPSTREAM_PATHS, Route
 from gateway.routing import BodyLimit, GuardedRoute, body_limit
 
 router = APIRouter(tags=["openai"], route_class=GuardedRoute)
@@ -31,7 +31,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 # malformed JSON with its own error instead of the gateway's.
 
 
-def _add_openai_route(route: Route, path: str, description: str) -> None:
+def _add_openai_route(route: Route, path: str, description: str, *, name: str) -> None:
     """Register one POST route; the three OpenAI routes differ only in what they relay."""
 
     async def endpoint(request: Request) -> RelayResponse:
@@ -52,7 +52,7 @@ def _add_openai_route(route: Route, path: str, description: str) -> None:
         path,
         body_limit(BodyLimit.DEFAULT)(endpoint),  # read by service.relay, after the caller
         methods=["POST"],
-        name=f"openai_{route.value}",
+        name=name,
         description=description,
         responses=_RESPONSES,
         response_class=RelayResponse,
@@ -62,14 +62,21 @@ def _add_openai_route(route: Route, path: str, description: str) -> None:
     )
 
 
-_add_openai_route(
-    Route.CHAT,
-    "/v1/chat/completions",
-    "Chat completion (stream or not), routed to the engine serving `model` "
+_DESCRIPTIONS = {
+    Route.CHAT: "Chat completion (stream or not), routed to the engine serving `model` "
     '("current" or absent: the active model).',
-)
-_add_openai_route(Route.COMPLETIONS, "/v1/completions", "Text completion (stream or not).")
-_add_openai_route(Route.EMBEDDINGS, "/v1/embeddings", "Embeddings.")
+    Route.COMPLETIONS: "Text completion (stream or not).",
+    Route.EMBEDDINGS: "Embeddings.",
+}
+for _route, _path in UPSTREAM_PATHS.items():
+    _add_openai_route(_route, _path, _DESCRIPTIONS[_route], name=f"openai_{_route.value}")
+for _route, _path in SEED_PATHS.items():
+    _add_openai_route(
+        _route,
+        _path,
+        f"{_DESCRIPTIONS[_route]} Seed 004's path: the same route as {UPSTREAM_PATHS[_route]}.",
+        name=f"openai_{_route.value}_seed",
+    )
 
 
 class ModelEntry(BaseModel):
@@ -100,6 +107,12 @@ class ModelList(BaseModel):
 async def list_models(state: ProxyDep, _principal: PrincipalDep) -> ModelList:
     """The models this gateway can serve: resident, asleep, or able to fit the GPUs, each with
     its state and aliases (a model too big for this machine is not listed)."""
+    return ModelList(data=[ModelEntry(**entry) for entry in service.model_entries(state=state)])
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models_seed(state: ProxyDep, _principal: PrincipalDep) -> ModelList:
+    """Seed 004's path for GET /v1/models: the same list."""
     return ModelList(data=[ModelEntry(**entry) for entry in service.model_entries(state=state)])
 
 

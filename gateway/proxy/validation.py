@@ -35,6 +35,18 @@ UPSTREAM_PATHS = {
     Route.COMPLETIONS: "/v1/completions",
     Route.EMBEDDINGS: "/v1/embeddings",
 }
+# Seed 004's paths for the same routes (its clients post there; a body without `model` means
+# the default model, as on /v1/*).
+SEED_PATHS = {
+    Route.CHAT: "/api/v1/chat/completions",
+    Route.COMPLETIONS: "/api/v1/completions",
+    Route.EMBEDDINGS: "/api/v1/embeddings",
+}
+# Every path the gateway serves an OpenAI route at, and the route.
+OPENAI_PATHS = {
+    **{path: route for route, path in UPSTREAM_PATHS.items()},
+    **{path: route for route, path in SEED_PATHS.items()},
+}
 
 
 @dataclass(frozen=True)

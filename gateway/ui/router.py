@@ -127,6 +127,12 @@ async def chat_page(request: Request) -> Response:
     return _serve(request, page("chat"), PAGE_CACHE)
 
 
+@router.get("/chat-streaming")
+async def chat_streaming_page(request: Request) -> Response:
+    """Seed 000's address of the streaming chat: the same page as /chat."""
+    return _serve(request, page("chat"), PAGE_CACHE)
+
+
 @router.get("/dashboard")
 async def dashboard_page(request: Request) -> Response:
     """The admin console: engine, GPUs, profiles, keys, users, usage (admins only)."""

@@ -35,6 +35,7 @@ NO_DATABASE = {
     "/redoc",
     "/docs/assets/{file}",
     "/chat",
+    "/chat-streaming",
     "/dashboard",
     "/admin",
     "/ui/static/{asset}",

@@ -80,6 +80,7 @@ PUBLIC: dict[Key, str] = {
     # The browser pages and their scripts/styles: static shells with no data in them; what they
     # show comes from the API with the signed-in user's token (tests/gateway/ui).
     ("GET", "/chat"): "chat page (static shell)",
+    ("GET", "/chat-streaming"): "seed 000's address of the chat page (static shell)",
     ("GET", "/dashboard"): "admin console page (static shell; its data needs the admin role)",
     ("GET", "/admin"): "redirect to /dashboard (seed 002's admin address)",
     ("GET", "/ui/static/{asset}"): "scripts, styles and icon of the pages",
@@ -108,6 +109,11 @@ USER: dict[Key, str] = {
     ("POST", "/v1/completions"): "inference",
     ("POST", "/v1/embeddings"): "inference",
     ("GET", "/v1/models"): "model list",
+    # Seed 004's paths for the same routes.
+    ("POST", "/api/v1/chat/completions"): "inference",
+    ("POST", "/api/v1/completions"): "inference",
+    ("POST", "/api/v1/embeddings"): "inference",
+    ("GET", "/models"): "model list",
     ("GET", "/lb/status"): "queue state",
     # Conversations belong to a user: the admin key (no user) gets 401 user_required.
     ("GET", "/api/conversations"): "own conversations",
@@ -124,7 +130,8 @@ USER: dict[Key, str] = {
     ("POST", "/api/chat/completions"): "the same, at the OpenAI SDK's path",
 }
 
-# Admin role only: /api/models/*, /api/gpus and /admin/* except /admin/api/login.
+# Admin role only: /api/models/*, /models/{model_name}/load, /api/gpus and /admin/* except
+# /admin/api/login.
 ADMIN: dict[Key, str] = {
     ("GET", "/api/models/status"): "model management",
     ("GET", "/api/models/profiles"): "model management",
@@ -134,6 +141,7 @@ ADMIN: dict[Key, str] = {
     ("GET", "/api/models/jobs/{job_id}"): "model management",
     ("GET", "/api/models/engines"): "model management",
     ("POST", "/api/models/{profile_id}/load"): "model management",
+    ("POST", "/models/{model_name}/load"): "model management (seed 004's path)",
     ("POST", "/api/models/{profile_id}/unload"): "model management",
     ("POST", "/api/models/{profile_id}/sleep"): "model management",
     ("POST", "/api/models/{profile_id}/wake"): "model management",
@@ -159,7 +167,7 @@ METRICS: dict[Key, str] = {
 }
 
 _ADMIN_PREFIXES = ("/api/models/", "/admin/")
-_ADMIN_PATHS = {"/api/gpus"}
+_ADMIN_PATHS = {"/api/gpus", "/models/{model_name}/load"}
 
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")

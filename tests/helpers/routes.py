@@ -19,6 +19,7 @@ DUMMY_PATH_PARAMS = {
     "key_id": str(uuid.UUID(int=2)),
     "job_id": "deadbeef",
     "profile_id": "no-such-profile",
+    "model_name": "no-such-model",
     "conversation_id": str(uuid.UUID(int=3)),
     "asset": "ui.css",
     "file": "swagger-ui.css",
