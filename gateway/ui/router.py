@@ -69,7 +69,7 @@ _MEDIA_TYPES = {
 _ASSET_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 # `{{asset:name}}` in a page becomes the asset's versioned URL.
 _ASSET_REF = re.compile(r"\{\{asset:([a-z0-9][a-z0-9._-]*)\}\}")
-PAGES = {"chat": "chat.html", "dashboard": "dashboard.html"}
+PAGES = {"chat": "chat.html", "dashboard": "dashboard.html", "test": "test.html"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +131,13 @@ async def chat_page(request: Request) -> Response:
 async def chat_streaming_page(request: Request) -> Response:
     """Seed 000's address of the streaming chat: the same page as /chat."""
     return _serve(request, page("chat"), PAGE_CACHE)
+
+
+@router.get("/test")
+async def test_page(request: Request) -> Response:
+    """Seed 000's test page: send a request to any route of this gateway and see the raw
+    response (status, headers, body), for people who do not use curl."""
+    return _serve(request, page("test"), PAGE_CACHE)
 
 
 @router.get("/dashboard")

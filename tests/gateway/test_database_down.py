@@ -36,6 +36,7 @@ NO_DATABASE = {
     "/docs/assets/{file}",
     "/chat",
     "/chat-streaming",
+    "/test",
     "/dashboard",
     "/admin",
     "/ui/static/{asset}",

@@ -81,6 +81,8 @@ PUBLIC: dict[Key, str] = {
     # show comes from the API with the signed-in user's token (tests/gateway/ui).
     ("GET", "/chat"): "chat page (static shell)",
     ("GET", "/chat-streaming"): "seed 000's address of the chat page (static shell)",
+    ("GET", "/test"): "seed 000's request tester (static shell; what it sends carries its own "
+    "credentials)",
     ("GET", "/dashboard"): "admin console page (static shell; its data needs the admin role)",
     ("GET", "/admin"): "redirect to /dashboard (seed 002's admin address)",
     ("GET", "/ui/static/{asset}"): "scripts, styles and icon of the pages",

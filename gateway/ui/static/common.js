@@ -336,7 +336,13 @@
     }
   }
 
+  /** The signed-in session's access token, or null (for the request tester). */
+  function accessToken() {
+    return tokens && tokens.access_token ? tokens.access_token : null;
+  }
+
   Object.assign(VCG, {
+    accessToken,
     el,
     svg,
     replace,

@@ -14,7 +14,13 @@ from gateway.migrate import upgrade
 from gateway.ui.router import STATIC_DIR, assets
 from tests.helpers.app import make_settings, running_app
 
-PAGES = ("/chat", "/dashboard")
+# Each page and the form it opens with (the request tester needs no sign-in).
+PAGES = {
+    "/chat": "login-form",
+    "/chat-streaming": "login-form",
+    "/dashboard": "login-form",
+    "/test": "request-form",
+}
 
 
 @pytest.fixture
@@ -73,7 +79,7 @@ async def test_pages_are_served_without_credentials_with_strict_headers(
     assert response.headers["cache-control"] == "no-cache"
     # A static shell: no user data, no token, nothing about the server in it.
     assert "eyJ" not in response.text
-    assert 'id="login-form"' in response.text
+    assert f'id="{PAGES[path]}"' in response.text
     # Revalidation: the same ETag answers 304 with no body.
     again = await client.get(path, headers={"If-None-Match": response.headers["etag"]})
     assert again.status_code == 304
