@@ -27,6 +27,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.errors import GatewayError
+from gateway.proxy.validation import OPENAI_PATHS
 from gateway.routing import (
     CREDENTIALS_BODY_BYTES,
     BodyLimit,
@@ -53,6 +54,7 @@ def test_every_route_that_can_take_a_body_is_guarded() -> None:
     # The routes the guard was written for are among them (the enumeration sees them).
     assert {"/api/auth/refresh", "/api/chat", "/api/keys", "/api/conversations/import"} <= paths
     assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"} <= paths
+    assert set(OPENAI_PATHS) <= paths
     unguarded = sorted(
         f"{method} {path}" for method, path, route in found if not isinstance(route, GuardedRoute)
     )
@@ -61,8 +63,9 @@ def test_every_route_that_can_take_a_body_is_guarded() -> None:
     for leaf in flat_routes(app.routes):
         route = original_route(leaf)
         if isinstance(route, GuardedRoute) and route.body_field is None:
+            # The logins, and the OpenAI routes at /v1/* and seed 004's /api/v1/*.
             reads_itself = route.path in {"/api/auth/login", "/admin/api/login"} or (
-                route.path.startswith("/v1/") and "POST" in (route.methods or ())
+                route.path in OPENAI_PATHS and "POST" in (route.methods or ())
             )
             assert route.takes_body == reads_itself, route.path
 
