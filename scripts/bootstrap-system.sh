@@ -2,7 +2,8 @@
 # Install the system services the integration tests run for real (Debian/Ubuntu, apt):
 #   PostgreSQL (initdb/pg_ctl), redis-server, dockerd (docker.io) and a static busybox
 #   (busybox-static, used to build the tiny Docker test image), chromium (browser tests),
-#   prometheus and docker-compose (observability and deploy tests).
+#   prometheus and docker-compose (observability and deploy tests), nodejs and npm (the official
+#   Node SDKs against the gateway; scripts/bootstrap-node-clients.sh installs the SDKs).
 #
 # Idempotent: installs only what is missing. As root it runs apt-get (update once, then
 # install --no-install-recommends); otherwise it lists what is missing and exits 1.
@@ -55,6 +56,15 @@ else
 fi
 # ...and one of them uses a key from the command line, as a user would.
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+
+# tests/gateway/proxy/test_sdk_node.py: npm's openai and @anthropic-ai/sdk run on the machine's
+# node. A node that ships its own npm (NodeSource's nodejs) needs no Debian npm package.
+if command -v node >/dev/null 2>&1; then
+    log "node: ok ($(node --version))"
+else
+    missing+=(nodejs)
+fi
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 
 if ((${#missing[@]} == 0)); then
     log "all system packages present"

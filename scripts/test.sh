@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what is missing (apt packages, .venv, the
-# vLLM CPU build and a tiny local model, cached outside the repo), then lint, types and tests.
+# vLLM CPU build and a tiny local model, the official Node SDKs, all cached outside the repo),
+# then lint, types and tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -8,6 +9,9 @@ started=$(date +%s)
 bash scripts/bootstrap-system.sh
 bash scripts/bootstrap-venv.sh
 bash scripts/bootstrap-vllm.sh
+# The tests' node_clients fixture runs the npm SDKs from here (tests/helpers/node_clients.py).
+VCG_NODE_CLIENTS=$(bash scripts/bootstrap-node-clients.sh)
+export VCG_NODE_CLIENTS
 
 echo "== ruff"
 .venv/bin/ruff check .

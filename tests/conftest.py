@@ -17,9 +17,13 @@ Fixtures (names are a contract):
 * ``test_image``       (session) tag of the busybox base image that runs the host's Python.
 * ``vllm_engine``      (session) a started ``tests.helpers.vllm_engine.VLLMEngine`` serving the tiny
                        random-weight Llama as ``tiny-llama``.
+* ``node_clients``     (session) a ``tests.helpers.node_clients.NodeClients``: node and the pinned
+                       npm SDKs (``openai``, ``@anthropic-ai/sdk``); ``.run(script, env)`` runs an
+                       ES module with them and returns the JSON its last line prints.
 
-A missing binary or venv skips the tests that need it with the reason, except when ``CI`` is set
-or ``VCG_REQUIRE_ALL=1``: then it fails them (``scripts/test.sh`` sets VCG_REQUIRE_ALL=1).
+A missing binary, venv or npm package skips the tests that need it with the reason, except when
+``CI`` is set or ``VCG_REQUIRE_ALL=1``: then it fails them (``scripts/test.sh`` sets
+VCG_REQUIRE_ALL=1).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from tests.helpers.services import ServiceUnavailable
 if TYPE_CHECKING:
     import docker
 
+    from tests.helpers.node_clients import NodeClients
     from tests.helpers.postgres import PostgresServer
     from tests.helpers.redis import RedisServer
     from tests.helpers.vllm_engine import VLLMEngine
@@ -178,3 +183,14 @@ def vllm_install() -> tuple[Path, Path]:
 
     _available(lambda: check_vllm_python(VLLM_PYTHON))
     return VLLM_PYTHON, ensure_tiny_model(VLLM_PYTHON)
+
+
+# -- Node SDKs -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def node_clients() -> NodeClients:
+    """node and the pinned npm SDKs (VCG_NODE_CLIENTS, else installed by the bootstrap script)."""
+    from tests.helpers.node_clients import find_node_clients
+
+    return _available(find_node_clients)
