@@ -77,6 +77,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
             api_key=settings.OPENAI_API_KEY.get_secret_value(),
             default_model=settings.CLOUD_MODEL,
             model_map=settings.CLOUD_MODEL_MAP,
+            routes=frozenset(settings.CLOUD_ROUTES),
         )
     return SchedulerConfig(
         max_local=settings.MAX_QUEUE_SIZE,

@@ -77,6 +77,41 @@ def error_body(
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
+# Anthropic's Messages API routes answer errors in Anthropic's envelope (what its SDKs parse).
+ANTHROPIC_PATH_PREFIX = "/v1/messages"
+_ANTHROPIC_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+def speaks_anthropic(path: str) -> bool:
+    """Whether errors on this path take Anthropic's envelope (/v1/messages and below)."""
+    return path == ANTHROPIC_PATH_PREFIX or path.startswith(ANTHROPIC_PATH_PREFIX + "/")
+
+
+def anthropic_error_type(status_code: int) -> str:
+    """Anthropic's error `type` for an HTTP status."""
+    if status_code >= 500:
+        return _ANTHROPIC_TYPE_BY_STATUS.get(status_code, "api_error")
+    return _ANTHROPIC_TYPE_BY_STATUS.get(status_code, "invalid_request_error")
+
+
+def anthropic_error_body(message: str, *, status_code: int) -> dict[str, Any]:
+    """Build Anthropic's `{"type": "error", "error": {"type", "message"}}`."""
+    return {
+        "type": "error",
+        "error": {"type": anthropic_error_type(status_code), "message": message},
+    }
+
+
 def error_response(
     status_code: int,
     message: str,
@@ -85,10 +120,15 @@ def error_response(
     param: str | None = None,
     error_type: str | None = None,
     headers: dict[str, str] | None = None,
+    path: str | None = None,
 ) -> JSONResponse:
-    """Render one error as a JSON response."""
-    body = error_body(
-        message, error_type=error_type or error_type_for(status_code), code=code, param=param
+    """Render one error as a JSON response (in Anthropic's envelope on its routes: `path`)."""
+    body = (
+        anthropic_error_body(message, status_code=status_code)
+        if path is not None and speaks_anthropic(path)
+        else error_body(
+            message, error_type=error_type or error_type_for(status_code), code=code, param=param
+        )
     )
     # Says the error came from the gateway itself, not from an engine behind it.
     return JSONResponse(
@@ -104,7 +144,7 @@ def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
     return ".".join(parts) or None
 
 
-async def _gateway_error(_: Request, exc: Exception) -> JSONResponse:
+async def _gateway_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, GatewayError)
     return error_response(
         exc.status_code,
@@ -113,6 +153,7 @@ async def _gateway_error(_: Request, exc: Exception) -> JSONResponse:
         param=exc.param,
         error_type=exc.error_type,
         headers=exc.headers,
+        path=request.url.path,
     )
 
 
@@ -149,10 +190,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     else:
         message = HTTPStatus(status).phrase
     code = {404: "not_found", 405: "method_not_allowed"}.get(status)
-    return error_response(status, message, code=code, headers=headers or None)
+    return error_response(
+        status, message, code=code, headers=headers or None, path=request.url.path
+    )
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
@@ -161,7 +204,7 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     message = f"Invalid value for '{param}': {reason}" if param else f"Invalid request: {reason}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
-    return error_response(400, message, code="invalid_request", param=param)
+    return error_response(400, message, code="invalid_request", param=param, path=request.url.path)
 
 
 def database_unavailable() -> GatewayError:
@@ -187,6 +230,7 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
             400,
             "The request has text the database cannot store (the NUL character, \\u0000).",
             code="invalid_text",
+            path=request.url.path,
         )
     if is_database_down(exc):
         # The class name only: a database error's text can carry statement parameters. The
@@ -203,13 +247,23 @@ HEADERS_TOO_LARGE_BODY = orjson.dumps(
         code="headers_too_large",
     )
 )
+INTERNAL_ERROR_MESSAGE = (
+    "The gateway hit an internal error; the X-Request-ID header identifies it in the logs."
+)
 INTERNAL_ERROR_BODY = orjson.dumps(
     error_body(
-        "The gateway hit an internal error; the X-Request-ID header identifies it in the logs.",
+        INTERNAL_ERROR_MESSAGE,
         error_type="server_error",
         code="internal_error",
     )
 )
+
+
+def error_bytes_for(path: str, openai_body: bytes, status_code: int, message: str) -> bytes:
+    """A prebuilt OpenAI error body, or its Anthropic envelope on Anthropic's routes."""
+    if speaks_anthropic(path):
+        return orjson.dumps(anthropic_error_body(message, status_code=status_code))
+    return openai_body
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -9,7 +9,12 @@ import uuid
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import HEADERS_TOO_LARGE_BODY, INTERNAL_ERROR_BODY
+from gateway.errors import (
+    HEADERS_TOO_LARGE_BODY,
+    INTERNAL_ERROR_BODY,
+    INTERNAL_ERROR_MESSAGE,
+    error_bytes_for,
+)
 from gateway.logging import get_logger
 from gateway.metrics import HTTP
 
@@ -71,7 +76,14 @@ class RequestContextMiddleware:
                     ],
                 }
             )
-            await send({"type": "http.response.body", "body": HEADERS_TOO_LARGE_BODY})
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": error_bytes_for(
+                        scope["path"], HEADERS_TOO_LARGE_BODY, 431, "Request headers are too large."
+                    ),
+                }
+            )
             self._log(scope, status, started)
             return
         try:
@@ -87,7 +99,14 @@ class RequestContextMiddleware:
                         "headers": [(b"content-type", b"application/json")],
                     }
                 )
-                await send({"type": "http.response.body", "body": INTERNAL_ERROR_BODY})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": error_bytes_for(
+                            scope["path"], INTERNAL_ERROR_BODY, 500, INTERNAL_ERROR_MESSAGE
+                        ),
+                    }
+                )
         finally:
             self._log(scope, status, started)
 

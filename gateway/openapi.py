@@ -21,10 +21,11 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from gateway.errors import speaks_anthropic
 from gateway.fields import field_schemas
 from gateway.proxy.docs import request_body
 from gateway.proxy.service import limits_from
-from gateway.proxy.validation import OPENAI_PATHS
+from gateway.proxy.validation import OPENAI_PATHS, UPSTREAM_PATHS, Route
 from gateway.settings import Settings
 
 # Operations that need no credentials (tests/gateway/test_route_inventory.py holds the full
@@ -49,7 +50,35 @@ _RELAYED_ERROR_CONTENT = {
         "schema": {"anyOf": [_ERROR_REF, {"$ref": "#/components/schemas/UpstreamError"}]}
     }
 }
+# Anthropic's routes answer in Anthropic's envelope (gateway.errors.speaks_anthropic).
+_ANTHROPIC_ERROR_CONTENT = {
+    "application/json": {
+        "schema": {
+            "anyOf": [
+                {"$ref": "#/components/schemas/AnthropicErrorResponse"},
+                {"$ref": "#/components/schemas/UpstreamError"},
+            ]
+        }
+    }
+}
 _ERROR_SCHEMAS: dict[str, Any] = {
+    "AnthropicErrorResponse": {
+        "title": "AnthropicErrorResponse",
+        "description": "Anthropic's error envelope, on /v1/messages and its subroutes.",
+        "type": "object",
+        "required": ["type", "error"],
+        "properties": {
+            "type": {"const": "error"},
+            "error": {
+                "type": "object",
+                "required": ["type", "message"],
+                "properties": {
+                    "type": {"type": "string", "examples": ["invalid_request_error"]},
+                    "message": {"type": "string"},
+                },
+            },
+        },
+    },
     "ErrorResponse": {
         "title": "ErrorResponse",
         "description": "The one error envelope (OpenAI's shape). `X-Error-Source: gateway` marks "
@@ -84,12 +113,16 @@ def _is_fastapi_validation(response: dict[str, Any]) -> bool:
     return bool(schema.get("$ref", "").endswith("/HTTPValidationError"))
 
 
-def _fix_responses(responses: dict[str, Any], *, relayed: bool) -> None:
+def _fix_responses(responses: dict[str, Any], *, relayed: bool, anthropic: bool = False) -> None:
     validation = responses.get("422")
     if validation is not None and _is_fastapi_validation(validation):
         del responses["422"]
         responses.setdefault("400", {"description": "Invalid request; `param` names the bad field"})
-    content = _RELAYED_ERROR_CONTENT if relayed else _ERROR_CONTENT
+    content: dict[str, Any]
+    if anthropic:
+        content = _ANTHROPIC_ERROR_CONTENT
+    else:
+        content = _RELAYED_ERROR_CONTENT if relayed else _ERROR_CONTENT
     for status, response in responses.items():
         if status[:1] in {"4", "5"}:
             response["content"] = content
@@ -149,11 +182,15 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
         for method, operation in operations.items():
             if method not in _HTTP_METHODS:
                 continue
-            relayed = path in bodies
-            _fix_responses(operation.setdefault("responses", {}), relayed=relayed)
+            relayed = path in bodies or path == UPSTREAM_PATHS[Route.TRANSCRIPTIONS]
+            _fix_responses(
+                operation.setdefault("responses", {}),
+                relayed=relayed,
+                anthropic=speaks_anthropic(path),
+            )
             if (method, path) not in PUBLIC_OPERATIONS:
                 operation["security"] = [{BEARER_SCHEME: []}]
-            if method == "post" and relayed:
+            if method == "post" and path in bodies:
                 operation["requestBody"] = request_body(bodies[path], limits)
     return document
 

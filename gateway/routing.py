@@ -56,6 +56,7 @@ class BodyLimit(StrEnum):
     DEFAULT = "default"  # MAX_BODY_BYTES
     CREDENTIALS = "credentials"  # CREDENTIALS_BODY_BYTES: the routes that take credentials
     IMPORT = "import"  # MAX_IMPORT_BYTES: a whole exported conversation
+    AUDIO = "audio"  # MAX_AUDIO_BYTES: an audio file to transcribe
 
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
@@ -80,6 +81,8 @@ def limit_bytes(limit: BodyLimit, settings: Settings) -> int:
         return CREDENTIALS_BODY_BYTES
     if limit is BodyLimit.IMPORT:
         return settings.MAX_IMPORT_BYTES
+    if limit is BodyLimit.AUDIO:
+        return settings.MAX_AUDIO_BYTES
     return settings.MAX_BODY_BYTES
 
 

@@ -9,7 +9,7 @@ from enum import StrEnum
 from functools import cached_property
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -30,6 +30,24 @@ _PLACEHOLDER_FRAGMENTS = (
     "development-only",
     "xxxx",
 )
+
+
+# The engine routes by name (gateway.proxy.validation.Route's values).
+CloudRoute = Literal[
+    "chat",
+    "completions",
+    "embeddings",
+    "responses",
+    "messages",
+    "count_tokens",
+    "rerank",
+    "score",
+    "transcriptions",
+]
+
+
+def _openai_cloud_routes() -> list[CloudRoute]:
+    return ["chat", "completions", "embeddings", "responses"]
 
 
 class Environment(StrEnum):
@@ -196,6 +214,9 @@ class Settings(BaseSettings):
     SWAP_MAX_WAIT_S: float = Field(default=30.0, gt=0)
     CLOUD_MODEL: str = "gpt-4o-mini"
     CLOUD_MODEL_MAP: dict[str, str] = Field(default_factory=dict)
+    # The routes the cloud upstream speaks: only these overflow to it (OpenAI's API has no
+    # Anthropic messages, rerank, score, tokenize; add "messages" for an upstream that has).
+    CLOUD_ROUTES: list[CloudRoute] = Field(default_factory=_openai_cloud_routes)
 
     # Proxy timeouts (per route) and caps on what one request may ask for.
     CHAT_TIMEOUT_S: float = Field(default=600.0, gt=0)
@@ -208,6 +229,8 @@ class Settings(BaseSettings):
     MAX_HEADER_BYTES: int = Field(default=32 * 1024, ge=1024)
     # POST /api/conversations/import takes a whole exported conversation: its own, larger cap.
     MAX_IMPORT_BYTES: int = Field(default=32 * 1024 * 1024, ge=1024)
+    # An audio file for /v1/audio/transcriptions (OpenAI's own limit is 25 MB).
+    MAX_AUDIO_BYTES: int = Field(default=25 * 1024 * 1024, ge=1024)
     # Nesting of a JSON body (every route). orjson re-serializes at most 254 levels, so the
     # ceiling stays below that: a deeper body would be accepted, then fail when relayed.
     MAX_JSON_DEPTH: int = Field(default=64, ge=8, le=200)

@@ -113,6 +113,28 @@ class RuntimeKind(StrEnum):
     EXTERNAL = "external"
 
 
+class EngineApi(StrEnum):
+    """An engine API beyond chat, completions and embeddings (which every engine serves)."""
+
+    RESPONSES = "responses"  # POST /v1/responses
+    MESSAGES = "messages"  # Anthropic's POST /v1/messages and /v1/messages/count_tokens
+    TOKENIZE = "tokenize"  # POST /tokenize and /detokenize
+    RERANK = "rerank"  # POST /v1/rerank
+    SCORE = "score"  # POST /v1/score
+    TRANSCRIPTIONS = "transcriptions"  # POST /v1/audio/transcriptions
+
+
+# What an engine serves when its profile does not say: vLLM (and the simulator, which implements
+# vLLM's routes) all of them, a command or an external server none (Anthropic's route is then
+# translated to chat completions by the gateway; the others are refused).
+DEFAULT_APIS = {
+    "vllm": frozenset(EngineApi),
+    "simulator": frozenset(EngineApi),
+    "command": frozenset[EngineApi](),
+    "external": frozenset[EngineApi](),
+}
+
+
 class Quantization(StrEnum):
     """Weight format; also what the planner uses for bytes per parameter."""
 
@@ -240,6 +262,12 @@ class Profile(BaseModel):
         default=(),
         description="docker: sources (keys of volumes) mounted read-only, e.g. model dirs.",
     )
+    apis: tuple[EngineApi, ...] | None = Field(
+        default=None,
+        description="The engine's APIs beyond chat, completions and embeddings. Default: all "
+        "for vllm and simulator engines, none for command and external ones (Anthropic's "
+        "messages are then translated to chat completions; the other routes are refused).",
+    )
     tags: tuple[str, ...] = ()
     recommended_for: tuple[str, ...] = ()
     # The fleet: how this engine shares the GPUs with others (orchestrator/placement.py).
@@ -273,6 +301,13 @@ class Profile(BaseModel):
         return self.engine is Engine.VLLM or (
             self.engine in (Engine.COMMAND, Engine.SIMULATOR) and self.architecture is not None
         )
+
+    @property
+    def served_apis(self) -> frozenset[EngineApi]:
+        """`apis`, else the engine's default."""
+        if self.apis is not None:
+            return frozenset(self.apis)
+        return DEFAULT_APIS[self.engine.value]
 
     @property
     def served_names(self) -> tuple[str, ...]:

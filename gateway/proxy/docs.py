@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.fields import TEMPLATE_KWARGS_SCHEMA, checked_integer_schemas, field_names_schema
+from gateway.proxy.checks import ANTHROPIC_ROLES
 from gateway.proxy.validation import (
     CHAT_ROLES,
     MAX_TOKEN_ID,
@@ -80,6 +81,96 @@ _PROMPT = {
         {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
     ],
 }
+_NOT_NULL = {"not": {"type": "null"}}
+_ANTHROPIC_BLOCKS = {
+    "anyOf": [
+        {"type": "string"},
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type"],
+                "properties": {"type": {"type": "string"}},
+            },
+        },
+    ]
+}
+_ANTHROPIC_MESSAGE = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"type": "string", "enum": sorted(ANTHROPIC_ROLES)},
+        "content": _ANTHROPIC_BLOCKS,
+    },
+}
+
+
+def _responses_properties(limits: Limits) -> dict[str, Any]:
+    return {
+        "input": {
+            "anyOf": [_TEXT, {"type": "array", "minItems": 1, "items": {"type": "object"}}],
+            "description": "A prompt, or the conversation as input items.",
+        },
+        "instructions": _nullable({"type": "string"}),
+        "max_output_tokens": _nullable(
+            {"type": "integer", "minimum": 1, "maximum": limits.max_tokens}
+        ),
+        "previous_response_id": {
+            "type": "null",
+            "description": "Responses are not stored here: send earlier turns as input items.",
+        },
+        "conversation": {"type": "null"},
+        "background": _nullable({"const": False}),
+    }
+
+
+def _messages_properties(limits: Limits, *, counting: bool) -> dict[str, Any]:
+    cap = {"type": "integer", "minimum": 1, "maximum": limits.max_tokens}
+    return {
+        "messages": {"type": "array", "minItems": 1, "items": _ANTHROPIC_MESSAGE},
+        "system": _nullable(_ANTHROPIC_BLOCKS),
+        "max_tokens": _nullable(cap) if counting else cap,
+        "stop_sequences": _nullable({"type": "array", "items": {"type": "string"}}),
+        "tools": _nullable(
+            {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {"name": {"type": "string"}},
+                },
+            }
+        ),
+        "tool_choice": _nullable({"type": "object", "required": ["type"]}),
+        "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+    }
+
+
+def _route_properties(route: Route, limits: Limits) -> tuple[dict[str, Any], list[str]]:
+    """The properties of the routes beyond chat, completions and embeddings, and the required."""
+    if route is Route.RESPONSES:
+        return _responses_properties(limits), ["input"]
+    if route is Route.MESSAGES:
+        return _messages_properties(limits, counting=False), ["messages", "max_tokens"]
+    if route is Route.COUNT_TOKENS:
+        return _messages_properties(limits, counting=True), ["messages"]
+    if route is Route.RERANK:
+        return {
+            "query": {"anyOf": [_TEXT, {"type": "object", "minProperties": 1}]},
+            "documents": {"type": "array", "minItems": 1},
+            "top_n": _nullable({"type": "integer", "minimum": 0}),
+        }, ["query", "documents"]
+    if route is Route.SCORE:
+        sides = ("text_1", "text_2", "queries", "documents", "items", "data")
+        return {side: _NOT_NULL for side in sides}, []
+    if route is Route.TOKENIZE:
+        return {
+            "prompt": {"type": "string"},
+            "messages": {"type": "array", "minItems": 1},
+        }, []
+    return {"tokens": _TOKEN_IDS}, ["tokens"]  # detokenize
+
+
 _EXAMPLES: dict[Route, dict[str, Any]] = {
     Route.CHAT: {
         "model": "current",
@@ -89,6 +180,17 @@ _EXAMPLES: dict[Route, dict[str, Any]] = {
     },
     Route.COMPLETIONS: {"model": "current", "prompt": "Once upon a time", "max_tokens": 32},
     Route.EMBEDDINGS: {"model": "current", "input": "Hello"},
+    Route.RESPONSES: {"model": "current", "input": "Hello", "max_output_tokens": 64},
+    Route.MESSAGES: {
+        "model": "current",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "Hello"}],
+    },
+    Route.COUNT_TOKENS: {"model": "current", "messages": [{"role": "user", "content": "Hello"}]},
+    Route.RERANK: {"model": "current", "query": "cats", "documents": ["a cat", "a car"]},
+    Route.SCORE: {"model": "current", "text_1": "cats", "text_2": ["a cat", "a car"]},
+    Route.TOKENIZE: {"model": "current", "prompt": "Hello"},
+    Route.DETOKENIZE: {"model": "current", "tokens": [1, 2, 3]},
 }
 
 
@@ -101,10 +203,13 @@ def request_body_schema(route: Route, limits: Limits) -> dict[str, Any]:
     elif route is Route.COMPLETIONS:
         properties["prompt"] = _PROMPT
         required = ["prompt"]
-    else:
+    elif route is Route.EMBEDDINGS:
         # validation.py applies the same caps here, so they are documented too.
         properties["input"] = _PROMPT
         required = ["input"]
+    else:
+        extra, required = _route_properties(route, limits)
+        properties.update(extra)
     schema: dict[str, Any] = {
         "type": "object",
         "required": required,
@@ -114,7 +219,12 @@ def request_body_schema(route: Route, limits: Limits) -> dict[str, Any]:
         "propertyNames": field_names_schema(),
         "additionalProperties": True,
     }
-    if route is not Route.EMBEDDINGS:
+    if route is Route.SCORE:
+        pairs = (("text_1", "text_2"), ("queries", "documents"), ("queries", "items"))
+        schema["anyOf"] = [{"required": list(pair)} for pair in pairs] + [{"required": ["data"]}]
+    if route is Route.TOKENIZE:
+        schema["anyOf"] = [{"required": ["prompt"]}, {"required": ["messages"]}]
+    if route in (Route.CHAT, Route.COMPLETIONS):
         # stream_options only with "stream": true (`properties` holds for an absent name).
         schema["anyOf"] = [
             {"properties": {"stream_options": {"type": "null"}}},

@@ -22,7 +22,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gateway.errors import GatewayError, error_body, error_type_for
 from gateway.proxy.scheduler import Lease
-from gateway.proxy.upstream import RelayResponse
+from gateway.proxy.upstream import RelayResponse, stream_error_event
+from gateway.proxy.validation import Route
 
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),
@@ -50,12 +51,14 @@ class LoadingRelay(RelayResponse):
         self,
         *,
         acquiring: asyncio.Future[Lease],
-        build: Callable[[Lease], RelayResponse],
+        build: Callable[[Lease], Response],
         loading: Callable[[], str | None],
         interval_s: float,
         extra_headers: dict[str, str] | None = None,
+        route: Route = Route.CHAT,
     ) -> None:
         Response.__init__(self)  # deliberately not RelayResponse's: there is no target yet
+        self._route = route
         self._acquiring = acquiring
         self._build = build
         self._loading = loading
@@ -69,7 +72,7 @@ class LoadingRelay(RelayResponse):
         await send({"type": "http.response.start", "status": 200, "headers": self._start_headers})
         lease = await self._wait(receive, send)
         if lease is not None:
-            await self._build(lease)(scope, receive, _AfterStart(send))
+            await self._build(lease)(scope, receive, _AfterStart(send, self._route))
 
     async def _wait(self, receive: Receive, send: Send) -> Lease | None:
         """The lease; None when the wait ended otherwise (client gone, or an error event)."""
@@ -102,10 +105,16 @@ class LoadingRelay(RelayResponse):
             return acquiring.result()
         except GatewayError as exc:
             # Queue timeout, model not found or not fitting...: too late for a status.
-            error = error_body(
-                exc.message, error_type=exc.error_type, code=exc.code, param=exc.param
-            )
-            await send({"type": "http.response.body", "body": _event(error), "more_body": False})
+            if self._route is Route.CHAT or self._route is Route.COMPLETIONS:
+                error = error_body(
+                    exc.message, error_type=exc.error_type, code=exc.code, param=exc.param
+                )
+                event = _event(error)
+            else:
+                event = stream_error_event(
+                    self._route, exc.message, code=exc.code or "", error_type=exc.error_type
+                )
+            await send({"type": "http.response.body", "body": event, "more_body": False})
             return None
 
 
@@ -136,9 +145,10 @@ class _AfterStart:
     503, an engine's error status), which it sends whole, becomes one error event.
     """
 
-    __slots__ = ("_body", "_send", "_status")
+    __slots__ = ("_body", "_route", "_send", "_status")
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, route: Route) -> None:
+        self._route = route
         self._send = send
         self._status = 200
         self._body = b""
@@ -152,20 +162,36 @@ class _AfterStart:
             return
         self._body += message.get("body", b"")
         if not message.get("more_body", False):
-            body = {**message, "body": _error_event(self._status, self._body)}
+            body = {**message, "body": _error_event(self._route, self._status, self._body)}
             await self._send(body)
 
 
-def _error_event(status: int, body: bytes) -> bytes:
-    """An error answer as an SSE error event: its envelope if it has one, else a new one."""
+def _error_event(route: Route, status: int, body: bytes) -> bytes:
+    """An error answer as an SSE error event: its envelope if it has one, else a new one (the
+    route's own error event on the Responses and Anthropic routes)."""
     try:
         parsed: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
         parsed = None
-    if not (isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)):
-        message = f"The engine answered {status}: {body[:200].decode(errors='replace')}"
-        parsed = error_body(message, error_type=error_type_for(status))
-    return _event(parsed)
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if route is Route.CHAT or route is Route.COMPLETIONS:
+        if not isinstance(error, dict):
+            message = f"The engine answered {status}: {body[:200].decode(errors='replace')}"
+            parsed = error_body(message, error_type=error_type_for(status))
+        return _event(parsed)
+    detail = error.get("message") if isinstance(error, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    message = (
+        detail
+        if isinstance(detail, str)
+        else f"The engine answered {status}: {body[:200].decode(errors='replace')}"
+    )
+    return stream_error_event(
+        route,
+        message,
+        code=code if isinstance(code, str) else f"http_{status}",
+        error_type=error_type_for(status),
+    )
 
 
 def _event(data: dict[str, Any]) -> bytes:

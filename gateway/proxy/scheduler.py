@@ -55,6 +55,8 @@ class CloudUpstream:
     api_key: str
     default_model: str
     model_map: dict[str, str] = field(default_factory=dict)
+    # The routes (gateway.proxy.validation.Route values) it speaks.
+    routes: frozenset[str] = frozenset({"chat", "completions", "embeddings", "responses"})
 
     def model_for(self, local_model: str | None) -> str:
         """The cloud model standing in for a local one; a mapped cloud model is kept as named."""
@@ -201,13 +203,14 @@ class Scheduler:
 
     # -- admission ---------------------------------------------------------------------------
 
-    async def acquire(self, model: str | None) -> Lease:
-        """Wait (bounded) until the request may go to the local engine or the cloud."""
+    async def acquire(self, model: str | None, *, cloud_ok: bool = True) -> Lease:
+        """Wait (bounded) until the request may go to the local engine or the cloud (only
+        `cloud_ok`: a route the cloud upstream speaks)."""
         if self.queue_depth >= self.config.max_waiting:
             # A full queue refuses only requests that would wait: one that can go now (a free
             # local slot, or the cloud) still goes. QUEUE_MAX_WAITING=0 means no queue. It
             # cannot wait, so its SLO counts as spent: a full local overflows if it can.
-            decision = self._decide(model, waited_s=math.inf)
+            decision = self._decide(model, waited_s=math.inf, cloud_ok=cloud_ok)
             if isinstance(decision, Lease):
                 self.metrics.admitted_now()
                 return decision
@@ -226,7 +229,11 @@ class Scheduler:
         self.metrics.queue_entered()
         started = time.monotonic()
         deadline = started + self.config.queue_timeout_s
-        slo = self.config.overflow_slo_s if self.config.cloud and self.config.enabled else None
+        slo = (
+            self.config.overflow_slo_s
+            if self.config.cloud and self.config.enabled and cloud_ok
+            else None
+        )
         outcome = "cancelled"
         # The first decision is the arrival's (its predicted wait, with the others queued
         # ahead of it); later ones are a queued request's (the time it has waited).
@@ -237,7 +244,9 @@ class Scheduler:
                 now = time.monotonic()
                 waited_s = None if arriving else now - started
                 arriving = False
-                decision = self._decide(model, ahead=self.queue_depth - 1, waited_s=waited_s)
+                decision = self._decide(
+                    model, ahead=self.queue_depth - 1, waited_s=waited_s, cloud_ok=cloud_ok
+                )
                 if isinstance(decision, Lease):
                     outcome = "admitted"
                     return decision
@@ -271,11 +280,11 @@ class Scheduler:
                 del self._waiting[key]
             self.metrics.queue_left(outcome, time.monotonic() - started)
 
-    def try_acquire(self, model: str | None) -> Lease | None:
+    def try_acquire(self, model: str | None, *, cloud_ok: bool = True) -> Lease | None:
         """A lease right now when nobody waits and one is free; None means call acquire()."""
         if self._waiting:
             return None
-        decision = self._decide(model)
+        decision = self._decide(model, cloud_ok=cloud_ok)
         if isinstance(decision, Lease):
             self.metrics.admitted_now()
             return decision
@@ -295,7 +304,12 @@ class Scheduler:
         self._notify()
 
     def _decide(
-        self, model: str | None, *, ahead: int = 0, waited_s: float | None = None
+        self,
+        model: str | None,
+        *,
+        ahead: int = 0,
+        waited_s: float | None = None,
+        cloud_ok: bool = True,
     ) -> Lease | _Wait:
         """Local, cloud or wait for a request with `ahead` queued before it, arriving
         (waited_s None) or queued for waited_s."""
@@ -307,12 +321,12 @@ class Scheduler:
             if engine.in_flight < slots:
                 return self._local(model, engine)
             if self._overflows(ahead, waited_s):
-                lease = self._overflow(model)
+                lease = self._overflow(model, cloud_ok)
                 if lease is not None:
                     return lease
             return _Wait(f"all {slots} local slots are busy")
         if wanted is None or (wanted == EXTERNAL_PROFILE and engine is None):
-            lease = self._overflow(model)
+            lease = self._overflow(model, cloud_ok)
             if lease is not None:
                 return lease
             # For "current" with nothing started, the manager may know why (the planner's
@@ -329,7 +343,7 @@ class Scheduler:
         if job is not None or state in _ON_THE_WAY:
             # Loading, waking, restarting, or on its way out of an eviction: a cloud upstream
             # bridges the wait; otherwise the request waits for it.
-            lease = self._overflow(model)
+            lease = self._overflow(model, cloud_ok)
             if lease is not None:
                 return lease
             if job is not None:
@@ -348,7 +362,7 @@ class Scheduler:
         if state is EngineState.FAILED or (
             state is EngineState.IDLE and wanted == fleet.default_profile_id and status.reason
         ):
-            lease = self._overflow(model)
+            lease = self._overflow(model, cloud_ok)
             if lease is not None:
                 return lease
             # The public reason (a fixed sentence per failure code), never the engine's output.
@@ -364,9 +378,9 @@ class Scheduler:
         if self.config.auto_switch:
             # Start the load first, so a cloud upstream only bridges the wait.
             waiting = self._bring(wanted, model, waited_s, wake=False)
-            lease = self._overflow(model)
+            lease = self._overflow(model, cloud_ok)
             return lease if lease is not None else waiting
-        lease = self._overflow(model)
+        lease = self._overflow(model, cloud_ok)
         if lease is not None:
             return lease
         default = fleet.engine(fleet.default_profile_id) if fleet.default_profile_id else None
@@ -580,9 +594,9 @@ class Scheduler:
         self.metrics.in_flight_local.inc()
         return Lease(target=target, scheduler=self, engine=engine)
 
-    def _overflow(self, model: str | None) -> Lease | None:
+    def _overflow(self, model: str | None, cloud_ok: bool) -> Lease | None:
         cloud = self.config.cloud
-        if cloud is None or not self.config.enabled:
+        if cloud is None or not self.config.enabled or not cloud_ok:
             return None
         self.cloud_in_flight += 1
         self.overflow_count += 1
@@ -592,6 +606,7 @@ class Scheduler:
             route_name="cloud",
             api_base=cloud.api_base,
             model=cloud.model_for(model),
-            headers={"Authorization": f"Bearer {cloud.api_key}"},
+            # Anthropic's API reads its key from x-api-key; OpenAI's from Authorization.
+            headers={"Authorization": f"Bearer {cloud.api_key}", "x-api-key": cloud.api_key},
         )
         return Lease(target=target, scheduler=self)

@@ -11,22 +11,33 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
+from starlette.responses import Response
 
 from gateway.body import read_capped_body
 from gateway.engine import EXTERNAL_PROFILE
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, error_response
 from gateway.fields import tier_grants
 from gateway.limits.enforce import check_inference
 from gateway.limits.rules import Rule
 from gateway.principal import Principal
 from gateway.proxy.deps import ProxyResources
+from gateway.proxy.forms import FormRelay, parse_transcription
 from gateway.proxy.loading import LoadingRelay, abandon, drop
 from gateway.proxy.scheduler import CURRENT, Lease, Scheduler
+from gateway.proxy.translated import TranslatedMessagesRelay
 from gateway.proxy.upstream import Outcome, RelayResponse
-from gateway.proxy.validation import Limits, ProxyRequest, Route, parse_request
+from gateway.proxy.validation import (
+    GENERATING_ROUTES,
+    UPSTREAM_PATHS,
+    Limits,
+    ProxyRequest,
+    Route,
+    parse_request,
+)
 from gateway.settings import Settings
 from orchestrator.engine import ManagedEngine
 from orchestrator.manager import EngineState, JobKind, SwitchJob
+from orchestrator.profiles import EngineApi
 
 # A streamed request that has waited this long for a model that is loading gets its 200 and a
 # loading comment, then another as often: proxies commonly give up after 60 s of silence.
@@ -50,12 +61,49 @@ def field_grants(principal: Principal, settings: Settings) -> Iterable[str]:
 
 
 def route_timeout(settings: Settings, route: Route) -> float:
-    """The upstream timeout of a route."""
-    return {
-        Route.CHAT: settings.CHAT_TIMEOUT_S,
-        Route.COMPLETIONS: settings.COMPLETIONS_TIMEOUT_S,
-        Route.EMBEDDINGS: settings.EMBEDDINGS_TIMEOUT_S,
-    }[route]
+    """The upstream timeout of a route: generating routes as chat's, the rest as embeddings'
+    (a transcription generates text: chat's)."""
+    if route is Route.COMPLETIONS:
+        return settings.COMPLETIONS_TIMEOUT_S
+    if route in GENERATING_ROUTES or route is Route.TRANSCRIPTIONS:
+        return settings.CHAT_TIMEOUT_S
+    return settings.EMBEDDINGS_TIMEOUT_S
+
+
+# The engine API each route needs beyond chat, completions and embeddings (Profile.apis).
+ROUTE_APIS = {
+    Route.RESPONSES: EngineApi.RESPONSES,
+    Route.MESSAGES: EngineApi.MESSAGES,
+    Route.COUNT_TOKENS: EngineApi.MESSAGES,
+    Route.RERANK: EngineApi.RERANK,
+    Route.SCORE: EngineApi.SCORE,
+    Route.TOKENIZE: EngineApi.TOKENIZE,
+    Route.DETOKENIZE: EngineApi.TOKENIZE,
+    Route.TRANSCRIPTIONS: EngineApi.TRANSCRIPTIONS,
+}
+
+
+def relay_class(
+    state: ProxyResources, route: Route, lease: Lease
+) -> type[RelayResponse] | GatewayError:
+    """How this lease's upstream serves the route: relayed as sent, Anthropic's messages
+    translated to chat completions for an engine without them, or a 400 for an engine that
+    does not serve the route at all (profiles say which APIs their engine serves)."""
+    api = ROUTE_APIS.get(route)
+    profile_id = lease.target.profile_id
+    if api is None or profile_id is None:  # every engine's route, or the cloud (its routes)
+        return RelayResponse
+    if api in state.models.profile(profile_id).served_apis:
+        return RelayResponse
+    if route is Route.MESSAGES:
+        return TranslatedMessagesRelay
+    return GatewayError(
+        400,
+        f"The engine serving {lease.target.model!r} (profile {profile_id}) does not serve "
+        f"{UPSTREAM_PATHS[route]}; a profile lists its engine's APIs under 'apis'.",
+        code="route_not_served",
+        param="model",
+    )
 
 
 async def relay(
@@ -65,7 +113,7 @@ async def relay(
     route: Route,
     request: Request,
     principal: Principal,
-) -> RelayResponse:
+) -> Response:
     """Validate, check the caller's model scope and limits, admit (local, cloud or wait) and
     build the response that relays the request; usage is counted when it finishes."""
     settings = state.settings
@@ -81,6 +129,26 @@ async def relay(
         request=request,
         principal=principal,
         admission=admission,
+    )
+
+
+async def relay_transcription(
+    *, state: ProxyResources, scheduler: Scheduler, request: Request, principal: Principal
+) -> Response:
+    """POST /v1/audio/transcriptions: the multipart form checked, then relayed as `relay`."""
+    raw = await read_capped_body(request, state.settings.MAX_AUDIO_BYTES)
+    checked = await parse_transcription(request, raw)
+    request.state.model = scheduler.shown_model(checked.model)
+    check_model_scope(principal, checked.model, state)
+    admission = await admit(state=state, principal=principal, request=request)
+    return await relay_checked(
+        state=state,
+        scheduler=scheduler,
+        checked=checked,
+        request=request,
+        principal=principal,
+        admission=admission,
+        response_factory=FormRelay,
     )
 
 
@@ -114,7 +182,7 @@ async def relay_checked(
     admission: Admission,
     endpoint: str | None = None,
     response_factory: Callable[..., RelayResponse] = RelayResponse,
-) -> RelayResponse:
+) -> Response:
     """Admit a checked request (local, cloud or wait) and build the response that relays it."""
     settings = state.settings
     route = checked.route
@@ -125,8 +193,19 @@ async def relay_checked(
     )
     request_id = str(request.scope.get("state", {}).get("request_id", ""))
 
-    def build(lease: Lease) -> RelayResponse:
+    def build(lease: Lease) -> Response:
         """The relay of the request on this lease (which it releases when it finishes)."""
+        chosen = relay_class(state, route, lease)
+        if isinstance(chosen, GatewayError):
+            lease.release()
+            return error_response(
+                chosen.status_code,
+                chosen.message,
+                code=chosen.code,
+                param=chosen.param,
+                path=request.url.path,
+            )
+        factory = response_factory if chosen is RelayResponse else chosen
 
         def finished(outcome: Outcome) -> None:
             lease.release()
@@ -154,7 +233,7 @@ async def relay_checked(
             request.state.usage = outcome.usage
 
         try:
-            return response_factory(
+            return factory(
                 session=state.relay_session,
                 request=checked,
                 target=lease.target,
@@ -173,13 +252,15 @@ async def relay_checked(
             lease.release()
             raise
 
-    lease = scheduler.try_acquire(checked.model)
+    cloud = scheduler.config.cloud
+    cloud_ok = cloud is None or route.value in cloud.routes
+    lease = scheduler.try_acquire(checked.model, cloud_ok=cloud_ok)
     if lease is not None:
         return build(lease)
-    acquiring = asyncio.ensure_future(scheduler.acquire(checked.model))
+    acquiring = asyncio.ensure_future(scheduler.acquire(checked.model, cloud_ok=cloud_ok))
     # A stream that waits for a model that is loading starts with comments (loading.py); not
     # /api/chat's (a custom factory), which reports a wait that fails on its stored reply.
-    notices = checked.stream and response_factory is RelayResponse
+    notices = checked.stream and response_factory in (RelayResponse, FormRelay)
     patience = LOADING_NOTICE_S if notices else None
     while (lease := await _lease_unless_gone(acquiring, request, patience)) is None:
         if scheduler.loading(checked.model) is not None:
@@ -189,6 +270,7 @@ async def relay_checked(
                 loading=lambda: scheduler.loading(checked.model),
                 interval_s=LOADING_NOTICE_S,
                 extra_headers=limit_headers,
+                route=route,
             )
     return build(lease)
 

@@ -12,6 +12,7 @@ one ASGI message.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import sys
@@ -25,15 +26,18 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.errors import error_body
-from gateway.proxy.validation import ProxyRequest, Route
+from gateway.errors import anthropic_error_body, error_body
+from gateway.proxy.validation import (
+    ANTHROPIC_ROUTES,
+    NAMED_EVENT_ROUTES,
+    UPSTREAM_PATHS,
+    ProxyRequest,
+    Route,
+)
 
-ROUTE_SUFFIX = {
-    Route.CHAT: "/chat/completions",
-    Route.COMPLETIONS: "/completions",
-    Route.EMBEDDINGS: "/embeddings",
-}
-_DONE = b"[DONE]"
+# Routes whose streams carry usage only when asked (`stream_options.include_usage`).
+_USAGE_OPTION_ROUTES = frozenset({Route.CHAT, Route.COMPLETIONS})
+SSE_DONE = b"[DONE]"
 # Bodies are relayed as they come (the session does not decompress), so ask for them plain.
 _REQUEST_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
 # aiohttp must clean up closed TLS transports itself before these versions (cpython#118960);
@@ -87,11 +91,42 @@ class Outcome:
     started: float = field(default_factory=time.perf_counter)
 
 
+def upstream_url(api_base: str, route: Route) -> str:
+    """The route's URL on an upstream whose OpenAI base URL (ending in /v1) is `api_base`:
+    vLLM serves /tokenize and /detokenize at its root, the rest under /v1."""
+    base = api_base.rstrip("/")
+    path = UPSTREAM_PATHS[route]
+    if path.startswith("/v1/"):
+        return base + path[3:]
+    return base.removesuffix("/v1") + path
+
+
+def normalized_usage(usage: Any) -> dict[str, Any] | None:
+    """An engine's usage in the gateway's terms (prompt, completion and total tokens): the
+    Responses API's and Anthropic's input/output tokens are counted as prompt/completion
+    (Anthropic's cache reads and writes are input too). None when it is not an object."""
+    if not isinstance(usage, dict):
+        return None
+    if "prompt_tokens" in usage or ("input_tokens" not in usage and "output_tokens" not in usage):
+        return usage
+    prompt = sum(
+        _count(usage.get(name))
+        for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    )
+    completion = _count(usage.get("output_tokens"))
+    total = _count(usage.get("total_tokens")) or prompt + completion
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+
+
+def _count(value: Any) -> int:
+    return value if type(value) is int and value > 0 else 0
+
+
 def upstream_body(request: ProxyRequest, target: Target) -> bytes:
     """The client's body with the upstream's model name, asking a stream for its usage."""
     body = dict(request.body)
     body["model"] = target.model
-    if request.stream:
+    if request.stream and request.route in _USAGE_OPTION_ROUTES:
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
         body["stream_options"] = options
@@ -125,6 +160,128 @@ class SSEDecoder:
             elif (data := _event_data(event)) is not None:
                 found.append(data)
         return found
+
+
+class NamedSSEDecoder:
+    """Splits a server-sent event stream into (event name, data) pairs, for the streams whose
+    events are named (the Responses API's and Anthropic's); the name is None when an event has
+    none. Comments and events without data are dropped, as by SSEDecoder."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes | None, bytes]]:
+        """The events that `chunk` completes, in order."""
+        buffer = self._pending + chunk if self._pending else chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        *events, self._pending = buffer.split(b"\n\n")
+        found: list[tuple[bytes | None, bytes]] = []
+        for event in events:
+            data = _event_data(event)
+            if data is None:
+                continue
+            name = None
+            for line in event.split(b"\n"):
+                if line.startswith(b"event:"):
+                    name = line[6:].strip()
+            found.append((name, data))
+        return found
+
+
+def named_event(name: bytes | None, data: bytes) -> bytes:
+    """One server-sent event with its name (a multi-line data as several `data:` lines)."""
+    if b"\n" in data:
+        data = data.replace(b"\n", b"\ndata: ")
+    if name is None:
+        return b"data: " + data + b"\n\n"
+    return b"event: " + name + b"\ndata: " + data + b"\n\n"
+
+
+def stream_error_event(route: Route, message: str, *, code: str, error_type: str) -> bytes:
+    """The error event that ends a stream after its 200, in the route's own shape: Anthropic's
+    `error` event on /v1/messages, the Responses API's `error` event on /v1/responses, the
+    error envelope as data elsewhere (what OpenAI-compatible servers send)."""
+    if route in ANTHROPIC_ROUTES:
+        status = 504 if error_type == "timeout_error" else 503
+        return named_event(
+            b"error", orjson.dumps(anthropic_error_body(message, status_code=status))
+        )
+    if route is Route.RESPONSES:
+        data = {"type": "error", "code": code, "message": message, "param": None}
+        return named_event(b"error", orjson.dumps(data))
+    return _sse(_error_bytes(message, error_type=error_type, code=code))
+
+
+def error_answer(route: Route, status: int, message: str, *, code: str, error_type: str) -> bytes:
+    """A whole error answer's body in the route's envelope (Anthropic's on its routes)."""
+    if route in ANTHROPIC_ROUTES:
+        return orjson.dumps(anthropic_error_body(message, status_code=status))
+    return _error_bytes(message, error_type=error_type, code=code)
+
+
+class EventReader:
+    """What the relay learns from a named-event stream: whether it finished, its usage, an
+    error event, and the count of its text deltas (the fallback token count)."""
+
+    __slots__ = ("_raw_usage", "deltas", "error", "finished", "usage")
+
+    def __init__(self) -> None:
+        self._raw_usage: dict[str, Any] | None = None
+        self.finished = False
+        self.usage: dict[str, Any] | None = None
+        self.error: str | None = None
+        self.deltas = 0
+
+    def read(self, route: Route, name: bytes | None, data: bytes) -> None:
+        """Take one event."""
+        if name is None:  # an engine that names no events: the type is in the data
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+                name = str(orjson.loads(data).get("type", "")).encode()
+        if route is Route.RESPONSES:
+            self._responses(name, data)
+        else:
+            self._messages(name, data)
+
+    def _responses(self, name: bytes | None, data: bytes) -> None:
+        if name == b"response.output_text.delta":
+            self.deltas += 1
+        elif name in (b"response.completed", b"response.incomplete", b"response.failed"):
+            self.finished = True
+            response = _parsed(data).get("response")
+            if isinstance(response, dict):
+                self.usage = normalized_usage(response.get("usage")) or self.usage
+            if name == b"response.failed":
+                self.error = "the engine's response failed"
+        elif name == b"error":
+            self.error = "upstream sent an error event"
+
+    def _messages(self, name: bytes | None, data: bytes) -> None:
+        if name == b"content_block_delta":
+            self.deltas += 1
+        elif name in (b"message_start", b"message_delta"):
+            parsed = _parsed(data)
+            message = parsed.get("message")
+            usage = (message if isinstance(message, dict) else parsed).get("usage")
+            if isinstance(usage, dict):
+                # message_start carries the input tokens, message_delta the output so far.
+                merged = {**(self._raw_usage or {}), **usage}
+                self._raw_usage = merged
+                self.usage = normalized_usage(merged)
+        elif name == b"message_stop":
+            self.finished = True
+        elif name == b"error":
+            self.error = "upstream sent an error event"
+
+
+def _parsed(data: bytes) -> dict[str, Any]:
+    with contextlib.suppress(orjson.JSONDecodeError):
+        parsed = orjson.loads(data)
+        if isinstance(parsed, dict):
+            return parsed
+    return {}
 
 
 def _event_data(event: bytes) -> bytes | None:
@@ -163,6 +320,83 @@ def _sse(*data: bytes) -> bytes:
     """Events with these data (a multi-line one as several `data:` lines)."""
     lines = (value.replace(b"\n", b"\ndata: ") if b"\n" in value else value for value in data)
     return b"data: " + b"\n\ndata: ".join(lines) + b"\n\n"
+
+
+class StreamConsumer(abc.ABC):
+    """Reads an upstream stream chunk by chunk: what to relay, whether it finished, its usage,
+    an error event, and its deltas (the fallback token count)."""
+
+    __slots__ = ("deltas", "error", "finished", "seen", "usage")
+
+    def __init__(self) -> None:
+        self.seen = 0  # events read
+        self.deltas = 0
+        self.finished = False
+        self.usage: dict[str, Any] | None = None
+        self.error: str | None = None
+
+    @abc.abstractmethod
+    def feed(self, chunk: bytes) -> bytes:
+        """What the client gets for this chunk (nothing until an event is complete)."""
+
+    def close(self) -> bytes:
+        """What the client gets after a stream that finished (a translation's last events)."""
+        return b""
+
+
+class ChatEventConsumer(StreamConsumer):
+    """The OpenAI chat and completion streams: `data:` events ending with `data: [DONE]`."""
+
+    __slots__ = ("_decoder", "_wants_usage")
+
+    def __init__(self, wants_usage: bool) -> None:
+        super().__init__()
+        self._decoder = SSEDecoder()
+        self._wants_usage = wants_usage
+
+    def feed(self, chunk: bytes) -> bytes:
+        relayed: list[bytes] = []
+        for data in self._decoder.feed(chunk):
+            self.seen += 1
+            if data == SSE_DONE:
+                self.finished = True
+            elif data.startswith(b'{"error"'):
+                self.error = "upstream sent an error event"
+            elif b'"usage":{' in data:
+                parsed = orjson.loads(data)
+                self.usage = parsed.get("usage")
+                # The extra usage chunk was asked for by the gateway, not the client.
+                if not self._wants_usage and not parsed.get("choices"):
+                    continue
+            else:
+                self.deltas += 1
+            relayed.append(data)
+        return _sse(*relayed) if relayed else b""
+
+
+class NamedEventConsumer(StreamConsumer):
+    """The Responses API's and Anthropic's streams: named events, relayed with their names,
+    ending with a terminal event (response.completed, message_stop)."""
+
+    __slots__ = ("_decoder", "_reader", "_route")
+
+    def __init__(self, route: Route) -> None:
+        super().__init__()
+        self._route = route
+        self._decoder = NamedSSEDecoder()
+        self._reader = EventReader()
+
+    def feed(self, chunk: bytes) -> bytes:
+        events = self._decoder.feed(chunk)
+        if not events:
+            return b""
+        reader = self._reader
+        for name, data in events:
+            reader.read(self._route, name, data)
+        self.seen += len(events)
+        self.deltas, self.finished = reader.deltas, reader.finished
+        self.usage, self.error = reader.usage, reader.error
+        return b"".join(named_event(name, data) for name, data in events)
 
 
 class RelayResponse(Response):
@@ -217,12 +451,21 @@ class RelayResponse(Response):
 
     # -- pieces ------------------------------------------------------------------------------
 
+    def _upstream(self) -> tuple[str, bytes | aiohttp.FormData]:
+        """The URL and body to send (a translating relay sends another route's)."""
+        url = upstream_url(self._target.api_base, self._request.route)
+        return url, upstream_body(self._request, self._target)
+
+    def _request_headers(self) -> dict[str, str]:
+        return {**_REQUEST_HEADERS, **self._target.headers}
+
     async def _post(self, timeouts: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
         """Send the request; the response once its headers are in."""
+        url, body = self._upstream()
         return await self._session.post(
-            self._target.api_base.rstrip("/") + ROUTE_SUFFIX[self._request.route],
-            data=upstream_body(self._request, self._target),
-            headers={**_REQUEST_HEADERS, **self._target.headers},
+            url,
+            data=body,
+            headers=self._request_headers(),
             timeout=timeouts,
             allow_redirects=False,
         )
@@ -240,7 +483,7 @@ class RelayResponse(Response):
     async def _send_gateway_error(self, send: Send, status: int, message: str, code: str) -> None:
         self.outcome.status, self.outcome.error = status, message
         error_type = "timeout_error" if status == 504 else "service_unavailable_error"
-        body = _error_bytes(message, error_type=error_type, code=code)
+        body = error_answer(self._request.route, status, message, code=code, error_type=error_type)
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", b"%d" % len(body)),
@@ -271,14 +514,19 @@ class RelayResponse(Response):
         self.outcome.status = status
         if status == 200:
             with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
-                self.outcome.usage = orjson.loads(content).get("usage")
+                self.outcome.usage = normalized_usage(orjson.loads(content).get("usage"))
         else:
             self.outcome.error = f"upstream returned {status}"
+        content = self._whole_answer(status, content)
         content_type = response.headers.get("content-type", "application/json").encode()
         headers = self._response_headers(content_type, upstream_error)
         headers.append((b"content-length", b"%d" % len(content)))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
+
+    def _whole_answer(self, status: int, content: bytes) -> bytes:
+        """What the client gets for the upstream's whole answer (a translating relay's own)."""
+        return content
 
     async def _relay_whole(self, send: Send) -> None:
         timeouts = aiohttp.ClientTimeout(total=self._timeout_s, connect=self._connect_timeout_s)
@@ -328,6 +576,12 @@ class RelayResponse(Response):
             else:
                 response.close()  # cut short (stall, loss, client gone): the engine sees it
 
+    def _consumer(self) -> StreamConsumer:
+        """What reads this route's stream (a translating relay reads another route's)."""
+        if self._request.route in NAMED_EVENT_ROUTES:
+            return NamedEventConsumer(self._request.route)
+        return ChatEventConsumer(self._request.client_wants_usage)
+
     async def _relay_events(
         self, response: aiohttp.ClientResponse, send: Send, first_event_by: float
     ) -> None:
@@ -338,34 +592,17 @@ class RelayResponse(Response):
         ]
         self.outcome.status = 200
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        wants_usage = self._request.client_wants_usage
-        decoder = SSEDecoder()
-        finished = False
-        deltas = 0  # choice chunks received: the fallback token count (estimated_usage)
+        consumer = self._consumer()
         first_event = asyncio.timeout_at(first_event_by)  # lifted at the first event
         try:
             async with first_event:
                 async for chunk in response.content.iter_any():
-                    relayed: list[bytes] = []
-                    for data in decoder.feed(chunk):
-                        if self.outcome.first_byte_s is None:
-                            self.outcome.first_byte_s = time.perf_counter() - self.outcome.started
-                            first_event.reschedule(None)
-                        if data == _DONE:
-                            finished = True
-                        elif data.startswith(b'{"error"'):
-                            self.outcome.error = "upstream sent an error event"
-                        elif b'"usage":{' in data:
-                            parsed = orjson.loads(data)
-                            self.outcome.usage = parsed.get("usage")
-                            # The extra usage chunk was asked for by the gateway, not the client.
-                            if not wants_usage and not parsed.get("choices"):
-                                continue
-                        else:
-                            deltas += 1
-                        relayed.append(data)
+                    relayed = consumer.feed(chunk)
+                    if self.outcome.first_byte_s is None and consumer.seen:
+                        self.outcome.first_byte_s = time.perf_counter() - self.outcome.started
+                        first_event.reschedule(None)
                     if relayed:
-                        await _send_more(send, _sse(*relayed))
+                        await _send_more(send, relayed)
         except TimeoutError:
             if first_event.expired():  # the route timeout, before the engine's first event
                 await self._stream_error(
@@ -386,21 +623,25 @@ class RelayResponse(Response):
             )  # fmt: skip
             return
         finally:
+            self.outcome.error = self.outcome.error or consumer.error
             # A stream cut short (client gone, engine stalled, died or failed) never gets the
             # usage chunk; the tokens it produced still count, estimated from what came.
-            if self.outcome.usage is None:
-                self.outcome.usage = estimated_usage(self._request, deltas)
-        if not finished and self.outcome.error is None:
+            self.outcome.usage = consumer.usage or estimated_usage(self._request, consumer.deltas)
+        if not consumer.finished and self.outcome.error is None:
             await self._stream_error(
                 send, "The engine ended the stream without finishing it.",
                 "upstream_incomplete", "service_unavailable_error",
             )  # fmt: skip
             return
+        closing = consumer.close()
+        if closing:
+            await _send_more(send, closing)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _stream_error(self, send: Send, message: str, code: str, error_type: str) -> None:
         self.outcome.error = message
-        await _send_more(send, _sse(_error_bytes(message, error_type=error_type, code=code)))
+        event = stream_error_event(self._request.route, message, code=code, error_type=error_type)
+        await _send_more(send, event)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

@@ -18,23 +18,57 @@ from gateway.body import check_json_shape, orjson_refusal
 from gateway.errors import GatewayError
 from gateway.fields import JSON_SAFE_INTEGER, check_fields
 from gateway.integers import whole_number
+from gateway.proxy.checks import (
+    bad,
+    check_anthropic_messages,
+    check_rerank,
+    check_responses,
+    check_score,
+    check_tokenize,
+    integer_field,
+    number_field,
+)
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
 class Route(StrEnum):
-    """The OpenAI routes the proxy serves."""
+    """The engine routes the proxy serves."""
 
     CHAT = "chat"
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
+    RESPONSES = "responses"
+    MESSAGES = "messages"
+    COUNT_TOKENS = "count_tokens"
+    RERANK = "rerank"
+    SCORE = "score"
+    TOKENIZE = "tokenize"
+    DETOKENIZE = "detokenize"
+    TRANSCRIPTIONS = "transcriptions"
 
 
+# Each route's path: the gateway serves it where vLLM does, and relays it to the same path.
 UPSTREAM_PATHS = {
     Route.CHAT: "/v1/chat/completions",
     Route.COMPLETIONS: "/v1/completions",
     Route.EMBEDDINGS: "/v1/embeddings",
+    Route.RESPONSES: "/v1/responses",
+    Route.MESSAGES: "/v1/messages",
+    Route.COUNT_TOKENS: "/v1/messages/count_tokens",
+    Route.RERANK: "/v1/rerank",
+    Route.SCORE: "/v1/score",
+    Route.TOKENIZE: "/tokenize",
+    Route.DETOKENIZE: "/detokenize",
+    Route.TRANSCRIPTIONS: "/v1/audio/transcriptions",
 }
+# The routes whose streams are named events (`event:` lines) ending with a terminal event, not
+# `data: [DONE]`; relayed event by event with their names.
+NAMED_EVENT_ROUTES = frozenset({Route.RESPONSES, Route.MESSAGES})
+# Anthropic's routes: their errors take Anthropic's envelope (gateway.errors).
+ANTHROPIC_ROUTES = frozenset({Route.MESSAGES, Route.COUNT_TOKENS})
+# Routes that generate tokens the limits count; the others are metered by requests only.
+GENERATING_ROUTES = frozenset({Route.CHAT, Route.COMPLETIONS, Route.RESPONSES, Route.MESSAGES})
 # Seed 004's paths for the same routes (its clients post there; a body without `model` means
 # the default model, as on /v1/*).
 SEED_PATHS = {
@@ -42,9 +76,10 @@ SEED_PATHS = {
     Route.COMPLETIONS: "/api/v1/completions",
     Route.EMBEDDINGS: "/api/v1/embeddings",
 }
-# Every path the gateway serves an OpenAI route at, and the route.
+# Every path the gateway serves a JSON engine route at, and the route (the multipart
+# transcription route is not one).
 OPENAI_PATHS = {
-    **{path: route for route, path in UPSTREAM_PATHS.items()},
+    **{path: route for route, path in UPSTREAM_PATHS.items() if route is not Route.TRANSCRIPTIONS},
     **{path: route for route, path in SEED_PATHS.items()},
 }
 
@@ -68,35 +103,13 @@ class ProxyRequest:
     model: str | None
     stream: bool
     client_wants_usage: bool
+    # A multipart route's file field: (field name, file name, content type, bytes).
+    upload: tuple[str, str, str, bytes] | None = None
 
 
-def _bad(message: str, param: str | None, code: str = "invalid_request") -> GatewayError:
-    return GatewayError(400, message, code=code, param=param)
-
-
-def _number(body: dict[str, Any], name: str, low: float, high: float) -> None:
-    value = body.get(name)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _bad(f"'{name}' must be a number.", name)
-    if not low <= value <= high:
-        raise _bad(f"'{name}' must be between {low:g} and {high:g}, got {value}.", name)
-
-
-def _integer(body: dict[str, Any], name: str, low: int, high: int) -> None:
-    value = body.get(name)
-    if value is None:
-        return
-    number = whole_number(value)
-    if number is None:
-        raise _bad(f"'{name}' must be an integer.", name)
-    # 4.0 is the integer 4 to JSON Schema (and to vLLM); the engine is sent 4.
-    body[name] = value = number
-    if value < low:
-        raise _bad(f"'{name}' must be at least {low}, got {value}.", name)
-    if value > high:
-        raise _bad(f"'{name}' must be at most {high} on this gateway, got {value}.", name)
+_bad = bad
+_number = number_field
+_integer = integer_field
 
 
 def _check_messages(messages: Any) -> None:
@@ -159,6 +172,40 @@ def _check_prompt(body: dict[str, Any], name: str) -> None:
     )
 
 
+def _check_route(route: Route, body: dict[str, Any], limits: Limits) -> bool:
+    """The route's own checks; whether the route can stream."""
+    if route is Route.CHAT:
+        _check_messages(body.get("messages"))
+    elif route is Route.COMPLETIONS:
+        _check_prompt(body, "prompt")
+    elif route is Route.EMBEDDINGS:
+        _check_prompt(body, "input")
+        return False
+    elif route is Route.RESPONSES:
+        check_responses(body, limits.max_tokens)
+    elif route in ANTHROPIC_ROUTES:
+        check_anthropic_messages(body, limits.max_tokens, counting=route is Route.COUNT_TOKENS)
+        return route is Route.MESSAGES
+    elif route is Route.RERANK:
+        check_rerank(body)
+        return False
+    elif route is Route.SCORE:
+        check_score(body)
+        return False
+    elif route is Route.TOKENIZE:
+        check_tokenize(body)
+        return False
+    elif route is Route.DETOKENIZE:
+        tokens = _token_ids(body.get("tokens"))
+        if tokens is None:
+            raise _bad(
+                f"'tokens' must be a non-empty list of token ids (0 to {MAX_TOKEN_ID}).", "tokens"
+            )
+        body["tokens"] = tokens
+        return False
+    return True
+
+
 def parse_request(
     route: Route, raw: bytes, limits: Limits, grants: Iterable[str] = ()
 ) -> ProxyRequest:
@@ -168,7 +215,7 @@ def parse_request(
     gateway.fields (routing fields such as `api_base` and code the engine would run, such as
     `chat_template`, are refused without one).
     """
-    if len(raw) > limits.max_body_bytes:
+    if len(raw) > limits.max_body_bytes:  # the route's cap: read_capped_body's, again
         raise GatewayError(
             413,
             f"Request body is {len(raw)} bytes; the limit is {limits.max_body_bytes}.",
@@ -189,13 +236,7 @@ def parse_request(
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("'stream' must be true or false.", "stream")
-    if route is Route.CHAT:
-        _check_messages(body.get("messages"))
-    elif route is Route.COMPLETIONS:
-        _check_prompt(body, "prompt")
-    else:
-        _check_prompt(body, "input")
-        stream = False
+    stream = _check_route(route, body, limits) and stream
     _integer(body, "max_tokens", 1, limits.max_tokens)
     _integer(body, "max_completion_tokens", 1, limits.max_tokens)
     _integer(body, "n", 1, limits.max_n)
@@ -215,7 +256,7 @@ def parse_request(
     if options is not None:
         if not isinstance(options, dict):
             raise _bad("'stream_options' must be an object.", "stream_options")
-        if not stream and route is not Route.EMBEDDINGS:
+        if not stream and route in (Route.CHAT, Route.COMPLETIONS):
             # vLLM's (and OpenAI's) rule, checked here so that the document can state it.
             raise _bad("'stream_options' needs 'stream': true.", "stream_options")
     wants_usage = bool(options and options.get("include_usage") is True)

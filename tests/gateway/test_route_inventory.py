@@ -116,6 +116,18 @@ USER: dict[Key, str] = {
     ("POST", "/api/v1/completions"): "inference",
     ("POST", "/api/v1/embeddings"): "inference",
     ("GET", "/models"): "model list",
+    ("POST", "/v1/responses"): "inference",
+    ("GET", "/v1/responses/{response_id}"): "stored responses (none: 404)",
+    ("DELETE", "/v1/responses/{response_id}"): "stored responses (none: 404)",
+    ("POST", "/v1/responses/{response_id}/cancel"): "stored responses (none: 404)",
+    ("GET", "/v1/responses/{response_id}/input_items"): "stored responses (none: 404)",
+    ("POST", "/v1/messages"): "inference (Anthropic's API)",
+    ("POST", "/v1/messages/count_tokens"): "inference (Anthropic's API)",
+    ("POST", "/v1/rerank"): "inference",
+    ("POST", "/v1/score"): "inference",
+    ("POST", "/tokenize"): "the model's tokenizer",
+    ("POST", "/detokenize"): "the model's tokenizer",
+    ("POST", "/v1/audio/transcriptions"): "inference",
     ("GET", "/lb/status"): "queue state",
     # Conversations belong to a user: the admin key (no user) gets 401 user_required.
     ("GET", "/api/conversations"): "own conversations",
@@ -389,8 +401,13 @@ async def raw_request(
 
 def assert_401(response: httpx.Response, label: str) -> None:
     assert response.status_code == 401, f"{label}: {response.status_code} {response.text}"
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}, label
+    body = response.json()
+    error = body["error"]
+    if " /v1/messages" in label:  # Anthropic's routes answer in Anthropic's envelope
+        assert body["type"] == "error", label
+        assert set(error) == {"message", "type"}, label
+    else:
+        assert set(error) == {"message", "type", "param", "code"}, label
     assert error["type"] == "authentication_error", label
     assert response.headers["www-authenticate"].startswith("Bearer"), label
 

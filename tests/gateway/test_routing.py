@@ -63,10 +63,13 @@ def test_every_route_that_can_take_a_body_is_guarded() -> None:
     for leaf in flat_routes(app.routes):
         route = original_route(leaf)
         if isinstance(route, GuardedRoute) and route.body_field is None:
-            # The logins, and the OpenAI routes at /v1/* and seed 004's /api/v1/*.
-            reads_itself = route.path in {"/api/auth/login", "/admin/api/login"} or (
-                route.path in OPENAI_PATHS and "POST" in (route.methods or ())
-            )
+            # The logins, the engine routes (/v1/*, /tokenize, seed 004's /api/v1/*) and
+            # the multipart transcription route.
+            reads_itself = route.path in {
+                "/api/auth/login",
+                "/admin/api/login",
+                "/v1/audio/transcriptions",
+            } or (route.path in OPENAI_PATHS and "POST" in (route.methods or ()))
             assert route.takes_body == reads_itself, route.path
 
 

@@ -20,6 +20,7 @@ DUMMY_PATH_PARAMS = {
     "job_id": "deadbeef",
     "profile_id": "no-such-profile",
     "model_name": "no-such-model",
+    "response_id": "resp_0123456789abcdef",
     "conversation_id": str(uuid.UUID(int=3)),
     "asset": "ui.css",
     "file": "swagger-ui.css",

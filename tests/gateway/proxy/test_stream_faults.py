@@ -367,4 +367,17 @@ async def test_route_timeouts_apply_per_route_and_bound_the_first_event() -> Non
 def test_each_route_has_its_own_timeout() -> None:
     settings = make_settings(CHAT_TIMEOUT_S=1, COMPLETIONS_TIMEOUT_S=2, EMBEDDINGS_TIMEOUT_S=3)
     timeouts = {route: route_timeout(settings, route) for route in Route}
-    assert timeouts == {Route.CHAT: 1, Route.COMPLETIONS: 2, Route.EMBEDDINGS: 3}
+    assert timeouts == {
+        Route.CHAT: 1,
+        Route.COMPLETIONS: 2,
+        Route.EMBEDDINGS: 3,
+        # Generating routes wait as long as chat; the others as embeddings.
+        Route.RESPONSES: 1,
+        Route.MESSAGES: 1,
+        Route.TRANSCRIPTIONS: 1,
+        Route.COUNT_TOKENS: 3,
+        Route.RERANK: 3,
+        Route.SCORE: 3,
+        Route.TOKENIZE: 3,
+        Route.DETOKENIZE: 3,
+    }
