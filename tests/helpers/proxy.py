@@ -19,6 +19,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.migrate import upgrade
 from gateway.settings import Settings
+from orchestrator.profiles import EngineApi
 from tests.helpers.app import engine_headers, make_settings, served_app
 from tests.helpers.polling import eventually
 from tests.helpers.ports import free_port
@@ -49,8 +50,15 @@ def sim_command(model: str, *flags: str, aliases: tuple[str, ...] = ()) -> list[
     ]
 
 
-def sim_profile(model: str, *flags: str, aliases: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A process-runtime profile running the simulator with process-level flags."""
+def sim_profile(
+    model: str,
+    *flags: str,
+    aliases: tuple[str, ...] = (),
+    apis: tuple[str, ...] = tuple(EngineApi),
+) -> dict[str, Any]:
+    """A process-runtime profile running the simulator with process-level flags; `apis`: the
+    engine APIs its profile says it serves (all of vLLM's, as the simulator implements them;
+    none for an engine that speaks only chat, completions and embeddings)."""
     profile: dict[str, Any] = {
         "display_name": f"Simulator {model}",
         "engine": "command",
@@ -58,6 +66,7 @@ def sim_profile(model: str, *flags: str, aliases: tuple[str, ...] = ()) -> dict[
         "served_model_name": model,
         "command": sim_command(model, *flags, aliases=aliases),
         "startup_timeout_s": 30,
+        "apis": list(apis),
     }
     if aliases:
         profile["aliases"] = list(aliases)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -147,3 +148,63 @@ async def test_embeddings_error_is_passed_through(gw: Gateway) -> None:
     assert relayed.headers["x-gateway-route"] == "local"
     assert raised.value.status_code == expected.status_code
     assert raised.value.response.headers["x-error-source"] == "upstream"
+
+
+# -- the routes beyond chat, passed through to vLLM itself --------------------------------------
+
+
+async def test_responses(gw: Gateway) -> None:
+    async with gw.sdk(timeout=60) as sdk:
+        whole = await sdk.responses.create(
+            model=MODEL, input="hello there", max_output_tokens=5, extra_body=IGNORE_EOS
+        )
+        stream = await sdk.responses.create(
+            model=MODEL, input="hello", max_output_tokens=4, stream=True, extra_body=IGNORE_EOS
+        )
+        events = [event async for event in stream]
+    assert whole.object == "response"
+    assert whole.usage is not None
+    assert whole.usage.output_tokens == 5
+    assert whole.usage.input_tokens > 0
+    assert events[0].type == "response.created"
+    final = events[-1]
+    assert final.type in ("response.completed", "response.incomplete")
+    assert final.response.usage is not None
+    assert final.response.usage.output_tokens == 4
+
+
+async def test_anthropic_messages(gw: Gateway) -> None:
+    hello: list[anthropic.types.MessageParam] = [{"role": "user", "content": "hello there"}]
+    async with anthropic.AsyncAnthropic(
+        base_url=gw.url, api_key="unused", max_retries=0, timeout=60
+    ) as sdk:
+        message = await sdk.messages.create(model=MODEL, max_tokens=5, messages=hello)
+        async with sdk.messages.stream(model=MODEL, max_tokens=4, messages=hello) as stream:
+            final = await stream.get_final_message()
+        counted = await sdk.messages.count_tokens(model=MODEL, messages=hello)
+    # vLLM's Anthropic route has no ignore_eos: the random model may end early.
+    assert message.type == "message"
+    assert 0 < message.usage.output_tokens <= 5
+    assert message.usage.input_tokens > 0
+    assert message.stop_reason in ("max_tokens", "end_turn")
+    assert 0 < final.usage.output_tokens <= 4
+    assert final.stop_reason in ("max_tokens", "end_turn")
+    assert counted.input_tokens > 0
+
+
+async def test_tokenize_round_trip(gw: Gateway) -> None:
+    tokens = await gw.http.post("/tokenize", json={"model": MODEL, "prompt": "hello world"})
+    assert tokens.status_code == 200, tokens.text
+    ids = tokens.json()["tokens"]
+    assert tokens.json()["count"] == len(ids) > 0
+    text = await gw.http.post("/detokenize", json={"model": MODEL, "tokens": ids})
+    assert text.status_code == 200, text.text
+    assert "hello world" in text.json()["prompt"]
+
+
+async def test_rerank_on_a_generative_model_is_vllms_own_error(gw: Gateway) -> None:
+    response = await gw.http.post(
+        "/v1/rerank", json={"model": MODEL, "query": "q", "documents": ["d"]}, timeout=60
+    )
+    assert response.status_code >= 400
+    assert response.headers["x-error-source"] == "upstream"
