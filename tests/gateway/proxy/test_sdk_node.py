@@ -227,3 +227,43 @@ print({ types, deltas, usage: completed && completed.usage, model: completed && 
     assert len(deltas) <= usage["output_tokens"] <= 16
     assert usage["input_tokens"] > 0
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+
+
+# -- Anthropic's Node SDK ----------------------------------------------------------------------
+
+
+async def test_anthropic_node_sdk_messages_and_stream(
+    node_clients: NodeClients, gw: Gateway
+) -> None:
+    env = {"GATEWAY_URL": gw.url, "API_KEY": ADMIN_KEY}
+    seen = await node_clients.run(
+        """
+import Anthropic from "@anthropic-ai/sdk";
+
+const client = new Anthropic({ baseURL: process.env.GATEWAY_URL, apiKey: process.env.API_KEY,
+  maxRetries: 0 });
+const messages = [{ role: "user", content: "hello there" }];
+const message = await client.messages.create({ model: "sim-a", max_tokens: 6, messages });
+const stream = client.messages.stream({ model: "sim-a", max_tokens: 5, messages });
+const texts = [];
+stream.on("text", (text) => texts.push(text));
+const final = await stream.finalMessage();
+let refused = null;
+try {
+  await new Anthropic({ baseURL: process.env.GATEWAY_URL, apiKey: "sk-wrong", maxRetries: 0 })
+    .messages.create({ model: "sim-a", max_tokens: 2, messages });
+} catch (error) {
+  refused = { status: error.status, type: error.error && error.error.error.type };
+}
+console.log(JSON.stringify({ message, final, texts, refused }));
+""",
+        env,
+        timeout_s=60,
+    )
+    message, final = seen["message"], seen["final"]
+    assert message["type"] == "message"
+    assert message["content"][0]["type"] == "text"
+    assert 0 < message["usage"]["output_tokens"] <= 6
+    assert final["content"][0]["text"] == "".join(seen["texts"])
+    assert 0 < final["usage"]["output_tokens"] <= 5
+    assert seen["refused"] == {"status": 401, "type": "authentication_error"}
