@@ -1,9 +1,10 @@
 """The simulated tokenizer: one token per whitespace-separated word, reversible ids.
 
 Ids 0..63 are the generation vocabulary (``text.FIRST_TEXT``), so a generated reply tokenizes
-to the very ids that produced it; ids from 64 are the chat template's special markers; every
-other word is encoded in its id (its UTF-8 bytes behind a marker byte, offset by
-``WORD_ID_BASE``), so detokenize needs no table and the simulator keeps no word it has seen.
+to vocabulary ids (a word the vocabulary holds twice gets its first index); ids from 64 are
+the chat template's special markers; every other word is encoded in its id (its UTF-8 bytes
+behind a marker byte, offset by ``WORD_ID_BASE``), so detokenize needs no table and the
+simulator keeps no word it has seen.
 Words longer than seven bytes get ids above 2**63: JSON carries them exactly, but a client
 that reads JSON numbers as doubles (JavaScript) would not.
 """
@@ -31,7 +32,9 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     TOOL_END,
 )
 
-_VOCAB_IDS = {word: index for index, word in enumerate(text.FIRST_TEXT)}
+_VOCAB_IDS: dict[str, int] = {}
+for _index, _word in enumerate(text.FIRST_TEXT):
+    _VOCAB_IDS.setdefault(_word, _index)
 _SPECIAL_BASE = text.VOCAB_SIZE
 _SPECIAL_IDS = {word: _SPECIAL_BASE + index for index, word in enumerate(SPECIAL_TOKENS)}
 #: First id of a word outside the vocabulary and the markers.
