@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
-from simulator.config import DEFAULT_SLEEP_RESIDUAL_BYTES, SimulatorConfig
+from simulator.config import DEFAULT_SLEEP_RESIDUAL_BYTES, OPTIONAL_APIS, SimulatorConfig
 from simulator.server import run
 
 _T = TypeVar("_T")
@@ -21,7 +21,9 @@ _T = TypeVar("_T")
 _DESCRIPTION = """\
 vLLM engine SIMULATOR for the vLLM Chat Gateway. This is NOT vLLM: it loads no
 model and needs no GPU. It serves vLLM's OpenAI-compatible API (/v1/models,
-/v1/chat/completions, /v1/completions, /v1/embeddings), /health, /metrics and the
+/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses), its Anthropic
+Messages API (/v1/messages), /tokenize, /detokenize, /rerank, /score,
+/v1/audio/transcriptions (--without-api takes any of these away), /health, /metrics and the
 sleep contract (/sleep, /wake_up, /is_sleeping, /collective_rpc reload_weights, with
 simulated delays and GPU memory) with deterministic pseudo-text, for tests and benchmarks.
 With --test-routes (for tests only), also /simulator/stats, /simulator/requests (the last
@@ -210,6 +212,16 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         help="POST /wake_up answers 500 and the engine stays asleep (a wake that fails)",
     )
     p.add_argument(
+        "--without-api",
+        action="append",
+        dest="without_apis",
+        choices=tuple(OPTIONAL_APIS),
+        default=None,
+        metavar="API",
+        help="act as an engine that does not serve API (its routes answer 404); repeatable: "
+        f"{', '.join(OPTIONAL_APIS)}; env: comma-separated",
+    )
+    p.add_argument(
         "--api-key",
         # Like vLLM, the key may come from VLLM_API_KEY: the gateway passes an engine's key
         # that way (the environment of a process is private to its user; argv is not).
@@ -246,6 +258,10 @@ def config_from_args(
     if names is None:
         raw = env.get(_env_name("--served-model-name"), "")
         names = [n for n in raw.replace(",", " ").split() if n]
+    without: list[str] | None = args.without_apis
+    if without is None:
+        raw = env.get(_env_name("--without-api"), "")
+        without = [n for n in raw.replace(",", " ").split() if n]
     try:
         return SimulatorConfig(
             model=args.model,
@@ -274,6 +290,7 @@ def config_from_args(
             weights_bytes=args.weights_bytes,
             fail_sleep=args.fail_sleep,
             fail_wake=args.fail_wake,
+            without_apis=frozenset(without),
         )
     except ValueError as exc:
         parser.error(str(exc))

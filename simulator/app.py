@@ -1,352 +1,74 @@
-"""The simulator's raw ASGI application: vLLM's OpenAI-compatible HTTP surface, no GPU.
+"""The simulator's raw ASGI application: vLLM's HTTP surface, no GPU.
 
-The hot path (streamed chat and completions) avoids any framework: requests are
-dispatched on path and method, SSE chunks are built by concatenating precomputed
-bytes around pre-encoded tokens, and one SSE event goes out per ``send``.
+Requests are dispatched on path and method without any framework. Generating routes
+(chat, completions, responses, messages) run through ``simulator.generation``; each API's
+shapes live in a module of its own (``openai_format``, ``responses``, ``messages``,
+``tokenize``, ``scoring``, ``transcription``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import enum
 import hmac
+import json
 import logging
-import os
-import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
 import orjson
 
-from simulator import protocol, text
-from simulator.config import SIMULATOR_OWNER, SIMULATOR_VERSION, SimulatorConfig
-from simulator.errors import (
-    SimulatedConnectionDrop,
-    SimulatorRequestError,
-    error_body,
-    sse_error_event,
-)
+from simulator import messages, protocol, responses, scoring, text, tokenize, transcription
+from simulator.asgi import Receive, Scope, Send, exit_process, read_body, send_bytes
+from simulator.config import OPTIONAL_APIS, SIMULATOR_OWNER, SIMULATOR_VERSION, SimulatorConfig
+from simulator.errors import SimulatedConnectionDrop, SimulatorRequestError, error_body
+from simulator.faults import RequestOptions, parse_request_options
+from simulator.generation import GenerationRunner, ReplyFormat
 from simulator.metrics import METRICS_CONTENT_TYPE, SimulatorMetrics, SimulatorStats
+from simulator.openai_format import OpenAIReply
 from simulator.sleep import SleepMode
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 logger = logging.getLogger("simulator")
 
-#: Prefix of the per-request fault-injection headers.
-HEADER_PREFIX = b"x-simulator-"
-HEADER_DIE = b"x-simulator-die-after-chunks"
-HEADER_ERROR = b"x-simulator-error-after-chunks"
-HEADER_STALL = b"x-simulator-stall-after-chunks"
-HEADER_TPS = b"x-simulator-tokens-per-second"
-HEADER_FIRST_TOKEN_DELAY = b"x-simulator-first-token-delay"
-HEADER_STATUS = b"x-simulator-status"
-
-MAX_BODY_BYTES = 64 * 1024 * 1024
-
-_JSON = b"application/json"
-_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8")]
-_DONE = b"data: [DONE]\n\n"
 _NOT_FOUND = b'{"detail":"Not Found"}'
 _NOT_ALLOWED = b'{"detail":"Method Not Allowed"}'
 _UNAUTHORIZED = b'{"error":"Unauthorized"}'
-# With an API key, what needs it: vLLM's /v1/* (its /health, /metrics, ... stay open, as in
-# vLLM), and the simulator's own test routes, which show recent request bodies and reset counters.
+# With an API key, what needs it: vLLM's /v1/* and /v2/* (its /health, /metrics, /tokenize,
+# /rerank, /score ... stay open, as in vLLM), and the simulator's own test routes, which show
+# recent request bodies and reset counters.
 # The sleep contract too: vLLM leaves it open (it serves it only in its dev mode), but whoever
 # can reach the port could put the engine to sleep, and every user would get 503 until it wakes.
-_GUARDED_PREFIXES = ("/v1", "/simulator/", "/sleep", "/wake_up", "/is_sleeping", "/collective_rpc")
-
-
-class FaultKind(enum.Enum):
-    """What happens when an injected fault fires."""
-
-    EXIT_PROCESS = "exit the process"
-    DROP_CONNECTION = "drop the connection"
-    ERROR = "send an error event"
-    STALL = "stall"
-
-
-@dataclass(frozen=True, slots=True)
-class Fault:
-    """An injected fault and the number of content chunks sent before it fires."""
-
-    kind: FaultKind
-    after_chunks: int
-
-
-class _Outcome(enum.Enum):
-    COMPLETED = 1
-    ABORTED = 2
-    FAILED = 3
-
-
-@dataclass(slots=True)
-class _Run:
-    """Book-keeping of one running generation, read when it ends."""
-
-    outcome: _Outcome = _Outcome.FAILED
-    generated: int = 0
-    ttft: float | None = None
-
-
-@dataclass(slots=True)
-class RequestOptions:
-    """What the simulator reads from a request's headers."""
-
-    authorization: bytes | None = None
-    request_id: str | None = None
-    drop_after: int | None = None
-    error_after: int | None = None
-    stall_after: int | None = None
-    tokens_per_second: float | None = None
-    first_token_delay: float | None = None
-    force_status: int | None = None
-
-
-def _header_number(name: bytes, value: bytes, integer: bool) -> float:
-    try:
-        number = int(value) if integer else float(value)
-    except ValueError:
-        number = -1
-    if number < 0:
-        kind = "a non-negative integer" if integer else "a non-negative number"
-        raise SimulatorRequestError(f"Header {name.decode()} must be {kind}.")
-    return number
-
-
-def parse_request_options(
-    headers: list[tuple[bytes, bytes]], *, faults: bool = False
-) -> RequestOptions:
-    """Read authorization, request id and, with ``faults`` (``--test-routes``), the
-    ``X-Simulator-*`` headers (400 on bad values); without it those headers are ignored."""
-    opts = RequestOptions()
-    for name, value in headers:
-        if name == b"authorization":
-            opts.authorization = value
-        elif name == b"x-request-id":
-            opts.request_id = value.decode("latin-1")
-        elif faults and name.startswith(HEADER_PREFIX):
-            if name == HEADER_DIE:
-                opts.drop_after = int(_header_number(name, value, True))
-            elif name == HEADER_ERROR:
-                opts.error_after = int(_header_number(name, value, True))
-            elif name == HEADER_STALL:
-                opts.stall_after = int(_header_number(name, value, True))
-            elif name == HEADER_TPS:
-                opts.tokens_per_second = _header_number(name, value, False)
-            elif name == HEADER_FIRST_TOKEN_DELAY:
-                opts.first_token_delay = _header_number(name, value, False)
-            elif name == HEADER_STATUS:
-                status = int(_header_number(name, value, True))
-                if not 400 <= status <= 599:
-                    raise SimulatorRequestError("Header x-simulator-status must be in 400..599.")
-                opts.force_status = status
-    return opts
-
-
-def pick_fault(config: SimulatorConfig, opts: RequestOptions) -> Fault | None:
-    """The fault that fires first for a request, from its headers and the process flags.
-
-    On a tie, ending the process beats dropping the connection, which beats an
-    error event, which beats a stall.
-    """
-    candidates = (
-        (config.die_after_chunks, FaultKind.EXIT_PROCESS),
-        (opts.drop_after, FaultKind.DROP_CONNECTION),
-        (opts.error_after, FaultKind.ERROR),
-        (config.error_after_chunks, FaultKind.ERROR),
-        (opts.stall_after, FaultKind.STALL),
-        (config.stall_after_chunks, FaultKind.STALL),
-    )
-    best: Fault | None = None
-    for after, kind in candidates:
-        if after is not None and (best is None or after < best.after_chunks):
-            best = Fault(kind, after)
-    return best
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or ``None`` when the client went away first."""
-    message = await receive()
-    if message["type"] != "http.request":
-        return None
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body", False):
-        return body
-    parts = [body]
-    size = len(body)
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return None
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise SimulatorRequestError("Request body too large.", 413)
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(parts)
-
-
-async def _wait_for_disconnect(receive: Receive) -> None:
-    """Return once the client has gone away (``http.disconnect``)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _disconnected_within(watcher: asyncio.Task[None], seconds: float) -> bool:
-    """Wait ``seconds``, returning early (and ``True``) if the client goes away."""
-    if watcher.done():
-        return True
-    done, _ = await asyncio.wait((watcher,), timeout=seconds)
-    return bool(done)
-
-
-async def send_bytes(
-    send: Send,
-    status: int,
-    body: bytes,
-    content_type: bytes = _JSON,
-    extra_headers: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    """Send a complete response with ``Content-Length``."""
-    headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
-    if extra_headers:
-        headers.extend(extra_headers)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-def _exit_process(reason: str) -> None:
-    """Die like a crashed engine: no cleanup, no response completion, exit status 1."""
-    logger.error("vLLM SIMULATOR: %s; exiting the process abruptly (injected fault)", reason)
-    for handler in logging.getLogger().handlers + logger.handlers:
-        handler.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
-
-
-class _Chunks:
-    """Precomputed bytes of one streamed response's SSE events."""
-
-    __slots__ = ("_head", "_text_field", "chat", "prefixes", "suffix")
-
-    def __init__(self, plan: protocol.GenerationPlan, response_id: str, created: int) -> None:
-        self.chat = plan.endpoint == "chat"
-        obj = b"chat.completion.chunk" if self.chat else b"text_completion"
-        self._head = b"".join(
-            (
-                b'data: {"id":"',
-                response_id.encode(),
-                b'","object":"',
-                obj,
-                b'","created":',
-                b"%d" % created,
-                b',"model":',
-                orjson.dumps(plan.model),
-                b',"choices":[',
-            )
-        )
-        self._text_field = b',"delta":{"content":' if self.chat else b',"text":'
-        self.prefixes = {
-            choice.index: b'%s{"index":%d%s' % (self._head, choice.index, self._text_field)
-            for choice in plan.choices
-        }
-        if self.chat:
-            self.suffix = b'},"logprobs":null,"finish_reason":null}]}\n\n'
-        else:
-            self.suffix = b',"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
-
-    def role(self, index: int) -> bytes:
-        """The first chat event of a choice: ``delta: {"role": "assistant", "content": ""}``."""
-        return (
-            b'%s{"index":%d,"delta":{"role":"assistant","content":""},' % (self._head, index)
-            + b'"logprobs":null,"finish_reason":null}]}\n\n'
-        )
-
-    def finish(self, index: int, reason: str) -> bytes:
-        """The event that closes a choice, carrying its ``finish_reason``."""
-        body = b'"delta":{}' if self.chat else b'"text":""'
-        return (
-            b'%s{"index":%d,%s,"logprobs":null,"finish_reason":"%s","stop_reason":null}]}\n\n'
-            % (self._head, index, body, reason.encode())
-        )
-
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
-        """The final ``include_usage`` event: empty ``choices`` and the totals."""
-        usage = orjson.dumps(
-            {
-                "prompt_tokens": prompt_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-                "completion_tokens": completion_tokens,
-            }
-        )
-        return self._head + b'],"usage":' + usage + b"}\n\n"
-
-
-def _completion_body(plan: protocol.GenerationPlan, response_id: str, created: int) -> bytes:
-    choices: list[dict[str, object]] = []
-    for choice in plan.choices:
-        content = text.render_text(choice.token_ids)
-        if plan.endpoint == "chat":
-            choices.append(
-                {
-                    "index": choice.index,
-                    "message": {
-                        "role": "assistant",
-                        "reasoning_content": None,
-                        "content": content,
-                        "tool_calls": [],
-                    },
-                    "logprobs": None,
-                    "finish_reason": choice.finish_reason,
-                    "stop_reason": None,
-                }
-            )
-        else:
-            choices.append(
-                {
-                    "index": choice.index,
-                    "text": content,
-                    "logprobs": None,
-                    "finish_reason": choice.finish_reason,
-                    "stop_reason": None,
-                    "prompt_logprobs": None,
-                }
-            )
-    completion_tokens = plan.completion_tokens
-    body: dict[str, object] = {
-        "id": response_id,
-        "object": "chat.completion" if plan.endpoint == "chat" else "text_completion",
-        "created": created,
-        "model": plan.model,
-        "choices": choices,
-        "usage": {
-            "prompt_tokens": plan.prompt_tokens,
-            "total_tokens": plan.prompt_tokens + completion_tokens,
-            "completion_tokens": completion_tokens,
-            "prompt_tokens_details": None,
-        },
-    }
-    if plan.endpoint == "chat":
-        body["prompt_logprobs"] = None
-    body["kv_transfer_params"] = None
-    return orjson.dumps(body)
-
+_GUARDED_PREFIXES = (
+    "/v1",
+    "/v2",
+    "/simulator/",
+    "/sleep",
+    "/wake_up",
+    "/is_sleeping",
+    "/collective_rpc",
+)
+_RESPONSES_PREFIX = "/v1/responses/"
 
 Handler = Callable[[Scope, Receive, Send, RequestOptions], Awaitable[None]]
+#: Encodes a refusal in the shape of the route's API.
+ErrorEncoder = Callable[[SimulatorRequestError], bytes]
+
+
+def _openai_error(exc: SimulatorRequestError) -> bytes:
+    return exc.body()
+
+
+def _anthropic_error(exc: SimulatorRequestError) -> bytes:
+    return exc.anthropic_body()
+
+
+def _content_type(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return bytes(value).decode("latin-1")
+    return ""
 
 
 class SimulatorApp:
@@ -356,10 +78,13 @@ class SimulatorApp:
         """Build the app, its metrics registry and its counters."""
         self.config = config
         self.stats = SimulatorStats()
-        # The last request bodies, for tests that check what a client sent (GET
-        # /simulator/requests); bounded, cleared by /simulator/reset. Only with --test-routes:
-        # otherwise they are other users' prompts, and nothing keeps them.
+        # The last request bodies and their paths, for tests that check what a client sent
+        # and where (GET /simulator/requests); bounded, cleared by /simulator/reset. Only with
+        # --test-routes: otherwise they are other users' prompts, and nothing keeps them.
         self.recent_requests: collections.deque[object] | None = (
+            collections.deque(maxlen=64) if config.test_routes else None
+        )
+        self.recent_paths: collections.deque[str] | None = (
             collections.deque(maxlen=64) if config.test_routes else None
         )
         self.sleep = SleepMode(config)
@@ -371,12 +96,24 @@ class SimulatorApp:
             sleep=self.sleep,
             gpu_memory_bytes=config.gpu_memory_bytes,
         )
+        self.runner = GenerationRunner(config, self.stats, self.metrics)
         self._auth = b"Bearer " + config.api_key.encode() if config.api_key else None
         self._models_body = self._build_models_body()
         self._routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self._chat},
             "/v1/completions": {"POST": self._completions},
             "/v1/embeddings": {"POST": self._embeddings},
+            "/v1/responses": {"POST": self._responses},
+            "/v1/messages": {"POST": self._messages},
+            "/v1/messages/count_tokens": {"POST": self._count_tokens},
+            "/tokenize": {"POST": self._tokenize},
+            "/detokenize": {"POST": self._detokenize},
+            "/rerank": {"POST": self._rerank},
+            "/v1/rerank": {"POST": self._rerank},
+            "/v2/rerank": {"POST": self._rerank},
+            "/score": {"POST": self._score},
+            "/v1/score": {"POST": self._score},
+            "/v1/audio/transcriptions": {"POST": self._transcriptions},
             "/v1/models": {"GET": self._models},
             "/health": {"GET": self._health},
             "/ping": {"GET": self._health, "POST": self._health},
@@ -387,6 +124,10 @@ class SimulatorApp:
             "/is_sleeping": {"GET": self._is_sleeping},
             "/collective_rpc": {"POST": self._collective_rpc},
         }
+        for api in config.without_apis:
+            for path in OPTIONAL_APIS[api]:
+                del self._routes[path]
+        self._stored_responses = "responses" not in config.without_apis
         if config.test_routes:
             self._routes.update(
                 {
@@ -453,12 +194,22 @@ class SimulatorApp:
                     # An engine that crashes soon after it started serving (a bad driver, a
                     # leak): what restarts and crash-loop detection are tested against.
                     asyncio.get_running_loop().call_later(
-                        crash_after, _exit_process, f"--die-after-seconds {crash_after:g} elapsed"
+                        crash_after, exit_process, f"--die-after-seconds {crash_after:g} elapsed"
                     )
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _route(self, path: str) -> dict[str, Handler] | None:
+        methods = self._routes.get(path)
+        if methods is None and self._stored_responses and path.startswith(_RESPONSES_PREFIX):
+            rest = path[len(_RESPONSES_PREFIX) :]
+            if rest and "/" not in rest:
+                return {"GET": self._response_lookup}
+            if rest.endswith("/cancel") and rest.count("/") == 1:
+                return {"POST": self._response_lookup}
+        return methods
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -478,7 +229,7 @@ class SimulatorApp:
             self.stats.rejected_total += 1
             await send_bytes(send, 401, _UNAUTHORIZED)
             return
-        methods = self._routes.get(path)
+        methods = self._route(path)
         if methods is None:
             await send_bytes(send, 404, _NOT_FOUND)
             return
@@ -495,21 +246,23 @@ class SimulatorApp:
             return
         await handler(scope, receive, send, opts)
 
-    # --- inference -------------------------------------------------------------------------
+    # --- admission ------------------------------------------------------------------------
 
-    async def _chat(self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions) -> None:
-        await self._generate(receive, send, opts, protocol.parse_chat, "chatcmpl-")
+    def _record(self, scope: Scope, body: object) -> None:
+        """Keep a request's body and path for ``/simulator/requests`` (test routes only)."""
+        if self.recent_requests is not None and self.recent_paths is not None:
+            self.recent_requests.append(body)
+            self.recent_paths.append(scope["path"])
 
-    async def _completions(
-        self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
-    ) -> None:
-        await self._generate(receive, send, opts, protocol.parse_completion, "cmpl-")
-
-    async def _admit(self, receive: Receive, send: Send, opts: RequestOptions) -> object | None:
-        """Read and decode the body; answer and return ``None`` when it is refused."""
+    async def _read(
+        self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions, encode: ErrorEncoder
+    ) -> bytes | None:
+        """Count the request and read its body; answer and return ``None`` when it is refused
+        (client gone, engine asleep, a forced status)."""
         self.stats.requests_total += 1
+        self.stats.count_path(scope["path"])
         try:
-            body = await _read_body(receive)
+            body = await read_body(receive)
             if body is None:
                 self.stats.aborted_total += 1
                 return None
@@ -519,296 +272,234 @@ class SimulatorApp:
             if opts.force_status is not None:
                 self.stats.failed_total += 1
                 status = opts.force_status
-                await send_bytes(
-                    send,
-                    status,
-                    error_body(
-                        f"Simulated failure forced by x-simulator-status: {status}.", status
-                    ),
+                forced = SimulatorRequestError(
+                    f"Simulated failure forced by x-simulator-status: {status}.", status
                 )
+                await send_bytes(send, status, encode(forced))
                 return None
-            try:
-                decoded: object = orjson.loads(body)
-                if self.recent_requests is not None:
-                    self.recent_requests.append(decoded)
-            except orjson.JSONDecodeError as exc:
-                raise SimulatorRequestError(f"JSON decode error: {exc}") from exc
-            return decoded
+            return body
         except SimulatorRequestError as exc:
             self.stats.rejected_total += 1
-            await send_bytes(send, exc.status, exc.body())
+            await send_bytes(send, exc.status, encode(exc))
             return None
 
-    async def _generate(
+    async def _admit(
         self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        opts: RequestOptions,
+        encode: ErrorEncoder = _openai_error,
+        decode: Callable[[bytes], object] = orjson.loads,
+    ) -> object | None:
+        """Read and decode a JSON body; answer and return ``None`` when it is refused."""
+        body = await self._read(scope, receive, send, opts, encode)
+        if body is None:
+            return None
+        try:
+            decoded: object = decode(body)
+        except ValueError as exc:
+            self.stats.rejected_total += 1
+            refused = SimulatorRequestError(f"JSON decode error: {exc}")
+            await send_bytes(send, refused.status, encode(refused))
+            return None
+        self._record(scope, decoded)
+        return decoded
+
+    async def _refuse(self, send: Send, exc: SimulatorRequestError, encode: ErrorEncoder) -> None:
+        self.stats.rejected_total += 1
+        await send_bytes(send, exc.status, encode(exc))
+
+    def _finish_pooling(self, prompt_tokens: int, started: float) -> None:
+        """Count a request answered without decoding (embeddings, scores)."""
+        self.stats.prompt_tokens_total += prompt_tokens
+        self.stats.completed_total += 1
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.observe_finished(["stop"], 0, None, time.perf_counter() - started)
+
+    def _request_id(self, opts: RequestOptions) -> str:
+        return opts.request_id or uuid.uuid4().hex
+
+    # --- generation -----------------------------------------------------------------------
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions) -> None:
+        await self._openai(scope, receive, send, opts, protocol.parse_chat, "chatcmpl-")
+
+    async def _completions(
+        self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
+    ) -> None:
+        await self._openai(scope, receive, send, opts, protocol.parse_completion, "cmpl-")
+
+    async def _openai(
+        self,
+        scope: Scope,
         receive: Receive,
         send: Send,
         opts: RequestOptions,
         parse: Callable[[SimulatorConfig, object], protocol.GenerationPlan],
         id_prefix: str,
     ) -> None:
-        raw = await self._admit(receive, send, opts)
+        raw = await self._admit(scope, receive, send, opts)
         if raw is None:
             return
         try:
             plan = parse(self.config, raw)
         except SimulatorRequestError as exc:
-            self.stats.rejected_total += 1
-            await send_bytes(send, exc.status, exc.body())
+            await self._refuse(send, exc, _openai_error)
             return
-        request_id = opts.request_id or uuid.uuid4().hex
-        response_id = id_prefix + request_id
-        extra = [(b"x-request-id", request_id.encode("latin-1"))] if opts.request_id else None
-        fault = pick_fault(self.config, opts)
-        tps = (
-            opts.tokens_per_second
-            if opts.tokens_per_second is not None
-            else self.config.tokens_per_second
-        )
-        first_delay = (
-            opts.first_token_delay
-            if opts.first_token_delay is not None
-            else self.config.first_token_delay
+        reply = OpenAIReply(plan, id_prefix + self._request_id(opts), int(time.time()))
+        await self.runner.run(plan, reply, opts, receive, send)
+
+    async def _responses(
+        self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
+    ) -> None:
+        raw = await self._admit(scope, receive, send, opts)
+        if raw is None:
+            return
+        try:
+            plan, echo = responses.parse_responses(self.config, raw)
+        except SimulatorRequestError as exc:
+            await self._refuse(send, exc, _openai_error)
+            return
+        reply: ReplyFormat = responses.ResponsesReply(plan, "resp_" + self._request_id(opts), echo)
+        await self.runner.run(plan, reply, opts, receive, send)
+
+    async def _response_lookup(
+        self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
+    ) -> None:
+        """``GET /v1/responses/{id}`` and ``POST .../cancel``: vLLM without its store keeps
+        no response, so every id is unknown."""
+        if await self._read(scope, receive, send, opts, _openai_error) is None:
+            return
+        response_id = scope["path"][len(_RESPONSES_PREFIX) :].removesuffix("/cancel")
+        await self._refuse(send, responses.not_found(response_id), _openai_error)
+
+    async def _messages(
+        self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
+    ) -> None:
+        raw = await self._admit(scope, receive, send, opts, _anthropic_error)
+        if raw is None:
+            return
+        try:
+            plan = messages.parse_messages(self.config, raw)
+        except SimulatorRequestError as exc:
+            await self._refuse(send, exc, _anthropic_error)
+            return
+        reply = messages.MessagesReply(plan, "chatcmpl-" + self._request_id(opts))
+        await self.runner.run(plan, reply, opts, receive, send)
+
+    async def _count_tokens(
+        self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
+    ) -> None:
+        raw = await self._admit(scope, receive, send, opts, _anthropic_error)
+        if raw is None:
+            return
+        try:
+            tokens = messages.count_input_tokens(self.config, raw)
+        except SimulatorRequestError as exc:
+            await self._refuse(send, exc, _anthropic_error)
+            return
+        self.stats.completed_total += 1
+        context = {"original_input_tokens": tokens}
+        await send_bytes(
+            send, 200, orjson.dumps({"input_tokens": tokens, "context_management": context})
         )
 
-        stats = self.stats
-        reserved = plan.prompt_tokens + plan.completion_tokens
-        stats.running += 1
-        stats.reserved_tokens += reserved
-        stats.prompt_tokens_total += plan.prompt_tokens
-        self.metrics.prompt_tokens.inc(plan.prompt_tokens)
-        run = _Run()
+    # --- tokenizer, pooling, audio --------------------------------------------------------
+
+    async def _tokenize(
+        self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
+    ) -> None:
+        await self._answer(scope, receive, send, opts, tokenize.tokenize)
+
+    async def _detokenize(
+        self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
+    ) -> None:
+        # The standard json module: word ids may pass 2**64, which orjson reads as floats.
+        await self._answer(scope, receive, send, opts, tokenize.detokenize, json.loads)
+
+    async def _answer(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        opts: RequestOptions,
+        build: Callable[[SimulatorConfig, object], bytes],
+        decode: Callable[[bytes], object] = orjson.loads,
+    ) -> None:
+        """Answer a request the engine serves without running the model."""
+        raw = await self._admit(scope, receive, send, opts, decode=decode)
+        if raw is None:
+            return
+        try:
+            body = build(self.config, raw)
+        except SimulatorRequestError as exc:
+            await self._refuse(send, exc, _openai_error)
+            return
+        self.stats.completed_total += 1
+        await send_bytes(send, 200, body)
+
+    async def _rerank(
+        self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
+    ) -> None:
+        await self._scoring(scope, receive, send, opts, scoring.rerank)
+
+    async def _score(
+        self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
+    ) -> None:
+        await self._scoring(scope, receive, send, opts, scoring.score)
+
+    async def _scoring(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        opts: RequestOptions,
+        build: Callable[[SimulatorConfig, object, str], scoring.ScoringResult],
+    ) -> None:
+        raw = await self._admit(scope, receive, send, opts)
+        if raw is None:
+            return
         started = time.perf_counter()
         try:
-            if plan.stream:
-                await self._stream(
-                    plan, response_id, fault, tps, first_delay, receive, send, run, extra
-                )
-            else:
-                await self._complete(
-                    plan, response_id, fault, tps, first_delay, receive, send, run, extra
-                )
-        finally:
-            stats.running -= 1
-            stats.reserved_tokens -= reserved
-            stats.generation_tokens_total += run.generated
-            elapsed = time.perf_counter() - started
-            ttft = None if run.ttft is None else run.ttft - started
-            if run.outcome is _Outcome.COMPLETED:
-                stats.completed_total += 1
-                self.metrics.observe_finished(
-                    [choice.finish_reason for choice in plan.choices], run.generated, ttft, elapsed
-                )
-            else:
-                aborted = run.outcome is _Outcome.ABORTED
-                if aborted:
-                    stats.aborted_total += 1
-                else:
-                    stats.failed_total += 1
-                self.metrics.observe_interrupted(aborted, run.generated, ttft, elapsed)
-
-    async def _stream(
-        self,
-        plan: protocol.GenerationPlan,
-        response_id: str,
-        fault: Fault | None,
-        tps: float,
-        first_delay: float,
-        receive: Receive,
-        send: Send,
-        run: _Run,
-        extra_headers: list[tuple[bytes, bytes]] | None,
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        watcher = loop.create_task(_wait_for_disconnect(receive))
-        sent = 0
-        try:
-            headers = _SSE_HEADERS + extra_headers if extra_headers else _SSE_HEADERS
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            if first_delay > 0 and await _disconnected_within(watcher, first_delay):
-                run.outcome = _Outcome.ABORTED
-                return
-            chunks = _Chunks(plan, response_id, int(time.time()))
-            if chunks.chat:
-                for choice in plan.choices:
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": chunks.role(choice.index),
-                            "more_body": True,
-                        }
-                    )
-            fault_at = fault.after_chunks if fault is not None else -1
-            if fault_at == 0:
-                await self._fire_stream_fault(fault, 0, watcher, send, run)
-                return
-            interval = 1.0 / tps if tps > 0 else 0.0
-            first_at = loop.time()
-            run.ttft = time.perf_counter()
-            prefixes = chunks.prefixes
-            suffix = chunks.suffix
-            choices = plan.choices
-            for step in range(plan.steps):
-                if step:
-                    if interval:
-                        delay = first_at + step * interval - loop.time()
-                        if delay > 0:
-                            await asyncio.sleep(delay)
-                    elif not step & 15:
-                        await asyncio.sleep(0)
-                    if watcher.done():
-                        run.outcome = _Outcome.ABORTED
-                        return
-                table = text.REST_JSON if step else text.FIRST_JSON
-                for choice in choices:
-                    ids = choice.token_ids
-                    if step >= len(ids):
-                        continue
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": b"".join((prefixes[choice.index], table[ids[step]], suffix)),
-                            "more_body": True,
-                        }
-                    )
-                    sent += 1
-                    if sent == fault_at:
-                        await self._fire_stream_fault(fault, sent, watcher, send, run)
-                        return
-                    if step == len(ids) - 1:
-                        await send(
-                            {
-                                "type": "http.response.body",
-                                "body": chunks.finish(choice.index, choice.finish_reason),
-                                "more_body": True,
-                            }
-                        )
-            if plan.include_usage:
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": chunks.usage(plan.prompt_tokens, sent),
-                        "more_body": True,
-                    }
-                )
-            await send({"type": "http.response.body", "body": _DONE, "more_body": False})
-            run.outcome = _Outcome.COMPLETED
-        finally:
-            run.generated = sent
-            watcher.cancel()
-
-    async def _fire_stream_fault(
-        self,
-        fault: Fault | None,
-        sent: int,
-        watcher: asyncio.Task[None],
-        send: Send,
-        run: _Run,
-    ) -> None:
-        if fault is None:
+            result = build(self.config, raw, "score-" + self._request_id(opts))
+        except SimulatorRequestError as exc:
+            await self._refuse(send, exc, _openai_error)
             return
-        if fault.kind is FaultKind.EXIT_PROCESS:
-            _exit_process(f"--die-after-chunks {fault.after_chunks} reached mid-stream")
-        elif fault.kind is FaultKind.DROP_CONNECTION:
-            logger.info("simulator: dropping the connection after %d chunks (injected)", sent)
-            run.outcome = _Outcome.FAILED
-            raise SimulatedConnectionDrop(f"connection dropped after {sent} chunks (injected)")
-        elif fault.kind is FaultKind.ERROR:
-            logger.info("simulator: sending an error event after %d chunks (injected)", sent)
-            run.outcome = _Outcome.FAILED
-            event = sse_error_event(
-                f"Simulated engine error after {sent} chunks (injected by the simulator).", 500
-            )
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-            await send({"type": "http.response.body", "body": _DONE, "more_body": False})
-        else:
-            logger.info("simulator: stalling after %d chunks until the client leaves", sent)
-            await watcher
-            run.outcome = _Outcome.ABORTED
+        self._finish_pooling(result.prompt_tokens, started)
+        await send_bytes(send, 200, result.body)
 
-    async def _complete(
-        self,
-        plan: protocol.GenerationPlan,
-        response_id: str,
-        fault: Fault | None,
-        tps: float,
-        first_delay: float,
-        receive: Receive,
-        send: Send,
-        run: _Run,
-        extra_headers: list[tuple[bytes, bytes]] | None,
+    async def _transcriptions(
+        self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
     ) -> None:
-        total = plan.completion_tokens
-        fires = fault is not None and fault.after_chunks <= total
-        n = max(len(plan.choices), 1)
-        steps = -(-fault.after_chunks // n) if fault is not None and fires else plan.steps
-        delay = first_delay + (max(steps - 1, 0) / tps if tps > 0 else 0.0)
-        watcher: asyncio.Task[None] | None = None
+        body = await self._read(scope, receive, send, opts, _openai_error)
+        if body is None:
+            return
+        started = time.perf_counter()
         try:
-            if delay > 0 or (fires and fault is not None and fault.kind is FaultKind.STALL):
-                watcher = asyncio.get_running_loop().create_task(_wait_for_disconnect(receive))
-                if first_delay > 0 and await _disconnected_within(watcher, first_delay):
-                    run.outcome = _Outcome.ABORTED
-                    return
-                run.ttft = time.perf_counter()
-                if delay > first_delay and await _disconnected_within(watcher, delay - first_delay):
-                    run.outcome = _Outcome.ABORTED
-                    return
-            else:
-                run.ttft = time.perf_counter()
-            body = _completion_body(plan, response_id, int(time.time()))
-            if fires and fault is not None:
-                run.generated = fault.after_chunks
-                if fault.kind is FaultKind.EXIT_PROCESS:
-                    _exit_process(f"--die-after-chunks {fault.after_chunks} reached mid-request")
-                elif fault.kind is FaultKind.DROP_CONNECTION:
-                    run.outcome = _Outcome.FAILED
-                    headers = [(b"content-type", _JSON), (b"content-length", b"%d" % len(body))]
-                    if extra_headers:
-                        headers.extend(extra_headers)
-                    await send({"type": "http.response.start", "status": 200, "headers": headers})
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": body[: len(body) // 2],
-                            "more_body": True,
-                        }
-                    )
-                    raise SimulatedConnectionDrop("connection dropped mid-body (injected)")
-                elif fault.kind is FaultKind.ERROR:
-                    run.outcome = _Outcome.FAILED
-                    await send_bytes(
-                        send,
-                        500,
-                        error_body(
-                            f"Simulated engine error after {fault.after_chunks} tokens "
-                            "(injected by the simulator).",
-                            500,
-                        ),
-                        extra_headers=extra_headers,
-                    )
-                elif watcher is not None:
-                    await watcher
-                    run.outcome = _Outcome.ABORTED
-                return
-            run.generated = total
-            await send_bytes(send, 200, body, extra_headers=extra_headers)
-            run.outcome = _Outcome.COMPLETED
-        finally:
-            if watcher is not None:
-                watcher.cancel()
+            upload = transcription.parse_form(_content_type(scope), body)
+            self._record(scope, {k: v for k, v in upload.fields.items()})
+            result = transcription.transcribe(self.config, upload)
+        except SimulatorRequestError as exc:
+            await self._refuse(send, exc, _openai_error)
+            return
+        if self.recent_requests is not None:
+            self.recent_requests[-1] = result.summary
+        self.stats.generation_tokens_total += result.words
+        self.metrics.generation_tokens.inc(result.words)
+        self._finish_pooling(0, started)
+        await send_bytes(send, 200, result.body)
 
     async def _embeddings(
         self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
     ) -> None:
-        raw = await self._admit(receive, send, opts)
+        raw = await self._admit(scope, receive, send, opts)
         if raw is None:
             return
         try:
             plan = protocol.parse_embedding(self.config, raw)
         except SimulatorRequestError as exc:
-            self.stats.rejected_total += 1
-            await send_bytes(send, exc.status, exc.body())
+            await self._refuse(send, exc, _openai_error)
             return
         started = time.perf_counter()
         data: list[dict[str, object]] = []
@@ -822,7 +513,7 @@ class SimulatorApp:
             data.append({"index": index, "object": "embedding", "embedding": embedding})
         body = orjson.dumps(
             {
-                "id": f"embd-{opts.request_id or uuid.uuid4().hex}",
+                "id": f"embd-{self._request_id(opts)}",
                 "object": "list",
                 "created": int(time.time()),
                 "model": plan.model,
@@ -835,10 +526,7 @@ class SimulatorApp:
                 },
             }
         )
-        self.stats.prompt_tokens_total += plan.prompt_tokens
-        self.stats.completed_total += 1
-        self.metrics.prompt_tokens.inc(plan.prompt_tokens)
-        self.metrics.observe_finished(["stop"], 0, None, time.perf_counter() - started)
+        self._finish_pooling(plan.prompt_tokens, started)
         await send_bytes(send, 200, body)
 
     # --- everything else -------------------------------------------------------------------
@@ -908,7 +596,7 @@ class SimulatorApp:
     ) -> None:
         """vLLM's ``POST /collective_rpc`` (dev mode) for the one method a level-2 wake needs."""
         try:
-            body = await _read_body(receive)
+            body = await read_body(receive)
             if body is None:
                 return
             try:
@@ -953,13 +641,16 @@ class SimulatorApp:
     async def _recent(
         self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
     ) -> None:
-        await send_bytes(send, 200, orjson.dumps({"data": list(self.recent_requests or ())}))
+        # "paths" pairs with "data": where each of those bodies was sent.
+        recent = {"data": list(self.recent_requests or ()), "paths": list(self.recent_paths or ())}
+        await send_bytes(send, 200, orjson.dumps(recent))
 
     async def _reset(
         self, scope: Scope, receive: Receive, send: Send, opts: RequestOptions
     ) -> None:
-        if self.recent_requests is not None:
+        if self.recent_requests is not None and self.recent_paths is not None:
             self.recent_requests.clear()
+            self.recent_paths.clear()
         self.stats.reset()
         await send_bytes(send, 200, orjson.dumps(self.stats_snapshot()))
 

@@ -14,6 +14,20 @@ SIMULATOR_VERSION = "0.0.0+simulator"
 #: GiB still in use after a sleep; the gateway's placement counts the same default figure.
 DEFAULT_SLEEP_RESIDUAL_BYTES = 3 * 1024**3 // 2
 
+#: The APIs ``--without-api`` can take away, each with the routes it removes, so the
+#: simulator can stand for an engine that does not serve them (its routes answer 404).
+OPTIONAL_APIS: dict[str, tuple[str, ...]] = {
+    "chat": ("/v1/chat/completions",),
+    "completions": ("/v1/completions",),
+    "embeddings": ("/v1/embeddings",),
+    "responses": ("/v1/responses",),
+    "messages": ("/v1/messages", "/v1/messages/count_tokens"),
+    "tokenize": ("/tokenize", "/detokenize"),
+    "rerank": ("/rerank", "/v1/rerank", "/v2/rerank"),
+    "score": ("/score", "/v1/score"),
+    "transcriptions": ("/v1/audio/transcriptions",),
+}
+
 
 @dataclass(frozen=True, slots=True)
 class SimulatorConfig:
@@ -63,6 +77,9 @@ class SimulatorConfig:
     # Faults of the sleep contract: POST /sleep (or /wake_up) answers 500 and changes nothing.
     fail_sleep: bool = False
     fail_wake: bool = False
+    # APIs it does not serve (keys of OPTIONAL_APIS): their routes are 404, as on an engine
+    # without them.
+    without_apis: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         """Reject impossible settings early, with a message naming the setting."""
@@ -100,6 +117,11 @@ class SimulatorConfig:
             raise ValueError("max_model_len must be >= 1")
         if self.embedding_dim < 1:
             raise ValueError("embedding_dim must be >= 1")
+        unknown = sorted(self.without_apis - OPTIONAL_APIS.keys())
+        if unknown:
+            raise ValueError(
+                f"unknown API(s) {', '.join(unknown)}; choose from {', '.join(OPTIONAL_APIS)}"
+            )
         if self.response_tokens < 0 or self.kv_cache_tokens < 0:
             raise ValueError("response_tokens and kv_cache_tokens must be >= 0")
 

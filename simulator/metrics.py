@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from prometheus_client import (
@@ -137,8 +137,14 @@ class SimulatorStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     reserved_tokens: int = 0
+    #: Requests counted in ``requests_total``, by the path they came on.
+    requests_by_path: dict[str, int] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, int]:
+    def count_path(self, path: str) -> None:
+        """Count one request on ``path``."""
+        self.requests_by_path[path] = self.requests_by_path.get(path, 0) + 1
+
+    def as_dict(self) -> dict[str, object]:
         """The counters as a JSON-ready dict (without the internal KV reservation)."""
         data = asdict(self)
         del data["reserved_tokens"]
@@ -153,6 +159,7 @@ class SimulatorStats:
         self.rejected_total = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.requests_by_path = {}
 
 
 class SimulatorMetrics:

@@ -6,11 +6,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from simulator import text
+from simulator import text, tools
 from simulator.config import SimulatorConfig
 from simulator.errors import SimulatorRequestError
+from simulator.prompt import render_chat
 
-Endpoint = Literal["chat", "completion"]
+Endpoint = Literal["chat", "completion", "responses", "messages"]
 
 #: Highest ``n`` accepted (vLLM has no hard cap; this keeps a typo from eating the host).
 MAX_CHOICES = 128
@@ -26,7 +27,19 @@ class ChoicePlan:
 
     index: int
     token_ids: list[int]
+    #: The engine's reason ("stop" or "length"); each API names it its own way.
     finish_reason: str
+    #: A tool call instead of text (its arguments' pieces are the tokens).
+    tool_call: tools.ToolCallPlan | None = None
+    #: The stop sequence that ended the text, if one did.
+    stop_sequence: str | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens this choice generates."""
+        if self.tool_call is not None:
+            return len(self.tool_call.pieces)
+        return len(self.token_ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +57,12 @@ class GenerationPlan:
     @property
     def completion_tokens(self) -> int:
         """Tokens the full answer contains, all choices together."""
-        return sum(len(choice.token_ids) for choice in self.choices)
+        return sum(choice.length for choice in self.choices)
 
     @property
     def steps(self) -> int:
         """Decode steps of the answer (the longest choice)."""
-        return max((len(choice.token_ids) for choice in self.choices), default=0)
+        return max((choice.length for choice in self.choices), default=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +76,7 @@ class EmbeddingPlan:
     dimensions: int | None
 
 
-def _require_object(body: object) -> Mapping[str, object]:
+def require_object(body: object) -> Mapping[str, object]:
     if not isinstance(body, dict):
         raise SimulatorRequestError("The request body must be a JSON object.")
     return body
@@ -80,7 +93,7 @@ def resolve_model(config: SimulatorConfig, requested: object) -> str:
     return requested
 
 
-def _optional_int(body: Mapping[str, object], name: str, minimum: int) -> int | None:
+def optional_int(body: Mapping[str, object], name: str, minimum: int) -> int | None:
     value = body.get(name)
     if value is None:
         return None
@@ -91,7 +104,7 @@ def _optional_int(body: Mapping[str, object], name: str, minimum: int) -> int | 
     return value
 
 
-def _optional_bool(body: Mapping[str, object], name: str) -> bool:
+def optional_bool(body: Mapping[str, object], name: str) -> bool:
     value = body.get(name, False)
     if value is None:
         return False
@@ -108,44 +121,10 @@ def _include_usage(body: Mapping[str, object], stream: bool) -> bool:
         raise SimulatorRequestError("Stream options can only be defined when `stream=True`.")
     if not isinstance(options, dict):
         raise SimulatorRequestError("stream_options: Input should be a valid dictionary")
-    return _optional_bool(options, "include_usage")
+    return optional_bool(options, "include_usage")
 
 
-def _message_tokens(index: int, message: object) -> tuple[int, str]:
-    if not isinstance(message, dict):
-        raise SimulatorRequestError(f"messages.{index}: Input should be a valid dictionary")
-    role = message.get("role")
-    if not isinstance(role, str) or not role:
-        raise SimulatorRequestError(f"messages.{index}.role: Field required")
-    content = message.get("content")
-    tokens = text.CHAT_MESSAGE_OVERHEAD
-    seen = role
-    if isinstance(content, str):
-        tokens += text.count_tokens(content)
-        seen += content
-    elif isinstance(content, list):
-        for part in content:
-            if not isinstance(part, dict):
-                raise SimulatorRequestError(
-                    f"messages.{index}.content: each part must be a dictionary"
-                )
-            part_text = part.get("text")
-            if part.get("type") == "text" and isinstance(part_text, str):
-                tokens += text.count_tokens(part_text)
-                seen += part_text
-            else:
-                tokens += text.NON_TEXT_PART_TOKENS
-    elif content is not None:
-        raise SimulatorRequestError(
-            f"messages.{index}.content: Input should be a valid string or list"
-        )
-    name = message.get("name")
-    if isinstance(name, str):
-        tokens += 1
-    return tokens, seen
-
-
-def _context_error(config: SimulatorConfig, prompt_tokens: int, max_tokens: int) -> None:
+def check_context(config: SimulatorConfig, prompt_tokens: int, max_tokens: int) -> None:
     if prompt_tokens >= config.max_model_len:
         raise SimulatorRequestError(
             f"This model's maximum context length is {config.max_model_len} tokens. "
@@ -162,22 +141,22 @@ def _context_error(config: SimulatorConfig, prompt_tokens: int, max_tokens: int)
 
 
 def _max_tokens(body: Mapping[str, object]) -> int | None:
-    explicit = _optional_int(body, "max_completion_tokens", 1)
+    explicit = optional_int(body, "max_completion_tokens", 1)
     if explicit is None:
-        explicit = _optional_int(body, "max_tokens", 1)
+        explicit = optional_int(body, "max_tokens", 1)
     return explicit
 
 
-def _choices(
+def plan_choices(
     config: SimulatorConfig,
     body: Mapping[str, object],
     seeds: list[int],
     n: int,
     max_tokens: int,
 ) -> list[ChoicePlan]:
-    ignore_eos = _optional_bool(body, "ignore_eos")
-    min_tokens = _optional_int(body, "min_tokens", 0) or 0
-    request_seed = _optional_int(body, "seed", -(2**63)) or 0
+    ignore_eos = optional_bool(body, "ignore_eos")
+    min_tokens = optional_int(body, "min_tokens", 0) or 0
+    request_seed = optional_int(body, "seed", -(2**63)) or 0
     plans: list[ChoicePlan] = []
     for prompt_index, prompt_seed in enumerate(seeds):
         for i in range(n):
@@ -192,32 +171,43 @@ def _choices(
     return plans
 
 
+def tool_call_choices(choice: tools.ToolChoice, n: int, max_tokens: int) -> list[ChoicePlan]:
+    """``n`` choices that each call the forced tool ("length" when ``max_tokens`` cuts it)."""
+    assert choice.forced is not None
+    plans: list[ChoicePlan] = []
+    for index in range(n):
+        call = tools.plan_call(choice.forced, max_tokens, named=choice.named)
+        finish = "stop" if call.complete else "length"
+        plans.append(ChoicePlan(index, [], finish, tool_call=call))
+    return plans
+
+
 def parse_chat(config: SimulatorConfig, raw: object) -> GenerationPlan:
     """Validate a ``/v1/chat/completions`` body into a plan (vLLM's 400/404 on error)."""
-    body = _require_object(raw)
+    body = require_object(raw)
     model = resolve_model(config, body.get("model"))
     messages = body.get("messages")
     if messages is None:
         raise SimulatorRequestError("messages: Field required")
     if not isinstance(messages, list) or not messages:
         raise SimulatorRequestError("messages: Input should be a non-empty list")
-    prompt_tokens = text.CHAT_REPLY_PRIMING
-    seed = 0
-    for index, message in enumerate(messages):
-        tokens, seen = _message_tokens(index, message)
-        prompt_tokens += tokens
-        seed = text.text_seed(seen, seed)
-    stream = _optional_bool(body, "stream")
+    tool_choice = tools.parse_openai_tools(body)
+    rendered = render_chat(messages, [tool.as_function() for tool in tool_choice.tools])
+    prompt_tokens = len(rendered.tokens)
+    stream = optional_bool(body, "stream")
     include_usage = _include_usage(body, stream)
-    n = _optional_int(body, "n", 1) or 1
+    n = optional_int(body, "n", 1) or 1
     if n > MAX_CHOICES:
         raise SimulatorRequestError(f"n must be at most {MAX_CHOICES}, got {n}.")
     max_tokens = _max_tokens(body)
     if max_tokens is None:
         max_tokens = min(config.max_model_len - prompt_tokens, DEFAULT_CHAT_MAX_TOKENS)
         max_tokens = max(max_tokens, 1)
-    _context_error(config, prompt_tokens, max_tokens)
-    choices = _choices(config, body, [seed], n, max_tokens)
+    check_context(config, prompt_tokens, max_tokens)
+    if tool_choice.forced is not None and rendered.last_role != "tool":
+        choices = tool_call_choices(tool_choice, n, max_tokens)
+    else:
+        choices = plan_choices(config, body, [rendered.seed], n, max_tokens)
     return GenerationPlan("chat", model, stream, include_usage, prompt_tokens, max_tokens, choices)
 
 
@@ -248,21 +238,21 @@ def _prompt_list(raw: object, field: str) -> list[tuple[str, int]]:
 
 def parse_completion(config: SimulatorConfig, raw: object) -> GenerationPlan:
     """Validate a ``/v1/completions`` body into a plan (one prompt or a list of them)."""
-    body = _require_object(raw)
+    body = require_object(raw)
     model = resolve_model(config, body.get("model"))
     if body.get("prompt") is None:
         raise SimulatorRequestError("prompt: Field required")
     prompts = _prompt_list(body.get("prompt"), "prompt")
-    stream = _optional_bool(body, "stream")
+    stream = optional_bool(body, "stream")
     include_usage = _include_usage(body, stream)
-    n = _optional_int(body, "n", 1) or 1
+    n = optional_int(body, "n", 1) or 1
     if n * len(prompts) > MAX_CHOICES:
         raise SimulatorRequestError(f"n times the number of prompts must be at most {MAX_CHOICES}.")
     max_tokens = _max_tokens(body) or DEFAULT_COMPLETION_MAX_TOKENS
     for _, tokens in prompts:
-        _context_error(config, tokens, max_tokens)
+        check_context(config, tokens, max_tokens)
     seeds = [text.text_seed(prompt) for prompt, _ in prompts]
-    choices = _choices(config, body, seeds, n, max_tokens)
+    choices = plan_choices(config, body, seeds, n, max_tokens)
     prompt_tokens = sum(tokens for _, tokens in prompts)
     return GenerationPlan(
         "completion", model, stream, include_usage, prompt_tokens, max_tokens, choices
@@ -271,7 +261,7 @@ def parse_completion(config: SimulatorConfig, raw: object) -> GenerationPlan:
 
 def parse_embedding(config: SimulatorConfig, raw: object) -> EmbeddingPlan:
     """Validate a ``/v1/embeddings`` body into a plan."""
-    body = _require_object(raw)
+    body = require_object(raw)
     model = resolve_model(config, body.get("model"))
     if body.get("input") is None:
         raise SimulatorRequestError("input: Field required")
@@ -288,7 +278,7 @@ def parse_embedding(config: SimulatorConfig, raw: object) -> EmbeddingPlan:
         encoding = "float"
     if encoding not in ("float", "base64"):
         raise SimulatorRequestError("encoding_format: Input should be 'float' or 'base64'")
-    dimensions = _optional_int(body, "dimensions", 1)
+    dimensions = optional_int(body, "dimensions", 1)
     if dimensions is not None and dimensions > config.embedding_dim:
         raise SimulatorRequestError(
             f"dimensions must be at most {config.embedding_dim} for this model, got {dimensions}."

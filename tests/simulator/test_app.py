@@ -671,14 +671,15 @@ async def test_with_test_routes_the_request_log_and_faults_work() -> None:
         await _chat_with_the_canary(client)
         # The same search finds the prompt where the flag says to keep it.
         assert [text for text in strings_held_by(app) if CANARY in text]
-        logged = (await client.get("/simulator/requests")).json()["data"]
-        assert [r["messages"][0]["content"] for r in logged] == [CANARY, CANARY]
+        recent = (await client.get("/simulator/requests")).json()
+        assert [r["messages"][0]["content"] for r in recent["data"]] == [CANARY, CANARY]
+        assert recent["paths"] == [CHAT, CHAT]
         forced = await client.post(
             CHAT, json={"messages": HELLO}, headers={"X-Simulator-Status": "503"}
         )
         assert forced.status_code == 503
         assert (await client.post("/simulator/reset")).status_code == 200
-        assert (await client.get("/simulator/requests")).json() == {"data": []}
+        assert (await client.get("/simulator/requests")).json() == {"data": [], "paths": []}
         assert not [text for text in strings_held_by(app) if CANARY in text]
 
 
