@@ -8,7 +8,7 @@ MAX_AUDIO_BYTES like any body.
 from __future__ import annotations
 
 import aiohttp
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import Message
@@ -49,6 +49,13 @@ async def parse_transcription(request: Request, raw: bytes) -> ProxyRequest:
         )
     except HTTPException as exc:  # python-multipart's refusals (malformed, too many parts)
         raise _bad(f"The multipart body could not be read: {exc.detail}", None) from None
+    try:
+        return await _checked(form)
+    finally:
+        await form.close()  # the spooled upload, on every path
+
+
+async def _checked(form: FormData) -> ProxyRequest:
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise _bad("'file' (the audio file) is required.", "file")
@@ -66,7 +73,6 @@ async def parse_transcription(request: Request, raw: bytes) -> ProxyRequest:
     if stream not in ("true", "false"):
         raise _bad("'stream' must be true or false.", "stream")
     content = await upload.read()
-    await form.close()
     return ProxyRequest(
         route=Route.TRANSCRIPTIONS,
         body=dict(fields),

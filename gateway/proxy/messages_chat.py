@@ -5,9 +5,12 @@ first; anything here that cannot be translated raises ValueError naming the fiel
 caller answers it with a 400 (or, once a stream has begun, an `error_event`).
 
 Decisions worth knowing:
-- Unknown top-level request fields are refused, as Anthropic's API refuses them; `metadata`,
-  `thinking`, `service_tier`, `container`, `mcp_servers` and `cache_control` are dropped, and so
-  are `thinking`/`redacted_thinking` blocks and `cache_control` marks (no use to the engine).
+- Anthropic's fields with no chat equivalent that change the answer (`output_format`,
+  `context_management`) are refused; `metadata`, `thinking`, `service_tier`, `container`,
+  `mcp_servers` and `cache_control` are dropped, and so are `thinking`/`redacted_thinking` blocks
+  and `cache_control` marks (no use to the engine). Other fields are the engine's own sampling
+  extras (vLLM's `ignore_eos`, `min_tokens`, `repetition_penalty`...) and are passed on, as the
+  gateway passes them on chat completions (its field policy has refused the dangerous ones).
 - Text blocks of a user turn are joined with "\\n" (what vLLM does with text parts itself), of
   an assistant turn with "" (they are pieces of one generation); system blocks with "\\n\\n".
 - A trailing assistant turn (a prefill) is passed as is: engines differ in whether they continue it.
@@ -37,6 +40,8 @@ _KNOWN_FIELDS = frozenset(
     {"model", "messages", "max_tokens", "system", "stop_sequences", "stream", "tools"}
     | {"tool_choice", *_SAMPLING_FIELDS}
 )
+# Anthropic's own features that a chat completion cannot give: refused, not silently ignored.
+UNTRANSLATABLE_FIELDS = frozenset({"output_format", "context_management"})
 _DROPPED_BLOCKS = frozenset({"thinking", "redacted_thinking"})
 _TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 _STOP_REASONS = {
@@ -51,9 +56,14 @@ _EMPTY_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
 
 def chat_body_from_messages(body: dict[str, Any], *, model: str) -> dict[str, Any]:
     """An Anthropic Messages request -> the chat-completions body for the engine serving `model`."""
-    unknown = sorted(set(body) - _KNOWN_FIELDS - DROPPED_FIELDS)
-    if unknown:
-        raise ValueError(f"cannot translate field(s) for this engine: {', '.join(unknown)}")
+    refused = sorted(set(body) & UNTRANSLATABLE_FIELDS)
+    if refused:
+        raise ValueError(f"cannot translate field(s) for this engine: {', '.join(refused)}")
+    extras = {
+        name: value
+        for name, value in body.items()
+        if name not in _KNOWN_FIELDS and name not in DROPPED_FIELDS
+    }
     messages: list[dict[str, Any]] = []
     system = _system_text(body.get("system"))
     if system:
@@ -73,7 +83,8 @@ def chat_body_from_messages(body: dict[str, Any], *, model: str) -> dict[str, An
     if body.get("stream"):
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
-    return chat
+    # The engine's sampling extras, never over a field translated above.
+    return {**extras, **chat}
 
 
 def _block_type(block: Any, where: str) -> str:

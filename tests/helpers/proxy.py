@@ -66,7 +66,7 @@ def sim_profile(
         "served_model_name": model,
         "command": sim_command(model, *flags, aliases=aliases),
         "startup_timeout_s": 30,
-        "apis": list(apis),
+        "apis": [str(api) for api in apis],
     }
     if aliases:
         profile["aliases"] = list(aliases)

@@ -54,9 +54,11 @@ def client(gw: Gateway, **options: Any) -> anthropic.AsyncAnthropic:
 async def engine_paths(gw: Gateway, profile_id: str) -> list[str]:
     """The paths the engine of this profile was last asked for (the simulator's log)."""
     url = await gw.wait_ready(profile_id)
-    response = await gw.http.get(f"{url}/simulator/requests", headers=gw.engine_headers())
+    engine = gw.manager.engine(profile_id)
+    headers = {"Authorization": f"Bearer {engine.spec.api_key}"}
+    response = await gw.http.get(f"{url}/simulator/requests", headers=headers)
     assert response.status_code == 200, response.text
-    return [str(entry.get("path")) for entry in response.json()["data"]]
+    return [str(path) for path in response.json()["paths"]]
 
 
 # -- relayed and translated: the same answers ---------------------------------------------------

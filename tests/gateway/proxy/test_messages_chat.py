@@ -677,3 +677,23 @@ def test_error_event_is_raised_by_the_sdk() -> None:
     }
     with pytest.raises(anthropic.APIStatusError, match="the engine went away"):
         _replay([*start, (name, data)])
+
+
+def test_engine_sampling_extras_pass_through_and_never_override_a_translated_field() -> None:
+    chat = chat_body_from_messages(
+        {
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": "hi"}],
+            "ignore_eos": True,
+            "repetition_penalty": 1.1,
+            "stop": ["never"],  # a chat field sent by a client: the translation's stop wins
+            "stop_sequences": ["END"],
+            "metadata": {"user_id": "u"},
+        },
+        model=ENGINE_MODEL,
+    )
+    assert chat["ignore_eos"] is True
+    assert chat["repetition_penalty"] == 1.1
+    assert chat["stop"] == ["END"]
+    assert "metadata" not in chat
+    assert "stop_sequences" not in chat
