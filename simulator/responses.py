@@ -45,6 +45,10 @@ def _item_message(index: int, item: object) -> dict[str, object]:
     if not isinstance(item, dict):
         raise SimulatorRequestError(f"input.{index}: Input should be a valid dictionary")
     kind = item.get("type", "message")
+    if kind == "function_call":
+        call = {"name": item.get("name"), "arguments": item.get("arguments")}
+        tool_call = {"id": item.get("call_id"), "type": "function", "function": call}
+        return {"role": "assistant", "content": None, "tool_calls": [tool_call]}
     if kind == "function_call_output":
         output = item.get("output")
         return {"role": "tool", "content": output if isinstance(output, str) else ""}

@@ -8,12 +8,21 @@ defines it. Anthropic's fields are checked against Anthropic's API, since its cl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gateway.errors import GatewayError
 from gateway.integers import whole_number
 
 ANTHROPIC_ROLES = frozenset({"user", "assistant"})
+TOOL_CHOICE_TYPES = ("auto", "any", "tool", "none")
+# Score's sides, in vLLM's names: each pair is one way to send them.
+SCORE_PAIRS = (
+    ("text_1", "text_2"),
+    ("data_1", "data_2"),
+    ("queries", "documents"),
+    ("queries", "items"),
+)
 
 
 def bad(message: str, param: str | None, code: str = "invalid_request") -> GatewayError:
@@ -73,11 +82,45 @@ NOT_STORED = (
 )
 
 
+RESPONSES_ROLES = ("user", "assistant", "system", "developer")
+# Input items besides messages: a tool call the model made, and its result.
+RESPONSES_ITEM_FIELDS = {
+    "function_call": ("call_id", "name", "arguments"),
+    "function_call_output": ("call_id", "output"),
+}
+
+
+def _check_input_item(index: int, item: Any) -> None:
+    where = f"input.{index}"
+    if not isinstance(item, dict):
+        raise bad(f"'{where}' must be an object.", where)
+    kind = item.get("type", "message")
+    fields = RESPONSES_ITEM_FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is not None:
+        for field in fields:
+            if not isinstance(item.get(field), str):
+                raise bad(f"'{where}.{field}' must be a string.", f"{where}.{field}")
+        return
+    if kind != "message":
+        kinds = ", ".join(("message", *RESPONSES_ITEM_FIELDS))
+        raise bad(f"'{where}.type' must be one of {kinds}.", f"{where}.type")
+    role = item.get("role")
+    if not isinstance(role, str) or role not in RESPONSES_ROLES:
+        allowed = ", ".join(RESPONSES_ROLES)
+        raise bad(f"'{where}.role' must be one of {allowed}; got {role!r}.", f"{where}.role")
+    content = item.get("content")
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        return
+    if not isinstance(content, str):
+        raise bad(f"'{where}.content' must be a string or a list of parts.", f"{where}.content")
+
+
 def check_responses(body: dict[str, Any], max_tokens: int) -> None:
     """POST /v1/responses: `input` a non-empty string or list of items."""
     value = body.get("input")
-    if isinstance(value, list):
-        _objects(value, "input", "input items")
+    if isinstance(value, list) and value:
+        for index, item in enumerate(value):
+            _check_input_item(index, item)
     elif not isinstance(value, str) or not value:
         raise bad("'input' must be a non-empty string or a non-empty list of input items.", "input")
     _text_or_none(body, "instructions")
@@ -141,42 +184,90 @@ def check_anthropic_messages(body: dict[str, Any], max_tokens: int, *, counting:
         if not isinstance(tools, list):
             raise bad("'tools' must be a list of tools.", "tools")
         for index, tool in enumerate(tools):
+            where = f"tools.{index}"
             if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
-                raise bad(f"'tools.{index}' must be a tool with a 'name'.", f"tools.{index}")
+                raise bad(f"'{where}' must be a tool with a 'name'.", where)
+            kind = tool.get("type", "custom")
+            if kind not in (None, "custom"):
+                raise bad(
+                    f"'{where}' is a server tool ({tool['name']}, {kind}): the engines here "
+                    "run no server tools; define it as a tool with an input_schema.",
+                    where,
+                )
+            if not isinstance(tool.get("input_schema"), dict):
+                raise bad(f"'{where}.input_schema' (a JSON schema object) is required.", where)
     choice = body.get("tool_choice")
-    if choice is not None and (not isinstance(choice, dict) or "type" not in choice):
-        raise bad("'tool_choice' must be an object with a 'type'.", "tool_choice")
+    if choice is not None:
+        kind = choice.get("type") if isinstance(choice, dict) else None
+        if not isinstance(kind, str) or kind not in TOOL_CHOICE_TYPES:
+            raise bad(
+                "'tool_choice' must be an object whose 'type' is auto, any, tool or none.",
+                "tool_choice",
+            )
+        name = choice.get("name")
+        if kind == "tool" and (not isinstance(name, str) or not name):
+            raise bad("'tool_choice' of type tool needs the tool's 'name'.", "tool_choice.name")
+        if not tools:
+            raise bad("'tool_choice' needs 'tools' to choose from.", "tools")
     number_field(body, "temperature", 0.0, 1.0)
 
 
 # -- rerank, score, tokenize, detokenize ---------------------------------------------------------
 
 
+def _texts(value: Any) -> bool:
+    """A string, or a non-empty list of strings (the text inputs every scoring model takes)."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
+def _count(texts: str | list[str]) -> int:
+    return 1 if isinstance(texts, str) else len(texts)
+
+
 def check_rerank(body: dict[str, Any]) -> None:
-    """POST /v1/rerank: a query and the documents to rank."""
+    """POST /v1/rerank: a query and the documents to rank (text)."""
     query = body.get("query")
-    if not isinstance(query, str | dict) or not query:
+    if not isinstance(query, str) or not query:
         raise bad("'query' must be a non-empty string.", "query")
     documents = body.get("documents")
-    if not isinstance(documents, list) or not documents:
-        raise bad("'documents' must be a non-empty list.", "documents")
+    if (
+        not isinstance(documents, list)
+        or not documents
+        or not all(isinstance(document, str) for document in documents)
+    ):
+        raise bad("'documents' must be a non-empty list of strings.", "documents")
     integer_field(body, "top_n", 0, len(documents))
 
 
 def check_score(body: dict[str, Any]) -> None:
-    """POST /v1/score: the two sides to score (vLLM's text_1/text_2 or queries/documents)."""
-    pairs = (("text_1", "text_2"), ("queries", "documents"), ("queries", "items"))
-    if body.get("data") is None and not any(
-        body.get(left) is not None and body.get(right) is not None for left, right in pairs
-    ):
-        raise bad("Send 'text_1' and 'text_2' (or 'queries' and 'documents') to score.", "text_1")
+    """POST /v1/score: the two sides to score, each a string or a list of strings, as one of
+    vLLM's pairs (text_1/text_2, data_1/data_2, queries/documents, queries/items)."""
+    for side in sorted({side for pair in SCORE_PAIRS for side in pair}):
+        if side in body and not _texts(body[side]):
+            raise bad(f"'{side}' must be a string or a non-empty list of strings.", side)
+    for left, right in SCORE_PAIRS:
+        if left in body and right in body:
+            lefts, rights = _count(body[left]), _count(body[right])
+            if lefts != 1 and lefts != rights:
+                raise bad(
+                    f"'{left}' and '{right}' must pair one to one, one to many or many to "
+                    f"many of the same count; got {lefts} and {rights}.",
+                    right,
+                    "score_lengths",
+                )
+            return
+    raise bad("Send 'text_1' and 'text_2' (or 'queries' and 'documents') to score.", "text_1")
 
 
-def check_tokenize(body: dict[str, Any]) -> None:
-    """POST /tokenize: a prompt or chat messages."""
-    prompt, messages = body.get("prompt"), body.get("messages")
-    if isinstance(prompt, str):
+def check_tokenize(body: dict[str, Any], check_messages: Callable[[Any], None]) -> None:
+    """POST /tokenize: a prompt or chat messages (checked as chat's: `check_messages`)."""
+    if "messages" in body:
+        check_messages(body["messages"])
+        if "prompt" in body:
+            raise bad("Send 'prompt' or 'messages' to tokenize, not both.", "prompt")
         return
-    if isinstance(messages, list) and messages:
+    if isinstance(body.get("prompt"), str):
         return
     raise bad("Send 'prompt' (a string) or 'messages' (a non-empty list) to tokenize.", "prompt")

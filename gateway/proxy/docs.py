@@ -11,8 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.fields import TEMPLATE_KWARGS_SCHEMA, checked_integer_schemas, field_names_schema
-from gateway.proxy.checks import ANTHROPIC_ROLES
+from gateway.proxy.checks import (
+    ANTHROPIC_ROLES,
+    RESPONSES_ITEM_FIELDS,
+    RESPONSES_ROLES,
+    SCORE_PAIRS,
+    TOOL_CHOICE_TYPES,
+)
 from gateway.proxy.validation import (
+    ANTHROPIC_ROUTES,
     CHAT_ROLES,
     MAX_TOKEN_ID,
     Limits,
@@ -81,7 +88,12 @@ _PROMPT = {
         {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
     ],
 }
-_NOT_NULL = {"not": {"type": "null"}}
+_TEXTS = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "minItems": 1, "items": {"type": "string"}},
+    ]
+}
 _ANTHROPIC_BLOCKS = {
     "anyOf": [
         {"type": "string"},
@@ -105,11 +117,43 @@ _ANTHROPIC_MESSAGE = {
 }
 
 
+_INPUT_ITEM = {
+    "anyOf": [
+        {
+            "type": "object",
+            "required": ["role", "content"],
+            "properties": {
+                "type": {"const": "message"},
+                "role": {"type": "string", "enum": list(RESPONSES_ROLES)},
+                "content": {
+                    "anyOf": [
+                        {"type": "string"},
+                        {"type": "array", "items": {"type": "object"}},
+                    ]
+                },
+            },
+        },
+        *(
+            {
+                "type": "object",
+                "required": ["type", *fields],
+                "properties": {
+                    "type": {"const": kind},
+                    **{field: {"type": "string"} for field in fields},
+                },
+            }
+            for kind, fields in RESPONSES_ITEM_FIELDS.items()
+        ),
+    ]
+}
+
+
 def _responses_properties(limits: Limits) -> dict[str, Any]:
     return {
         "input": {
-            "anyOf": [_TEXT, {"type": "array", "minItems": 1, "items": {"type": "object"}}],
-            "description": "A prompt, or the conversation as input items.",
+            "anyOf": [_TEXT, {"type": "array", "minItems": 1, "items": _INPUT_ITEM}],
+            "description": "A prompt, or the conversation as input items (messages, and "
+            "function calls with their outputs).",
         },
         "instructions": _nullable({"type": "string"}),
         "max_output_tokens": _nullable(
@@ -136,12 +180,29 @@ def _messages_properties(limits: Limits, *, counting: bool) -> dict[str, Any]:
                 "type": "array",
                 "items": {
                     "type": "object",
-                    "required": ["name"],
-                    "properties": {"name": {"type": "string"}},
+                    "required": ["name", "input_schema"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "type": _nullable({"const": "custom"}),
+                        "input_schema": {"type": "object"},
+                    },
                 },
             }
         ),
-        "tool_choice": _nullable({"type": "object", "required": ["type"]}),
+        "tool_choice": _nullable(
+            {
+                "type": "object",
+                "required": ["type"],
+                "properties": {
+                    "type": {"type": "string", "enum": list(TOOL_CHOICE_TYPES)},
+                    "name": {"type": "string"},
+                },
+                "anyOf": [
+                    {"properties": {"type": {"enum": ["auto", "any", "none"]}}},
+                    {"required": ["name"], "properties": {"name": {"minLength": 1}}},
+                ],
+            }
+        ),
         "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
     }
 
@@ -156,17 +217,17 @@ def _route_properties(route: Route, limits: Limits) -> tuple[dict[str, Any], lis
         return _messages_properties(limits, counting=True), ["messages"]
     if route is Route.RERANK:
         return {
-            "query": {"anyOf": [_TEXT, {"type": "object", "minProperties": 1}]},
-            "documents": {"type": "array", "minItems": 1},
+            "query": _TEXT,
+            "documents": {"type": "array", "minItems": 1, "items": {"type": "string"}},
             "top_n": _nullable({"type": "integer", "minimum": 0}),
         }, ["query", "documents"]
     if route is Route.SCORE:
-        sides = ("text_1", "text_2", "queries", "documents", "items", "data")
-        return {side: _NOT_NULL for side in sides}, []
+        sides = {side for pair in SCORE_PAIRS for side in pair}
+        return {side: _TEXTS for side in sorted(sides)}, []
     if route is Route.TOKENIZE:
         return {
             "prompt": {"type": "string"},
-            "messages": {"type": "array", "minItems": 1},
+            "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
         }, []
     return {"tokens": _TOKEN_IDS}, ["tokens"]  # detokenize
 
@@ -220,10 +281,20 @@ def request_body_schema(route: Route, limits: Limits) -> dict[str, Any]:
         "additionalProperties": True,
     }
     if route is Route.SCORE:
-        pairs = (("text_1", "text_2"), ("queries", "documents"), ("queries", "items"))
-        schema["anyOf"] = [{"required": list(pair)} for pair in pairs] + [{"required": ["data"]}]
+        # One of vLLM's pairs, both sides present and not null.
+        schema["anyOf"] = [
+            {"required": list(pair), "properties": {side: _TEXTS for side in pair}}
+            for pair in SCORE_PAIRS
+        ]
     if route is Route.TOKENIZE:
-        schema["anyOf"] = [{"required": ["prompt"]}, {"required": ["messages"]}]
+        # A prompt or messages, not both.
+        schema["oneOf"] = [{"required": ["prompt"]}, {"required": ["messages"]}]
+    if route in ANTHROPIC_ROUTES:
+        # A tool_choice needs tools to choose from.
+        schema["anyOf"] = [
+            {"properties": {"tool_choice": {"type": "null"}}},
+            {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}},
+        ]
     if route in (Route.CHAT, Route.COMPLETIONS):
         # stream_options only with "stream": true (`properties` holds for an absent name).
         schema["anyOf"] = [

@@ -7,6 +7,8 @@ MAX_AUDIO_BYTES like any body.
 
 from __future__ import annotations
 
+import re
+
 import aiohttp
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
@@ -18,6 +20,13 @@ from gateway.proxy.upstream import RelayResponse, upstream_url
 from gateway.proxy.validation import ProxyRequest, Route
 
 MAX_FORM_FIELDS = 32
+# The form field names relayed (vLLM's are such: model, language, timestamp_granularities[]...);
+# a name is written into the engine's request headers, so nothing else is.
+FIELD_NAME = re.compile(r"[A-Za-z0-9_.\[\]-]{1,64}")
+FIELD_NAME_PATTERN = "^" + FIELD_NAME.pattern + "$"
+_UNSAFE_IN_FILENAME = re.compile(r"[^A-Za-z0-9_. -]")
+# What vLLM's transcription route answers in.
+RESPONSE_FORMATS = ("json", "text", "verbose_json", "diarized_json")
 _TEXT_FIELD_BYTES = 64 * 1024
 
 
@@ -63,12 +72,18 @@ async def _checked(form: FormData) -> ProxyRequest:
     for name, value in form.multi_items():
         if name == "file":
             continue
+        if not FIELD_NAME.fullmatch(name):
+            raise _bad("Form field names are letters, digits and _ . - [ ] (at most 64).", None)
         if not isinstance(value, str):
             raise _bad(f"'{name}' must be a text field; only 'file' is a file.", name)
         fields[name] = value
     model = fields.get("model") or None
     if model is not None and len(model) > 256:
         raise _bad("'model' must be at most 256 characters.", "model")
+    response_format = fields.get("response_format")
+    if response_format is not None and response_format not in RESPONSE_FORMATS:
+        allowed = ", ".join(RESPONSE_FORMATS)
+        raise _bad(f"'response_format' must be one of {allowed}.", "response_format")
     stream = fields.get("stream", "false").lower()
     if stream not in ("true", "false"):
         raise _bad("'stream' must be true or false.", "stream")
@@ -81,11 +96,17 @@ async def _checked(form: FormData) -> ProxyRequest:
         client_wants_usage=False,
         upload=(
             "file",
-            upload.filename or "audio",
+            _safe_filename(upload.filename),
             upload.content_type or "application/octet-stream",
             content,
         ),
     )
+
+
+def _safe_filename(name: str | None) -> str:
+    """The upload's file name as the engine is told it: printable, short, never a header."""
+    cleaned = _UNSAFE_IN_FILENAME.sub("_", name or "")[:128].strip()
+    return cleaned or "audio"
 
 
 class FormRelay(RelayResponse):

@@ -15,6 +15,7 @@ from gateway.deps import PrincipalDep, get_principal
 from gateway.errors import GatewayError
 from gateway.proxy import service
 from gateway.proxy.deps import ProxyDep, SchedulerDep, get_proxy
+from gateway.proxy.forms import FIELD_NAME_PATTERN, RESPONSE_FORMATS
 from gateway.proxy.upstream import RelayResponse
 from gateway.proxy.validation import ANTHROPIC_ROUTES, SEED_PATHS, UPSTREAM_PATHS, Route
 from gateway.routing import BodyLimit, GuardedRoute, body_limit
@@ -125,11 +126,15 @@ for _route, _path in UPSTREAM_PATHS.items():
                     "schema": {
                         "type": "object",
                         "required": ["file"],
+                        "propertyNames": {"pattern": FIELD_NAME_PATTERN},
                         "properties": {
                             "file": {"type": "string", "format": "binary"},
                             "model": {"type": "string", "maxLength": 256},
                             "language": {"type": "string"},
-                            "response_format": {"type": "string"},
+                            "response_format": {
+                                "type": "string",
+                                "enum": list(RESPONSE_FORMATS),
+                            },
                             "stream": {"type": "string", "enum": ["true", "false"]},
                         },
                     }

@@ -193,7 +193,7 @@ def _check_route(route: Route, body: dict[str, Any], limits: Limits) -> bool:
         check_score(body)
         return False
     elif route is Route.TOKENIZE:
-        check_tokenize(body)
+        check_tokenize(body, _check_messages)
         return False
     elif route is Route.DETOKENIZE:
         tokens = _token_ids(body.get("tokens"))

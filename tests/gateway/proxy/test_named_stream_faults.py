@@ -5,14 +5,16 @@ released on every path."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import anthropic
 import orjson
 import pytest
 
+from gateway.proxy.service import LOADING_NOTICE_S
 from tests.helpers.polling import eventually
-from tests.helpers.proxy import Gateway, gateway, gateway_settings, sim_profile
+from tests.helpers.proxy import AUTH, Gateway, gateway, gateway_settings, sim_profile
 
 IGNORE_EOS = {"ignore_eos": True}
 # route, path, body, the event that carries text
@@ -138,3 +140,58 @@ async def test_client_leaving_a_messages_stream_aborts_the_engine_request() -> N
 
         await eventually(aborted, timeout_s=2.0, interval_s=0.02)
         await _released(gw)
+
+
+# -- waiting for a model that is loading ---------------------------------------------------------
+
+
+async def _switched(gw: Gateway, profile_id: str) -> None:
+    accepted = await gw.http.post(
+        "/api/models/switch", json={"profile_id": profile_id}, headers=AUTH
+    )
+    assert accepted.status_code == 202, accepted.text
+
+
+async def _raw_lines(gw: Gateway, path: str, body: dict[str, Any]) -> list[str]:
+    async with gw.http.stream("POST", path, json=body) as response:
+        assert response.status_code == 200
+        return [line async for line in response.aiter_lines()]
+
+
+@pytest.mark.parametrize("route", ["responses", "messages"])
+async def test_a_stream_for_a_loading_model_gets_comments_then_its_events(route: str) -> None:
+    profiles = {
+        "sim-a": sim_profile("sim-a"),
+        "slow": sim_profile("slow", "--startup-delay", "3"),
+    }
+    path, body, text_event = ROUTES[route]
+    async with gateway(gateway_settings(profiles, "sim-a")) as gw:
+        await _switched(gw, "slow")
+        lines = await _raw_lines(gw, path, {**body, "model": "slow"})
+    first_event = next(i for i, line in enumerate(lines) if line.startswith("event: "))
+    assert set(filter(None, lines[:first_event])) == {": model slow is loading"}
+    names = [line[7:] for line in lines if line.startswith("event: ")]
+    assert text_event in names
+    assert names[-1] in ("response.completed", "response.incomplete", "message_stop")
+
+
+@pytest.mark.parametrize("route", ["responses", "messages"])
+async def test_a_wait_that_times_out_after_the_200_is_the_apis_error_event(route: str) -> None:
+    profiles = {
+        "sim-a": sim_profile("sim-a"),
+        "slow": sim_profile("slow", "--startup-delay", "6"),
+    }
+    path, body, _ = ROUTES[route]
+    settings = gateway_settings(profiles, "sim-a", QUEUE_TIMEOUT_S=LOADING_NOTICE_S + 1)
+    async with gateway(settings) as gw:
+        await _switched(gw, "slow")
+        lines = await asyncio.wait_for(_raw_lines(gw, path, {**body, "model": "slow"}), 10)
+    assert lines[0] == ": model slow is loading"
+    events = _events("\n".join(lines))
+    assert [name for name, _ in events] == ["error"]
+    error = events[0][1]
+    assert error["type"] == "error"
+    if route == "messages":
+        assert error["error"]["type"] == "overloaded_error"
+    else:
+        assert error["code"] == "engine_busy"
