@@ -209,6 +209,12 @@ def check_anthropic_messages(body: dict[str, Any], max_tokens: int, *, counting:
             raise bad("'tool_choice' of type tool needs the tool's 'name'.", "tool_choice.name")
         if not tools:
             raise bad("'tool_choice' needs 'tools' to choose from.", "tools")
+        if kind == "tool" and name not in {tool["name"] for tool in tools}:
+            raise bad(
+                "'tool_choice.name' must be the name of one of 'tools'.",
+                "tool_choice.name",
+                "tool_choice_unknown",
+            )
     number_field(body, "temperature", 0.0, 1.0)
 
 
@@ -247,8 +253,9 @@ def check_score(body: dict[str, Any]) -> None:
     for side in sorted({side for pair in SCORE_PAIRS for side in pair}):
         if side in body and not _texts(body[side]):
             raise bad(f"'{side}' must be a string or a non-empty list of strings.", side)
+    present = {side for pair in SCORE_PAIRS for side in pair if side in body}
     for left, right in SCORE_PAIRS:
-        if left in body and right in body:
+        if present == {left, right}:
             lefts, rights = _count(body[left]), _count(body[right])
             if lefts != 1 and lefts != rights:
                 raise bad(
@@ -258,7 +265,11 @@ def check_score(body: dict[str, Any]) -> None:
                     "score_lengths",
                 )
             return
-    raise bad("Send 'text_1' and 'text_2' (or 'queries' and 'documents') to score.", "text_1")
+    raise bad(
+        "Send one pair to score: 'text_1' and 'text_2', 'data_1' and 'data_2', 'queries' and "
+        "'documents', or 'queries' and 'items'.",
+        "text_1",
+    )
 
 
 def check_tokenize(body: dict[str, Any], check_messages: Callable[[Any], None]) -> None:

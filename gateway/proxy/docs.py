@@ -282,8 +282,12 @@ def request_body_schema(route: Route, limits: Limits) -> dict[str, Any]:
     }
     if route is Route.SCORE:
         # One of vLLM's pairs, both sides present and not null.
+        sides = sorted({side for pair in SCORE_PAIRS for side in pair})
         schema["anyOf"] = [
-            {"required": list(pair), "properties": {side: _TEXTS for side in pair}}
+            {
+                "required": list(pair),
+                "properties": {side: _TEXTS if side in pair else False for side in sides},
+            }
             for pair in SCORE_PAIRS
         ]
     if route is Route.TOKENIZE:

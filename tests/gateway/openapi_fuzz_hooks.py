@@ -28,6 +28,11 @@ UNSTATABLE_RULES: dict[str, tuple[frozenset[str], str]] = {
         "two lists to score pair one to one (or one to many): JSON Schema cannot compare the "
         "lengths of two arrays",
     ),
+    "tool_choice_unknown": (
+        frozenset({"POST /v1/messages", "POST /v1/messages/count_tokens"}),
+        "a tool_choice names one of the request's tools: JSON Schema cannot say that a value "
+        "is one of the values of another field",
+    ),
     "idempotency_key_reused": (
         frozenset({"POST /api/chat", "POST /api/chat/completions"}),
         "an Idempotency-Key sent before with another body is a 422 (as the IETF draft on the "
@@ -56,6 +61,12 @@ def _engine_refusal(case: Any, response: Any) -> bool:
     )
 
 
+# Anthropic's envelope has no code: its messages for the rules above (gateway/proxy/checks.py).
+ANTHROPIC_MESSAGES = {
+    "'tool_choice.name' must be the name of one of 'tools'.": "tool_choice_unknown",
+}
+
+
 def _error_code(response: Any) -> str | None:
     try:
         body = response.json()
@@ -63,6 +74,8 @@ def _error_code(response: Any) -> str | None:
         return None
     error = body.get("error") if isinstance(body, dict) else None
     code = error.get("code") if isinstance(error, dict) else None
+    if code is None and isinstance(error, dict) and body.get("type") == "error":
+        code = ANTHROPIC_MESSAGES.get(str(error.get("message")))
     return code if isinstance(code, str) else None
 
 

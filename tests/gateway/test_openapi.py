@@ -171,3 +171,38 @@ def test_text_rules_are_patterns_in_the_json_schema() -> None:
         {"pattern": NO_NUL_PATTERN},
         {"pattern": NOT_BLANK_PATTERN},
     ]
+
+
+def test_every_engine_route_is_documented_with_its_body_and_error_envelope(
+    document: dict[str, Any],
+) -> None:
+    paths = document["paths"]
+    for path in (
+        "/v1/responses",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/rerank",
+        "/v1/score",
+        "/tokenize",
+        "/detokenize",
+    ):
+        body = paths[path]["post"]["requestBody"]["content"]["application/json"]
+        assert body["schema"]["type"] == "object", path
+        assert body["example"], path
+    form = paths["/v1/audio/transcriptions"]["post"]["requestBody"]["content"]
+    assert form["multipart/form-data"]["schema"]["required"] == ["file"]
+    messages = paths["/v1/messages"]["post"]
+    assert messages["requestBody"]["content"]["application/json"]["schema"]["required"] == [
+        "messages",
+        "max_tokens",
+    ]
+    error = messages["responses"]["400"]["content"]["application/json"]["schema"]["anyOf"][0]
+    assert error["$ref"].endswith("/AnthropicErrorResponse")
+    envelope = document["components"]["schemas"]["AnthropicErrorResponse"]
+    assert envelope["required"] == ["type", "error"]
+    responses_error = paths["/v1/responses"]["post"]["responses"]["400"]["content"]
+    assert responses_error["application/json"]["schema"]["anyOf"][0]["$ref"].endswith(
+        "/ErrorResponse"
+    )
+    stored = paths["/v1/responses/{response_id}"]["get"]
+    assert "404" in stored["responses"]

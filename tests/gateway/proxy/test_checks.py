@@ -85,6 +85,15 @@ def test_responses_streams_and_keeps_stream_options_without_chats_rule() -> None
         ),
         ({"messages": HI, "max_tokens": 8, "tools": [{"name": "f"}]}, "tools.0"),
         (
+            {
+                "messages": HI,
+                "max_tokens": 8,
+                "tools": [TOOL],
+                "tool_choice": {"type": "tool", "name": "g"},
+            },
+            "tool_choice.name",
+        ),
+        (
             {"messages": HI, "max_tokens": 8, "tools": [{"type": "bash_20250124", "name": "b"}]},
             "tools.0",
         ),
@@ -114,6 +123,7 @@ def test_count_tokens_needs_no_max_tokens_and_never_streams() -> None:
         ({"text_1": "a", "text_2": [1]}, False),
         ({"text_1": "a"}, False),
         ({"text_1": "a", "text_2": "b", "queries": None}, False),
+        ({"text_1": "a", "text_2": "b", "queries": ["c"], "documents": ["d"]}, False),
     ],
 )
 def test_score_pairs(body: dict[str, Any], ok: bool) -> None:

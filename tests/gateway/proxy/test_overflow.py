@@ -352,3 +352,38 @@ async def test_without_a_cloud_the_waiting_queue_is_bounded(max_waiting: int) ->
     assert refused.json()["error"]["code"] == "queue_full"
     assert refused.headers["retry-after"]
     assert refused.headers["x-error-source"] == "gateway"
+
+
+@pytest.mark.parametrize("cloud_routes", [None, ["chat", "responses", "messages"]])
+async def test_only_routes_the_cloud_speaks_overflow(
+    cloud: str, cloud_routes: list[str] | None
+) -> None:
+    # By default the cloud is OpenAI's API: the Responses API overflows, Anthropic's messages
+    # and rerank wait for the local engine; CLOUD_ROUTES adds messages for an upstream that
+    # speaks Anthropic's API (the stand-in cloud, a simulator, does).
+    profiles = {"sim": sim_profile("sim", "--startup-delay", "2")}
+    extra = {} if cloud_routes is None else {"CLOUD_ROUTES": cloud_routes}
+    settings = _cloud_settings(cloud, profiles, "sim", ENGINE="none", **extra)
+    async with gateway(settings, wait=False) as gw:
+        responses = await gw.http.post(
+            "/v1/responses", json={"input": "hello", "max_output_tokens": 3}
+        )
+        messages = await gw.http.post(
+            "/v1/messages",
+            json={"max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]},
+            headers={"x-api-key": "unused"},
+        )
+        rerank = await gw.http.post("/v1/rerank", json={"query": "q", "documents": ["d"]})
+    assert responses.status_code == 200, responses.text
+    assert responses.headers["x-gateway-route"] == "cloud"
+    assert responses.json()["model"] == "cloud-model"
+    # Nothing local is serving: what may not overflow is refused with the gateway's 503.
+    assert rerank.status_code == 503, rerank.text
+    assert rerank.json()["error"]["code"] == "engine_unavailable"
+    if cloud_routes is None:
+        assert messages.status_code == 503, messages.text
+        assert messages.json()["error"]["type"] == "overloaded_error"
+    else:
+        assert messages.status_code == 200, messages.text
+        assert messages.headers["x-gateway-route"] == "cloud"
+        assert messages.json()["type"] == "message"
