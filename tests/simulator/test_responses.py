@@ -16,7 +16,7 @@ from simulator import SimulatorApp, SimulatorConfig, create_simulator_app
 from simulator.text import count_tokens
 
 RESPONSES = "/v1/responses"
-STREAM_EVENTS: TypeAdapter[ResponseStreamEvent] = TypeAdapter(ResponseStreamEvent)  # type: ignore[arg-type]
+STREAM_EVENTS: TypeAdapter[ResponseStreamEvent] = TypeAdapter(ResponseStreamEvent)
 
 
 def make_app(**overrides: Any) -> SimulatorApp:
