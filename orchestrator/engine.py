@@ -453,7 +453,9 @@ class ManagedEngine:
             return EngineHealth(ok=False, state=self._state, detail=detail, failure=self._failure)
         started = time.perf_counter()
         try:
-            response = await self._http.get(handle.base_url + spec.health_path, timeout=timeout_s)
+            response = await self._http.get(
+                handle.base_url + spec.health_path, headers=auth_header(spec), timeout=timeout_s
+            )
         except httpx.HTTPError as exc:
             detail = f"unreachable ({type(exc).__name__})"
             return EngineHealth(ok=False, state=self._state, detail=detail)
@@ -816,7 +818,9 @@ class ManagedEngine:
         """The served names once the engine serves the profile's name, else None and why not."""
         assert self._handle is not None
         try:
-            health = await self._http.get(self._handle.base_url + spec.health_path, timeout=2.0)
+            health = await self._http.get(
+                self._handle.base_url + spec.health_path, headers=auth_header(spec), timeout=2.0
+            )
             if health.status_code != 200:
                 return None, f"{spec.health_path} returned {health.status_code}"
             models = await self._http.get(

@@ -93,13 +93,42 @@ FORBIDDEN_HOST_PATHS = frozenset(
     {"/", "/var/run/docker.sock", "/run/docker.sock", "/proc", "/sys", "/dev", "/etc", "/boot"}
 )
 
-DEFAULT_STARTUP_TIMEOUT_S = {"vllm": 900.0, "simulator": 60.0, "command": 300.0, "external": 60.0}
+DEFAULT_STARTUP_TIMEOUT_S = {
+    "vllm": 900.0,
+    "llama_cpp": 600.0,
+    "simulator": 60.0,
+    "command": 300.0,
+    "external": 60.0,
+}
+# llama.cpp flags a profile sets through fields (both servers' spellings: llama.cpp's own
+# llama-server and llama-cpp-python's), so extra_args cannot set them twice or around the
+# gateway.
+LLAMA_CPP_FIELD_FLAGS = {
+    "--model": "model (and llama_cpp.gguf_file)",
+    "-m": "model (and llama_cpp.gguf_file)",
+    "--hf-repo": "model", "-hf": "model", "-hfr": "model", "--hf-file": "llama_cpp.gguf_file",
+    "--host": "the gateway",
+    "--port": "the gateway",
+    "--api-key": "the gateway (engine keys never live in this file)",
+    "--api_key": "the gateway (engine keys never live in this file)",
+    "--api-key-file": "the gateway (engine keys never live in this file)",
+    "--model_alias": "served_model_name", "--alias": "served_model_name", "-a": "served_model_name",
+    "--n_ctx": "llama_cpp.n_ctx", "--ctx-size": "llama_cpp.n_ctx", "-c": "llama_cpp.n_ctx",
+    "--n_gpu_layers": "llama_cpp.n_gpu_layers", "--n-gpu-layers": "llama_cpp.n_gpu_layers",
+    "--gpu-layers": "llama_cpp.n_gpu_layers", "-ngl": "llama_cpp.n_gpu_layers",
+    "--tensor_split": "the planner", "--tensor-split": "the planner", "-ts": "the planner",
+    "--parallel": "llama_cpp.parallel", "-np": "llama_cpp.parallel",
+    "--ssl_keyfile": "the gateway", "--ssl_certfile": "the gateway",
+    "--ssl-key-file": "the gateway", "--ssl-cert-file": "the gateway",
+    "--config_file": "the profile (a config file could set anything above)",
+}  # fmt: skip
 
 
 class Engine(StrEnum):
     """What serves the model."""
 
     VLLM = "vllm"
+    LLAMA_CPP = "llama_cpp"
     SIMULATOR = "simulator"
     COMMAND = "command"
     EXTERNAL = "external"
@@ -129,6 +158,7 @@ class EngineApi(StrEnum):
 # translated to chat completions by the gateway; the others are refused).
 DEFAULT_APIS = {
     "vllm": frozenset(EngineApi),
+    "llama_cpp": frozenset[EngineApi](),
     "simulator": frozenset(EngineApi),
     "command": frozenset[EngineApi](),
     "external": frozenset[EngineApi](),
@@ -226,6 +256,52 @@ class VllmArgs(BaseModel):
         return args
 
 
+# GGUF file types the planner sizes a file that is not here by (llama.cpp's quantize names).
+GgufType = Literal["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16", "F32"]
+
+
+class LlamaCppArgs(BaseModel):
+    """llama.cpp server arguments that the gateway sets from the profile (and the plan)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gguf_file: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*\.gguf$",
+        description="The .gguf file in the Hugging Face repo `model` (fetched into the HF "
+        "cache); a local `model` is the .gguf file's path itself.",
+    )
+    gguf_type: GgufType | None = Field(
+        default=None,
+        description="The file's quantization, for sizing it before it is downloaded (a file "
+        "that is here is sized from its own header).",
+    )
+    n_ctx: int | None = Field(
+        default=None, ge=1, description="Context (tokens, all slots); default: max_context."
+    )
+    parallel: int = Field(default=1, ge=1, le=64, description="Parallel slots (requests).")
+    n_gpu_layers: int = Field(
+        default=-1, ge=-1, description="Layers on the GPU: -1 all (the planner may offload fewer)."
+    )
+    device: Literal["gpu", "cpu"] = "gpu"
+    extra_args: tuple[str, ...] = Field(
+        default=(), description="More server flags; never ones the profile sets through fields."
+    )
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_field_flags(cls, args: tuple[str, ...]) -> tuple[str, ...]:
+        for arg in args:
+            if not arg or any(c in arg for c in "\0\n\r"):
+                raise ValueError(f"{arg!r}: empty or multi-line arguments are not allowed")
+            flag = arg.split("=", 1)[0]
+            if flag in LLAMA_CPP_FIELD_FLAGS:
+                raise ValueError(
+                    f"{flag} is set through {LLAMA_CPP_FIELD_FLAGS[flag]}, not extra_args"
+                )
+        return args
+
+
 class Profile(BaseModel):
     """One model the gateway can run: engine, runtime, arguments and hardware facts."""
 
@@ -247,6 +323,7 @@ class Profile(BaseModel):
     quantization: Quantization = Quantization.NONE
     trust_remote_code: bool = False
     vllm: VllmArgs = VllmArgs()
+    llama_cpp: LlamaCppArgs = LlamaCppArgs()
     env: dict[str, str] = Field(default_factory=dict)
     command: tuple[str, ...] = Field(
         default=(), description="engine command: argv; '{port}' is replaced by the port."
@@ -296,6 +373,8 @@ class Profile(BaseModel):
         """Whether the planner must find GPU memory for this profile (a simulator or command
         engine that declares an architecture is sized and placed as the model it stands in
         for)."""
+        if self.engine is Engine.LLAMA_CPP:
+            return self.llama_cpp.device == "gpu" and self.llama_cpp.n_gpu_layers != 0
         if self.vllm.device != "gpu":
             return False
         return self.engine is Engine.VLLM or (
@@ -316,7 +395,10 @@ class Profile(BaseModel):
 
     @property
     def max_model_len(self) -> int | None:
-        """The context to serve: vllm.max_model_len, else the model's trained context."""
+        """The context to serve: vllm.max_model_len (llama_cpp.n_ctx), else the model's trained
+        context."""
+        if self.engine is Engine.LLAMA_CPP and self.llama_cpp.n_ctx is not None:
+            return self.llama_cpp.n_ctx
         if self.vllm.max_model_len is not None:
             return self.vllm.max_model_len
         return self.architecture.max_context if self.architecture else None
@@ -483,6 +565,7 @@ def cross_field_problems(profile: Profile) -> Iterator[str]:
         yield "command: only engine command runs a command"
     if engine is Engine.VLLM and profile.model is None:
         yield "model: required for engine vllm"
+    yield from llama_cpp_problems(profile)
     if profile.uses_gpu and profile.architecture is None:
         yield "architecture: required for a GPU profile (the planner sizes it)"
     if runtime is RuntimeKind.DOCKER and profile.image is None:
@@ -507,6 +590,28 @@ def cross_field_problems(profile: Profile) -> Iterator[str]:
     arch, wanted = profile.architecture, profile.vllm.max_model_len
     if arch is not None and wanted is not None and wanted > arch.max_context:
         yield (f"vllm.max_model_len: {wanted} is more than the model's context {arch.max_context}")
+
+
+def llama_cpp_problems(profile: Profile) -> Iterator[str]:
+    """Each problem of a llama_cpp profile (or of llama_cpp fields elsewhere), as 'field: why'."""
+    if profile.engine is not Engine.LLAMA_CPP:
+        if profile.llama_cpp != LlamaCppArgs():
+            yield "llama_cpp: only engine llama_cpp takes llama_cpp arguments"
+        return
+    if profile.model is None:
+        yield "model: required for engine llama_cpp (a .gguf path, or a repo with gguf_file)"
+    elif profile.is_local_model:
+        if not profile.model.endswith(".gguf"):
+            yield "model: a local llama_cpp model is the .gguf file's path"
+        if profile.llama_cpp.gguf_file is not None:
+            yield "llama_cpp.gguf_file: only for a Hugging Face repo `model`"
+    elif profile.llama_cpp.gguf_file is None:
+        yield "llama_cpp.gguf_file: required with a Hugging Face repo `model`"
+    if profile.vllm != VllmArgs():
+        yield "vllm: engine llama_cpp takes llama_cpp arguments, not vllm ones"
+    arch, wanted = profile.architecture, profile.llama_cpp.n_ctx
+    if arch is not None and wanted is not None and wanted > arch.max_context:
+        yield f"llama_cpp.n_ctx: {wanted} is more than the model's context {arch.max_context}"
 
 
 def sleep_mode_problems(profile: Profile) -> Iterator[str]:

@@ -407,8 +407,8 @@ class Scheduler:
 
     def slots(self, profile_id: str | None) -> int:
         """A model's local slots: its profile's max_concurrency; else, for a vLLM engine (which
-        batches), VLLM_DEFAULT_SLOTS unless MAX_QUEUE_SIZE was set (the seed's override);
-        else MAX_QUEUE_SIZE."""
+        batches), VLLM_DEFAULT_SLOTS unless MAX_QUEUE_SIZE was set (the seed's override); for a
+        llama.cpp engine its parallel slots; else MAX_QUEUE_SIZE."""
         if profile_id is None:
             return self.config.max_local
         try:
@@ -419,6 +419,8 @@ class Scheduler:
             return profile.max_concurrency
         if profile.engine is Engine.VLLM and not self.config.max_local_set:
             return VLLM_DEFAULT_SLOTS
+        if profile.engine is Engine.LLAMA_CPP:
+            return profile.llama_cpp.parallel  # its slots: more would only queue inside it
         return self.config.max_local
 
     def loading(self, model: str | None) -> str | None:

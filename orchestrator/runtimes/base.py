@@ -56,6 +56,9 @@ class EngineSpec:
     # made for this start, which the runtime puts in the engine's environment (ENGINE_API_KEY_ENV);
     # external engines: VLLM_API_KEY of the settings. Kept out of repr (and so out of logs).
     api_key: str | None = field(default=None, repr=False)
+    # The environment variables the engine reads its key from (vLLM and the simulator:
+    # VLLM_API_KEY; llama.cpp's servers: LLAMA_API_KEY, llama-cpp-python's API_KEY).
+    api_key_env: tuple[str, ...] = (ENGINE_API_KEY_ENV,)
     # Extra labels (the runtime adds the managed/profile/instance labels itself).
     labels: dict[str, str] = field(default_factory=dict)
     # process: where the engine's output is written (a ring buffer is kept as well).
@@ -77,7 +80,9 @@ class RuntimeHandle:
 
 def engine_key_env(spec: EngineSpec) -> dict[str, str]:
     """The part of an engine's environment that carries its API key (empty without a key)."""
-    return {ENGINE_API_KEY_ENV: spec.api_key} if spec.api_key else {}
+    if not spec.api_key:
+        return {}
+    return dict.fromkeys(spec.api_key_env, spec.api_key)
 
 
 class Runtime(Protocol):
