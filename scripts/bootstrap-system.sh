@@ -3,7 +3,8 @@
 #   PostgreSQL (initdb/pg_ctl), redis-server, dockerd (docker.io) and a static busybox
 #   (busybox-static, used to build the tiny Docker test image), chromium (browser tests),
 #   prometheus and docker-compose (observability and deploy tests), nodejs and npm (the official
-#   Node SDKs against the gateway; scripts/bootstrap-node-clients.sh installs the SDKs).
+#   Node SDKs against the gateway; scripts/bootstrap-node-clients.sh installs the SDKs),
+#   build-essential and cmake (scripts/bootstrap-llama-cpp.sh builds llama.cpp from source).
 #
 # Idempotent: installs only what is missing. As root it runs apt-get (update once, then
 # install --no-install-recommends); otherwise it lists what is missing and exits 1.
@@ -65,6 +66,14 @@ else
     missing+=(nodejs)
 fi
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+
+# scripts/bootstrap-llama-cpp.sh compiles llama.cpp (llama-cpp-python's sdist) with cmake >= 3.21.
+if command -v cc >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 && command -v make >/dev/null 2>&1; then
+    log "C/C++ toolchain: ok"
+else
+    missing+=(build-essential)
+fi
+command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 
 if ((${#missing[@]} == 0)); then
     log "all system packages present"

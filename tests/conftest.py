@@ -17,6 +17,8 @@ Fixtures (names are a contract):
 * ``test_image``       (session) tag of the busybox base image that runs the host's Python.
 * ``vllm_engine``      (session) a started ``tests.helpers.vllm_engine.VLLMEngine`` serving the tiny
                        random-weight Llama as ``tiny-llama``.
+* ``llama_cpp_install`` (session) ``(python, gguf)``: the llama.cpp venv's interpreter and the tiny
+                       GGUF (``tests.helpers.llama_cpp_engine``; start it with ``LlamaCppEngine``).
 * ``node_clients``     (session) a ``tests.helpers.node_clients.NodeClients``: node and the pinned
                        npm SDKs (``openai``, ``@anthropic-ai/sdk``); ``.run(script, env)`` runs an
                        ES module with them and returns the JSON its last line prints.
@@ -183,6 +185,17 @@ def vllm_install() -> tuple[Path, Path]:
 
     _available(lambda: check_vllm_python(VLLM_PYTHON))
     return VLLM_PYTHON, ensure_tiny_model(VLLM_PYTHON)
+
+
+# -- llama.cpp -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_install() -> tuple[Path, Path]:
+    """The llama.cpp venv's python and the tiny GGUF, for tests that start llama.cpp themselves."""
+    from tests.helpers.llama_cpp_engine import find_llama_cpp_install
+
+    return _available(find_llama_cpp_install)
 
 
 # -- Node SDKs -------------------------------------------------------------------------------------
