@@ -19,6 +19,7 @@ from orchestrator.placement import Placement
 from orchestrator.planner import FitVerdict, plan_profile, recommend
 from orchestrator.profiles import (
     Engine,
+    EngineApi,
     Profile,
     ProfileRegistry,
     ProfileSet,
@@ -84,6 +85,12 @@ def default_vllm_python() -> str:
     return str(cached) if cached.exists() else "python3"
 
 
+def default_llama_cpp_python() -> str:
+    """The llama.cpp venv the test command builds, if present; else python3 on PATH."""
+    cached = Path.home() / ".cache" / "vllm-chat-gateway" / "llama-cpp-venv" / "bin" / "python"
+    return str(cached) if cached.exists() else "python3"
+
+
 def external_profile(settings: Settings) -> Profile:
     """The engine at VLLM_BASE_URL as a profile (its served names are read from /v1/models)."""
     return Profile(
@@ -92,6 +99,7 @@ def external_profile(settings: Settings) -> Profile:
         engine=Engine.EXTERNAL,
         runtime=RuntimeKind.EXTERNAL,
         base_url=settings.VLLM_BASE_URL,
+        apis=tuple(EngineApi),  # a vLLM server, by the setting's name
         served_model_name=EXTERNAL_PROFILE,
         startup_timeout_s=settings.ENGINE_STARTUP_TIMEOUT_S or 60.0,
     )
@@ -208,6 +216,7 @@ class ModelControl:
             hf_token=settings.HF_TOKEN.get_secret_value() if settings.HF_TOKEN else None,
             log_dir=settings.STATE_DIR / "logs",
             instance=settings.INSTANCE_NAME,
+            llama_cpp_python=settings.LLAMA_CPP_PYTHON or default_llama_cpp_python(),
         )
         if profile.id == EXTERNAL_PROFILE and settings.VLLM_API_KEY is not None:
             spec = dataclasses.replace(spec, api_key=settings.VLLM_API_KEY.get_secret_value())

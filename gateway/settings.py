@@ -180,6 +180,8 @@ class Settings(BaseSettings):
     INSTANCE_NAME: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
     STATE_DIR: Path = Path("var")
     VLLM_PYTHON: str | None = None
+    # The interpreter of the venv with llama-cpp-python's server (llama_cpp engines, process).
+    LLAMA_CPP_PYTHON: str | None = None
     HF_CACHE: str = "vcg-hf-cache"
     HF_TOKEN: SecretStr | None = None
     DRAIN_TIMEOUT_S: float = Field(default=30.0, ge=0)

@@ -41,11 +41,13 @@ from orchestrator.planner import (
     kv_bytes_per_element,
     kv_bytes_per_token,
     min_context,
+    offload_layers,
     round_down_context,
+    runtime_overhead,
     tensor_parallel_problem,
     weights_bytes,
 )
-from orchestrator.profiles import Profile
+from orchestrator.profiles import Engine, Profile
 
 GIB = 1024**3
 RESERVE_FRACTION = 0.10
@@ -139,18 +141,17 @@ class Requirement:
     tensor_parallel_size: int
     weights_per_gpu: int
     kv_bytes_per_token_per_gpu: int
+    overhead_per_gpu: int = RUNTIME_OVERHEAD_BYTES_PER_GPU
 
     def per_gpu(self, tokens: int) -> int:
         """Bytes per GPU for a context of `tokens`."""
         return (
-            self.weights_per_gpu
-            + self.kv_bytes_per_token_per_gpu * tokens
-            + RUNTIME_OVERHEAD_BYTES_PER_GPU
+            self.weights_per_gpu + self.kv_bytes_per_token_per_gpu * tokens + self.overhead_per_gpu
         )
 
     def max_tokens(self, room: int) -> int:
         """The longest context that fits in `room` bytes per GPU."""
-        left = room - self.weights_per_gpu - RUNTIME_OVERHEAD_BYTES_PER_GPU
+        left = room - self.weights_per_gpu - self.overhead_per_gpu
         return max(0, left // self.kv_bytes_per_token_per_gpu)
 
 
@@ -168,8 +169,9 @@ def requirements(
     total_weights = weights_bytes(arch, bytes_per_param(profile))
     found: list[Requirement] = []
     skipped: list[tuple[int, str]] = []
+    llama = profile.engine is Engine.LLAMA_CPP  # whole layers per GPU (see planner)
     for tp in candidates:
-        problem = tensor_parallel_problem(arch, tp, gpu_count)
+        problem = tensor_parallel_problem(arch, tp, gpu_count, layer_split=llama)
         if problem:
             skipped.append((tp, problem))
             continue
@@ -177,7 +179,12 @@ def requirements(
             Requirement(
                 tensor_parallel_size=tp,
                 weights_per_gpu=math.ceil(total_weights / tp),
-                kv_bytes_per_token_per_gpu=kv_bytes_per_token(arch, element, tp),
+                kv_bytes_per_token_per_gpu=(
+                    math.ceil(kv_bytes_per_token(arch, element) / tp)
+                    if llama
+                    else kv_bytes_per_token(arch, element, tp)
+                ),
+                overhead_per_gpu=runtime_overhead(profile),
             )
         )
     return found, skipped
@@ -195,6 +202,8 @@ class Placement:
     utilization: float = 0.0
     reasons: tuple[str, ...] = ()
     reduced_context: bool = False
+    # llama.cpp with partial offload: the layers on these GPUs (None: all of them).
+    gpu_layers: int | None = None
 
     @property
     def placed(self) -> bool:
@@ -254,6 +263,10 @@ def place(
         if tokens >= min_context(requested) and (best_reduced is None or tokens > best_reduced[0]):
             best_reduced = (tokens, need, gpus)
     tried = [why for _, why in skipped] + tried
+    if profile.engine is Engine.LLAMA_CPP and needs:
+        offloaded = _offloaded(profile, needs[-1], inventory, room, requested, tried)
+        if offloaded is not None:
+            return offloaded
     if allow_reduced_context and best_reduced is not None:
         tokens, need, gpus = best_reduced
         tried.append(
@@ -387,6 +400,45 @@ def check_ledger(
         if abs(gpu.memory_used_bytes - expected) > tolerance_bytes:
             found.append(Mismatch(gpu.index, gpu.memory_used_bytes, expected))
     return LedgerCheck(tuple(found))
+
+
+def _offloaded(
+    profile: Profile,
+    need: Requirement,
+    inventory: GpuInventory,
+    room: dict[int, int],
+    tokens: int,
+    tried: list[str],
+) -> Placement | None:
+    """llama.cpp's partial offload on the roomiest GPU set of the widest split: the layers
+    that fit there (the rest on the CPU), or None when not even one does."""
+    arch = profile.architecture
+    sets = _gpu_sets(inventory.gpus, need.tensor_parallel_size, room)
+    if arch is None or not sets:
+        return None
+    gpus = sets[0]
+    free = min(room[gpu.index] for gpu in gpus) - need.overhead_per_gpu
+    total_weights = weights_bytes(arch, bytes_per_param(profile))
+    per_token = kv_bytes_per_token(arch, kv_bytes_per_element(profile))
+    layers = offload_layers(arch, total_weights, per_token, tokens, free * len(gpus))
+    if layers < 1 or layers >= arch.layers:
+        return None
+    on_gpus = math.ceil((total_weights + per_token * tokens) * layers / arch.layers)
+    claim = math.ceil(on_gpus / len(gpus)) + need.overhead_per_gpu
+    reason = (
+        f"partial offload beside the resident engines: {layers} of {arch.layers} layers on GPU "
+        f"{_ids(gpus)} (claims {gib(claim)} per GPU), the rest on the CPU"
+    )
+    return Placement(
+        profile_id=profile.id,
+        gpu_ids=tuple(gpu.index for gpu in gpus),
+        tensor_parallel_size=len(gpus),
+        max_model_len=tokens,
+        bytes_per_gpu=claim,
+        utilization=utilization_for(claim, gpus),
+        reasons=(*tried, reason),
+        gpu_layers=layers,
+    )
 
 
 def _gpu_sets(

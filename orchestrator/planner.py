@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
+from orchestrator.gguf import BITS_PER_WEIGHT, GgufError, read_gguf
 from orchestrator.gpus import GpuInfo, GpuInventory
-from orchestrator.profiles import Architecture, Profile, ProfileSet, Quantization
+from orchestrator.profiles import Architecture, Engine, Profile, ProfileSet, Quantization
 
 GIB = 1024**3
 
@@ -48,6 +50,12 @@ INT4_QUANTIZATIONS = frozenset(
 # are captured after the budget is set; the 10% that gpu_memory_utilization 0.90 leaves
 # unbudgeted is what they (and the desktop) use.
 RUNTIME_OVERHEAD_BYTES_PER_GPU = 2 * GIB
+# llama.cpp per GPU: the CUDA context (~0.3-0.5 GiB) and its compute buffer at the default
+# batch (n_ubatch 512: a few hundred MiB for 7-14B models in llama.cpp's load logs); no
+# profiling pass and no CUDA graphs of vLLM's size.
+LLAMA_CPP_OVERHEAD_BYTES_PER_GPU = 1 * GIB
+# llama.cpp keeps its KV cache in f16 unless told otherwise.
+LLAMA_CPP_KV_BYTES = 2
 
 TP_CANDIDATES = (1, 2, 4, 8)
 MIN_CONCURRENT_SEQUENCES = 1
@@ -87,6 +95,9 @@ class FitVerdict:
     per_gpu_required_bytes: int = 0
     per_gpu_budget_bytes: int = 0
     per_gpu_free_bytes: int | None = None
+    # llama.cpp with partial offload: the layers on the GPUs (the rest run on the CPU); None
+    # when the whole model is on the GPUs (or it runs without one).
+    gpu_layers: int | None = None
 
     @property
     def fits(self) -> bool:
@@ -111,23 +122,52 @@ class _Sizing:
     weights_per_gpu: int
     kv_per_token_per_gpu: int
     budget: int
+    overhead: int = RUNTIME_OVERHEAD_BYTES_PER_GPU
 
     def kv(self, tokens: int) -> int:
         return self.kv_per_token_per_gpu * tokens * MIN_CONCURRENT_SEQUENCES
 
     def required(self, tokens: int) -> int:
-        return self.weights_per_gpu + self.kv(tokens) + RUNTIME_OVERHEAD_BYTES_PER_GPU
+        return self.weights_per_gpu + self.kv(tokens) + self.overhead
 
     def room_for_kv(self) -> int:
-        return self.budget - self.weights_per_gpu - RUNTIME_OVERHEAD_BYTES_PER_GPU
+        return self.budget - self.weights_per_gpu - self.overhead
 
     def max_tokens(self) -> int:
         per_token = self.kv_per_token_per_gpu * MIN_CONCURRENT_SEQUENCES
         return max(0, self.room_for_kv() // per_token)
 
 
+def runtime_overhead(profile: Profile) -> int:
+    """Bytes per GPU outside weights and KV cache for this profile's engine."""
+    if profile.engine is Engine.LLAMA_CPP:
+        return LLAMA_CPP_OVERHEAD_BYTES_PER_GPU
+    return RUNTIME_OVERHEAD_BYTES_PER_GPU
+
+
+def gguf_quantization(profile: Profile) -> str | None:
+    """A llama_cpp profile's file type: the header's when the file is here, else the declared
+    `llama_cpp.gguf_type` (None when neither is known)."""
+    model = profile.model
+    if profile.is_local_model and model is not None:
+        path = Path(model).expanduser()
+        if path.is_file():
+            try:
+                found = read_gguf(path).quantization
+            except (GgufError, OSError):
+                found = None
+            if found is not None:
+                return found
+    return profile.llama_cpp.gguf_type
+
+
 def bytes_per_param(profile: Profile) -> float:
-    """Bytes per weight from the quantization, else from the dtype (auto = 16-bit)."""
+    """Bytes per weight from the quantization, else from the dtype (auto = 16-bit); a GGUF
+    file's from its file type (llama.cpp's measured bits per weight)."""
+    if profile.engine is Engine.LLAMA_CPP:
+        kind = gguf_quantization(profile)
+        bits = BITS_PER_WEIGHT.get(kind.upper()) if kind else None
+        return (bits if bits is not None else 16.0) / 8
     if profile.quantization in INT4_QUANTIZATIONS:
         return BYTES_PER_PARAM["int4"]
     if profile.quantization is Quantization.FP8:
@@ -136,7 +176,10 @@ def bytes_per_param(profile: Profile) -> float:
 
 
 def kv_bytes_per_element(profile: Profile) -> int:
-    """Bytes per cached K or V value: 1 for an fp8 KV cache, else the activation dtype."""
+    """Bytes per cached K or V value: 1 for an fp8 KV cache, else the activation dtype (f16
+    for llama.cpp)."""
+    if profile.engine is Engine.LLAMA_CPP:
+        return LLAMA_CPP_KV_BYTES
     if profile.vllm.kv_cache_dtype == "fp8":
         return 1
     return 4 if profile.vllm.dtype == "float32" else 2
@@ -157,8 +200,13 @@ def kv_bytes_per_token(arch: Architecture, element_bytes: int, tp: int = 1) -> i
     return 2 * arch.layers * kv_heads_per_gpu(arch.kv_heads, tp) * arch.head_dim * element_bytes
 
 
-def tensor_parallel_problem(arch: Architecture, tp: int, gpu_count: int) -> str | None:
-    """Why vLLM cannot split this model tp ways on gpu_count GPUs, or None."""
+def tensor_parallel_problem(
+    arch: Architecture, tp: int, gpu_count: int, *, layer_split: bool = False
+) -> str | None:
+    """Why vLLM cannot split this model tp ways on gpu_count GPUs, or None (`layer_split`:
+    llama.cpp, which splits whole layers across GPUs and so any head count)."""
+    if layer_split:
+        return f"{tp} GPUs wanted; {gpu_count} found" if tp > gpu_count else None
     if arch.attention_heads % tp:
         return (
             f"tensor_parallel_size {tp} does not divide the model's {arch.attention_heads} "
@@ -247,6 +295,10 @@ def plan_profile(profile: Profile, inventory: GpuInventory) -> FitVerdict:
             reasons = [*smaller, *tried, _fits_reason(sizing, requested)]
             return _verdict(profile, Fit.FITS, reasons, sizing, requested, total_weights, per_token)
         tried.append(_too_big_reason(sizing, requested))
+    if profile.engine is Engine.LLAMA_CPP:
+        offload = _partial_offload(profile, arch, sizings[-1], requested, tried, total_weights)
+        if offload is not None:
+            return offload
     best = max(sizings, key=lambda s: (round_down_context(min(s.max_tokens(), requested)), -s.tp))
     reduced = round_down_context(min(best.max_tokens(), requested))
     if reduced >= min_context(requested):
@@ -264,6 +316,47 @@ def plan_profile(profile: Profile, inventory: GpuInventory) -> FitVerdict:
     widest = sizings[-1]
     reasons = [*skipped, *tried, _no_fit_reason(widest, min_context(requested))]
     return _verdict(profile, Fit.DOES_NOT_FIT, reasons, widest, requested, total_weights, per_token)
+
+
+def offload_layers(
+    arch: Architecture, total_weights: int, kv_per_token: int, tokens: int, room: int
+) -> int:
+    """llama.cpp's layers that fit in `room` bytes of GPU memory (each with its weights and
+    its KV cache for `tokens`); what is left runs on the CPU."""
+    per_layer = math.ceil((total_weights + kv_per_token * tokens) / arch.layers)
+    return max(0, min(arch.layers, room // per_layer))
+
+
+def _partial_offload(
+    profile: Profile,
+    arch: Architecture,
+    sizing: _Sizing,
+    tokens: int,
+    tried: list[str],
+    total_weights: int,
+) -> FitVerdict | None:
+    """A llama.cpp verdict with the layers that fit on the GPUs (the widest split), or None
+    when not even one does."""
+    per_token = kv_bytes_per_token(arch, kv_bytes_per_element(profile))
+    room = (sizing.budget - sizing.overhead) * sizing.tp
+    layers = offload_layers(arch, total_weights, per_token, tokens, room)
+    if layers < 1 or layers >= arch.layers:
+        return None
+    on_gpus = math.ceil((total_weights + per_token * tokens) * layers / arch.layers)
+    reason = (
+        f"partial offload: {layers} of {arch.layers} layers on GPU "
+        f"{', '.join(str(g.index) for g in sizing.gpus)} ({gib(on_gpus)} of weights and KV "
+        f"cache for {tokens} tokens), the other {arch.layers - layers} on the CPU (in host "
+        "RAM; generation is slower)"
+    )
+    verdict = _verdict(
+        profile, Fit.FITS, [*tried, reason], sizing, tokens, total_weights, per_token
+    )
+    return replace(
+        verdict,
+        gpu_layers=layers,
+        per_gpu_required_bytes=math.ceil(on_gpus / sizing.tp) + sizing.overhead,
+    )
 
 
 def plan_all(profiles: ProfileSet, inventory: GpuInventory) -> dict[str, FitVerdict]:
@@ -304,8 +397,9 @@ def _sizings(
     total_weights = weights_bytes(arch, bytes_per_param(profile))
     sizings: list[_Sizing] = []
     skipped: list[tuple[int, str]] = []
+    llama = profile.engine is Engine.LLAMA_CPP
     for tp in candidates:
-        problem = tensor_parallel_problem(arch, tp, inventory.count)
+        problem = tensor_parallel_problem(arch, tp, inventory.count, layer_split=llama)
         if problem:
             skipped.append((tp, problem))
             continue
@@ -315,8 +409,14 @@ def _sizings(
                 tp=tp,
                 gpus=gpus,
                 weights_per_gpu=math.ceil(total_weights / tp),
-                kv_per_token_per_gpu=kv_bytes_per_token(arch, element, tp),
+                # llama.cpp splits layers, each with its own KV: a GPU holds its layers' share.
+                kv_per_token_per_gpu=(
+                    math.ceil(kv_bytes_per_token(arch, element) / tp)
+                    if llama
+                    else kv_bytes_per_token(arch, element, tp)
+                ),
                 budget=per_gpu_budget(gpus, profile.vllm.gpu_memory_utilization),
+                overhead=runtime_overhead(profile),
             )
         )
     return sizings, skipped
@@ -329,7 +429,7 @@ def _fits_reason(sizing: _Sizing, tokens: int) -> str:
         f"{gib(sizing.required(tokens))} per GPU of a {gib(sizing.budget)} budget "
         f"(weights {gib(sizing.weights_per_gpu)} + KV cache "
         f"{gib(sizing.kv(tokens))} for {tokens} tokens + overhead "
-        f"{gib(RUNTIME_OVERHEAD_BYTES_PER_GPU)})"
+        f"{gib(sizing.overhead)})"
     )
 
 
@@ -345,7 +445,7 @@ def _no_fit_reason(sizing: _Sizing, floor: int) -> str:
     if sizing.room_for_kv() <= 0:
         return (
             f"does not fit: with tensor_parallel_size {sizing.tp} the weights alone take "
-            f"{gib(sizing.weights_per_gpu)} per GPU, plus {gib(RUNTIME_OVERHEAD_BYTES_PER_GPU)} "
+            f"{gib(sizing.weights_per_gpu)} per GPU, plus {gib(sizing.overhead)} "
             f"overhead, over the {gib(sizing.budget)} budget; a quantized variant may fit"
         )
     return (
@@ -379,7 +479,7 @@ def _verdict(
         weights_bytes=total_weights,
         kv_bytes_per_token=per_token,
         kv_bytes=per_token * tokens * MIN_CONCURRENT_SEQUENCES,
-        overhead_bytes=RUNTIME_OVERHEAD_BYTES_PER_GPU,
+        overhead_bytes=sizing.overhead,
         per_gpu_required_bytes=sizing.required(tokens),
         per_gpu_budget_bytes=sizing.budget,
         per_gpu_free_bytes=free,

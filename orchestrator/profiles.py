@@ -256,6 +256,15 @@ class VllmArgs(BaseModel):
         return args
 
 
+# Environment variables the llama.cpp servers read their address, key or whole configuration
+# from (llama-cpp-python's settings, llama-server's LLAMA_ARG_*): the gateway's alone.
+LLAMA_CPP_GATEWAY_ENV = frozenset(
+    {
+        "HOST", "PORT", "API_KEY", "CONFIG_FILE", "MODEL",
+        "LLAMA_API_KEY", "LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_ARG_MODEL",
+        "LLAMA_ARG_API_KEY_FILE",
+    }
+)  # fmt: skip
 # GGUF file types the planner sizes a file that is not here by (llama.cpp's quantize names).
 GgufType = Literal["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16", "F32"]
 
@@ -609,6 +618,8 @@ def llama_cpp_problems(profile: Profile) -> Iterator[str]:
         yield "llama_cpp.gguf_file: required with a Hugging Face repo `model`"
     if profile.vllm != VllmArgs():
         yield "vllm: engine llama_cpp takes llama_cpp arguments, not vllm ones"
+    for key in sorted(set(profile.env) & LLAMA_CPP_GATEWAY_ENV):
+        yield f"env: {key} is the gateway's to set for a llama.cpp server (address, key, config)"
     arch, wanted = profile.architecture, profile.llama_cpp.n_ctx
     if arch is not None and wanted is not None and wanted > arch.max_context:
         yield f"llama_cpp.n_ctx: {wanted} is more than the model's context {arch.max_context}"

@@ -33,13 +33,19 @@ from orchestrator.profiles import (
     RuntimeKind,
     sleep_mode_problems,
 )
-from orchestrator.runtimes.base import LABEL_SERVED_NAME, EngineSpec
+from orchestrator.runtimes.base import ENGINE_API_KEY_ENV, LABEL_SERVED_NAME, EngineSpec
 
 CONTAINER_PORT = 8000
 CONTAINER_HOST = "0.0.0.0"
 LOOPBACK_HOST = "127.0.0.1"
 # The vLLM console script does not work with the CPU build; the module does everywhere.
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# llama-cpp-python's OpenAI-compatible server (run by its own venv's interpreter).
+LLAMA_CPP_SERVER_MODULE = "llama_cpp.server"
+# Where each llama.cpp server reads its key from: llama-server LLAMA_API_KEY, llama-cpp-python
+# API_KEY (its settings come from the environment); VLLM_API_KEY first, as the runtimes read
+# it back on adoption.
+LLAMA_CPP_KEY_ENV = (ENGINE_API_KEY_ENV, "LLAMA_API_KEY", "API_KEY")
 # Named by module only: the simulator is its own program, never imported by the orchestrator.
 SIMULATOR_MODULE = "simulator"
 # The interpreter a simulator container runs (the image's own Python).
@@ -129,12 +135,102 @@ def command_args(profile: Profile, port: int) -> tuple[str, ...]:
     return tuple(arg.replace(PORT_PLACEHOLDER, str(listen_port)) for arg in profile.command)
 
 
+def gpu_layers(profile: Profile, verdict: FitVerdict) -> int:
+    """llama.cpp's --n-gpu-layers: the planner's partial offload, else the profile's (-1: all);
+    0 without a GPU."""
+    if not profile.uses_gpu:
+        return 0
+    if verdict.gpu_layers is not None:
+        return verdict.gpu_layers
+    return profile.llama_cpp.n_gpu_layers
+
+
+def tensor_split(verdict: FitVerdict) -> str | None:
+    """llama.cpp's --tensor-split over the engine's GPUs (even shares), None on one GPU."""
+    count = len(verdict.gpu_ids)
+    return ",".join("1" for _ in range(count)) if count > 1 else None
+
+
+def llama_cpp_args(profile: Profile, verdict: FitVerdict, port: int) -> tuple[str, ...]:
+    """llama-cpp-python's server (runtime process): what PyPI builds here. Its flags use
+    underscores; the key comes from the environment (API_KEY), never the argv."""
+    if profile.model is None:
+        raise SpecError(f"profile {profile.id!r}: engine llama_cpp needs a model")
+    if not profile.is_local_model:
+        raise SpecError(
+            f"profile {profile.id!r}: runtime process runs a local .gguf file (download it "
+            "first); runtime docker fetches a repo's file itself"
+        )
+    host, listen_port = listen_address(profile, port)
+    llama = profile.llama_cpp
+    layers = gpu_layers(profile, verdict)
+    args = [
+        "--model", expand_home(profile.model),
+        "--model_alias", profile.served_model_name,
+        "--host", host,
+        "--port", str(listen_port),
+        "--n_gpu_layers", str(layers),
+    ]  # fmt: skip
+    if verdict.max_model_len is not None:
+        args += ["--n_ctx", str(verdict.max_model_len)]
+    split = tensor_split(verdict)
+    if split is not None:
+        args += ["--tensor_split", *split.split(",")]
+    return (*args, *llama.extra_args)
+
+
+def llama_server_args(profile: Profile, verdict: FitVerdict, port: int) -> tuple[str, ...]:
+    """llama.cpp's own llama-server (runtime docker, the official image): a local file mounted
+    by the profile, or a repo's file fetched into the HF cache (--hf-repo/--hf-file); the key
+    comes from LLAMA_API_KEY."""
+    if profile.model is None:
+        raise SpecError(f"profile {profile.id!r}: engine llama_cpp needs a model")
+    host, listen_port = listen_address(profile, port)
+    llama = profile.llama_cpp
+    if profile.is_local_model:
+        source = ["--model", profile.model]
+    else:
+        source = ["--hf-repo", profile.model, "--hf-file", llama.gguf_file or ""]
+    layers = gpu_layers(profile, verdict)
+    args = [
+        *source,
+        "--alias", profile.served_model_name,
+        "--host", host,
+        "--port", str(listen_port),
+        "--n-gpu-layers", str(layers),
+        "--parallel", str(llama.parallel),
+        "--jinja",  # the chat template from the GGUF, tools included
+    ]  # fmt: skip
+    if verdict.max_model_len is not None:
+        args += ["--ctx-size", str(verdict.max_model_len)]
+    split = tensor_split(verdict)
+    if split is not None:
+        args += ["--tensor-split", split]
+    return (*args, *llama.extra_args)
+
+
 def engine_command(
-    profile: Profile, verdict: FitVerdict, *, port: int, vllm_python: str, gateway_python: str
+    profile: Profile,
+    verdict: FitVerdict,
+    *,
+    port: int,
+    vllm_python: str,
+    gateway_python: str,
+    llama_cpp_python: str = "python3",
 ) -> tuple[str, ...]:
     """Process: the full argv. Docker: what follows the image's entrypoint (vLLM's image
-    runs the API server; a simulator image is given its interpreter and module)."""
+    runs the API server, llama.cpp's llama-server; a simulator image is given its interpreter
+    and module)."""
     docker = profile.runtime is RuntimeKind.DOCKER
+    if profile.engine is Engine.LLAMA_CPP:
+        if docker:
+            return llama_server_args(profile, verdict, port)
+        return (
+            llama_cpp_python,
+            "-m",
+            LLAMA_CPP_SERVER_MODULE,
+            *llama_cpp_args(profile, verdict, port),
+        )
     if profile.engine is Engine.VLLM:
         args = vllm_args(profile, verdict, port)
         return args if docker else (vllm_python, "-m", VLLM_SERVER_MODULE, *args)
@@ -163,6 +259,9 @@ def engine_env(
     env.update(hf_env(profile, hf_cache=hf_cache, hf_token=hf_token))
     if profile.engine is Engine.VLLM and profile.sleep_level:
         env.update(SLEEP_MODE_ENV)
+    if profile.engine is Engine.LLAMA_CPP and profile.runtime is RuntimeKind.DOCKER:
+        # llama-server fetches --hf-repo files into LLAMA_CACHE: kept in the mounted HF cache.
+        env["LLAMA_CACHE"] = f"{HF_CACHE_CONTAINER_PATH}/llama.cpp"
     if profile.runtime is RuntimeKind.PROCESS and verdict.gpu_ids:
         # NVML numbers GPUs by PCI bus; CUDA's default order may differ.
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
@@ -172,7 +271,7 @@ def engine_env(
 
 def hf_env(profile: Profile, *, hf_cache: str | None, hf_token: str | None) -> dict[str, str]:
     """HF_HOME for the cache, HF_HUB_OFFLINE for a local model, HF_TOKEN only when given."""
-    if profile.engine not in (Engine.VLLM, Engine.COMMAND):
+    if profile.engine not in (Engine.VLLM, Engine.COMMAND, Engine.LLAMA_CPP):
         return {}
     env: dict[str, str] = {}
     if hf_cache is not None:
@@ -195,7 +294,7 @@ def docker_volumes(profile: Profile, hf_cache: str | None) -> dict[str, str]:
     if profile.runtime is not RuntimeKind.DOCKER:
         return {}
     volumes: dict[str, str] = {}
-    if hf_cache is not None and profile.engine in (Engine.VLLM, Engine.COMMAND):
+    if hf_cache is not None and profile.engine in (Engine.VLLM, Engine.COMMAND, Engine.LLAMA_CPP):
         volumes[expand_home(hf_cache)] = HF_CACHE_CONTAINER_PATH
     volumes.update(profile.volumes)
     return volumes
@@ -242,6 +341,7 @@ def placed(
         gpu_ids=placement.gpu_ids,
         max_model_len=placement.max_model_len,
         per_gpu_required_bytes=placement.bytes_per_gpu,
+        gpu_layers=placement.gpu_layers,
     )
     vllm = profile.vllm.model_copy(
         update={
@@ -249,6 +349,9 @@ def placed(
             "max_model_len": placement.max_model_len,
         }
     )
+    if profile.engine is Engine.LLAMA_CPP:
+        llama = profile.llama_cpp.model_copy(update={"n_ctx": placement.max_model_len})
+        return profile.model_copy(update={"llama_cpp": llama}), verdict
     if profile.engine is Engine.SIMULATOR:
         arch = profile.architecture
         weights = weights_bytes(arch, bytes_per_param(profile)) if arch else 0
@@ -290,6 +393,7 @@ def build_engine_spec(
     log_dir: Path | None,
     instance: str,
     gateway_python: str = sys.executable,
+    llama_cpp_python: str = "python3",
 ) -> EngineSpec:
     """The EngineSpec that runs `profile` as `verdict` planned it, with a new API key.
 
@@ -300,6 +404,8 @@ def build_engine_spec(
     """
     check_runnable(profile, verdict, port)
     labels = {LABEL_SERVED_NAME: profile.served_model_name}
+    llama = profile.engine is Engine.LLAMA_CPP
+    docker = profile.runtime is RuntimeKind.DOCKER
     if profile.runtime is RuntimeKind.EXTERNAL:
         return EngineSpec(
             profile_id=profile.id,
@@ -316,7 +422,12 @@ def build_engine_spec(
         runtime=profile.runtime.value,
         aliases=profile.aliases,
         command=engine_command(
-            profile, verdict, port=port, vllm_python=vllm_python, gateway_python=gateway_python
+            profile,
+            verdict,
+            port=port,
+            vllm_python=vllm_python,
+            gateway_python=gateway_python,
+            llama_cpp_python=llama_cpp_python,
         ),
         image=profile.image,
         env=engine_env(profile, verdict, hf_cache=hf_cache, hf_token=hf_token),
@@ -327,6 +438,9 @@ def build_engine_spec(
         read_only_volumes=docker_read_only_volumes(profile),
         startup_timeout_s=profile.startup_timeout,
         api_key=new_engine_api_key(),
+        api_key_env=LLAMA_CPP_KEY_ENV if llama else (ENGINE_API_KEY_ENV,),
+        # llama-cpp-python's server has no /health: /v1/models (with the key) says it serves.
+        health_path="/v1/models" if llama and not docker else "/health",
         labels=labels,
         log_path=engine_log_path(profile, log_dir, instance),
     )
