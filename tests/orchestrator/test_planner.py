@@ -289,6 +289,11 @@ def test_shipped_table_on_the_dual_3090(shipped: ProfileSet, dual_3090: GpuInven
         "codellama-7b": ("fits", 2, 16384),
         "tiny-cpu": ("fits", 1, 256),
         "simulator": ("fits", 1, None),
+        # GGUF files at Q4_K_M on llama.cpp: each fits one 3090 with its whole context.
+        "qwen2.5-7b-gguf": ("fits", 1, 32768),
+        "llama3-8b": ("fits", 1, 8192),
+        "deepseek-r1-distill-14b-gguf": ("fits", 1, 32768),
+        "tiny-gguf": ("fits", 1, 256),
     }
 
 
@@ -302,7 +307,7 @@ def test_recommendations_put_the_default_first_and_leave_out_what_does_not_fit(
     # Full-context GPU profiles, largest first, then reduced context, then no GPU.
     assert ids[1] == "deepseek-coder-33b-awq"
     assert ids.index("phi-3-mini") < ids.index("llama-3-70b-awq") < ids.index("tiny-cpu")
-    assert ids[-2:] == ["tiny-cpu", "simulator"]
+    assert ids[-3:] == ["tiny-cpu", "tiny-gguf", "simulator"]
 
 
 def test_verdict_serializes_to_json(shipped: ProfileSet, dual_3090: GpuInventory) -> None:
