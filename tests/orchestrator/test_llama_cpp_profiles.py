@@ -4,6 +4,9 @@ fleet's placement, partial offload included) and the servers' command lines and 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +235,32 @@ def test_gguf_docker_profiles_run_llama_server_fetching_the_repo_file() -> None:
     assert spec.env["LLAMA_CACHE"].endswith("/llama.cpp")
     assert "/srv/hf" in spec.volumes
     assert spec.health_path == "/health"
+
+
+def test_llama_cpp_pythons_server_takes_every_flag_a_spec_gives(
+    llama_cpp_install: tuple[Path, Path], dual_3090: GpuInventory
+) -> None:
+    python, _ = llama_cpp_install
+    tiny = SHIPPED.get("tiny-gguf")
+    on_gpu = tiny.model_copy(
+        update={"llama_cpp": tiny.llama_cpp.model_copy(update={"device": "gpu"})}
+    )
+    verdict = plan_profile(on_gpu, dual_3090)
+    split = replace(verdict, gpu_ids=(0, 1))  # two GPUs: --tensor_split as well
+    flags: set[str] = set()
+    for profile, plan in ((tiny, plan_profile(tiny, dual_3090)), (on_gpu, split)):
+        spec = build_engine_spec(
+            profile, plan, port=9000, vllm_python="v", hf_cache=None, hf_token=None,
+            log_dir=None, instance="t", llama_cpp_python=str(python),
+        )  # fmt: skip
+        flags |= {arg for arg in spec.command if arg.startswith("--")}
+    helped = subprocess.run(
+        [str(python), "-m", "llama_cpp.server", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    known = set(re.findall(r"--[a-z0-9][a-z0-9_]*", helped))
+    assert "--tensor_split" in flags
+    assert flags <= known, f"flags the server does not know: {sorted(flags - known)}"

@@ -439,7 +439,9 @@ def test_the_pinned_image_is_the_vllm_tested_and_it_takes_every_flag_a_spec_give
     specs = [
         spec_for(with_fields(profile, sleep_level=1), dual_3090)
         for profile in shipped.profiles.values()
-        if profile.runtime.value == "docker" and plan_profile(profile, dual_3090).fits
+        if profile.engine.value == "vllm"
+        and profile.runtime.value == "docker"
+        and plan_profile(profile, dual_3090).fits
     ]
     specs.append(spec_for(with_fields(fixtures.get("small-gpu-process"), sleep_level=2), dual_3090))
     flags = {arg.split("=", 1)[0] for spec in specs for arg in spec.command if arg[:2] == "--"}
