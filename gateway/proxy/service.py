@@ -119,17 +119,7 @@ async def relay(
     settings = state.settings
     body = await read_capped_body(request, settings.MAX_BODY_BYTES)
     checked = parse_request(route, body, limits_from(settings), field_grants(principal, settings))
-    request.state.model = scheduler.shown_model(checked.model)
-    check_model_scope(principal, checked.model, state)
-    admission = await admit(state=state, principal=principal, request=request)
-    return await relay_checked(
-        state=state,
-        scheduler=scheduler,
-        checked=checked,
-        request=request,
-        principal=principal,
-        admission=admission,
-    )
+    return await _admit_and_relay(state, scheduler, checked, request, principal, RelayResponse)
 
 
 async def relay_transcription(
@@ -138,6 +128,18 @@ async def relay_transcription(
     """POST /v1/audio/transcriptions: the multipart form checked, then relayed as `relay`."""
     raw = await read_capped_body(request, state.settings.MAX_AUDIO_BYTES)
     checked = await parse_transcription(request, raw)
+    return await _admit_and_relay(state, scheduler, checked, request, principal, FormRelay)
+
+
+async def _admit_and_relay(
+    state: ProxyResources,
+    scheduler: Scheduler,
+    checked: ProxyRequest,
+    request: Request,
+    principal: Principal,
+    factory: Callable[..., RelayResponse],
+) -> Response:
+    """A checked request: its model scope, its limits, then admission and the relay."""
     request.state.model = scheduler.shown_model(checked.model)
     check_model_scope(principal, checked.model, state)
     admission = await admit(state=state, principal=principal, request=request)
@@ -148,7 +150,7 @@ async def relay_transcription(
         request=request,
         principal=principal,
         admission=admission,
-        response_factory=FormRelay,
+        response_factory=factory,
     )
 
 
