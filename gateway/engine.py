@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 
 from gateway.logging import get_logger
 from gateway.settings import EngineMode, Settings
+from orchestrator.cluster import ClusterGpuReader, connect, disconnect
 from orchestrator.gpus import GpuInventory, GpuReader, gpu_reader
 from orchestrator.manager import EngineStatus, SwitchJob, VLLMModelManager
 from orchestrator.placement import Placement
@@ -29,7 +30,9 @@ from orchestrator.profiles import (
 from orchestrator.recovery import RestartPolicy
 from orchestrator.runtimes import EngineSpec, ExternalRuntime, ProcessRuntime, Runtime
 from orchestrator.runtimes.docker import DockerRuntime
-from orchestrator.specs import build_engine_spec, placed
+from orchestrator.runtimes.ray import NAMESPACE as RAY_NAMESPACE
+from orchestrator.runtimes.ray import RayRuntime
+from orchestrator.specs import SpecError, build_engine_spec, placed
 
 log = get_logger(__name__)
 
@@ -105,6 +108,31 @@ def external_profile(settings: Settings) -> Profile:
     )
 
 
+def on_ray_node(spec: EngineSpec, inventory: GpuInventory, share: float) -> EngineSpec:
+    """A GPU engine's spec on a Ray cluster: run by the Ray runtime on the node of its GPUs,
+    with their indices on that node (the planner keeps an engine's GPUs on one node)."""
+    by_index = {gpu.index: gpu for gpu in inventory.gpus}
+    gpus = [by_index.get(index) for index in spec.gpu_ids]
+    nodes = {gpu.node for gpu in gpus if gpu is not None}
+    if None in gpus or len(nodes) != 1:
+        raise SpecError(
+            f"profile {spec.profile_id!r}: GPUs {list(spec.gpu_ids)} are not on one live node "
+            "of the Ray cluster"
+        )
+    if spec.runtime != "process":
+        raise SpecError(
+            f"profile {spec.profile_id!r}: runtime {spec.runtime} cannot run on a Ray node "
+            "(RAY_ADDRESS is set); use runtime: process, which the node's engine actor runs"
+        )
+    return dataclasses.replace(
+        spec,
+        runtime="ray",
+        node_id=nodes.pop(),
+        node_gpu_ids=tuple(gpu.local_index for gpu in gpus if gpu is not None),
+        gpu_share=share,
+    )
+
+
 def restart_policy(settings: Settings) -> RestartPolicy:
     """The manager's restart policy from the ENGINE_RESTART_* settings."""
     return RestartPolicy(
@@ -121,7 +149,14 @@ class ModelControl:
     def __init__(self, settings: Settings, http: httpx.AsyncClient) -> None:
         self.settings = settings
         self.registry = ProfileRegistry(settings.MODEL_PROFILES)
+        self.cluster: ClusterGpuReader | None = None
         self._gpus: GpuReader = gpu_reader(settings.GPU_SNAPSHOT)
+        if settings.RAY_ADDRESS:
+            # The gateway joins the cluster as a driver; every node's GPUs are read there.
+            connect(settings.RAY_ADDRESS, RAY_NAMESPACE)
+            self.cluster = ClusterGpuReader()
+            self.cluster.start()
+            self._gpus = self.cluster
         self._inventory = self._gpus.read()
         self._inventory_at = time.monotonic()
         self._external = external_profile(settings) if settings.VLLM_BASE_URL else None
@@ -135,6 +170,8 @@ class ModelControl:
                 instance=settings.INSTANCE_NAME, gpus_available=self._inventory.count > 0
             ),
         }
+        if self.cluster is not None:
+            self.runtimes["ray"] = RayRuntime(instance=settings.INSTANCE_NAME)
         self.manager = VLLMModelManager(
             http=http,
             runtimes=self.runtimes,
@@ -222,6 +259,9 @@ class ModelControl:
             spec = dataclasses.replace(spec, api_key=settings.VLLM_API_KEY.get_secret_value())
         if settings.ENGINE_STARTUP_TIMEOUT_S is not None:
             spec = dataclasses.replace(spec, startup_timeout_s=settings.ENGINE_STARTUP_TIMEOUT_S)
+        if self.cluster is not None and spec.gpu_ids:
+            share = placement.utilization if placement else profile.vllm.gpu_memory_utilization
+            spec = on_ray_node(spec, self.inventory(), share)
         return spec
 
     def host_free_bytes(self) -> int:
@@ -310,8 +350,11 @@ class ModelControl:
         return why
 
     async def aclose(self) -> None:
-        """Stop the engine and cancel jobs."""
+        """Stop the engine and cancel jobs; leave the Ray cluster (its engines stay)."""
         await self.manager.aclose()
+        if self.cluster is not None:
+            self.cluster.close()
+            disconnect()
 
 
 class EngineResources(Protocol):

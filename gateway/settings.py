@@ -177,6 +177,12 @@ class Settings(BaseSettings):
     MODEL_PROFILES: Path = Path("model_profiles.yml")
     DEFAULT_PROFILE: str | None = None
     GPU_SNAPSHOT: Path | None = None
+    # A Ray cluster to join as a driver (`ray start --head` on this box, `ray start
+    # --address=...` on the others): every node with GPUs becomes a place for engines, each
+    # engine a detached Ray actor on its node. Unset: one host (GPU_SNAPSHOT or NVML here).
+    RAY_ADDRESS: str | None = Field(
+        default=None, pattern=r"^(auto|[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5})$"
+    )
     INSTANCE_NAME: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
     STATE_DIR: Path = Path("var")
     VLLM_PYTHON: str | None = None

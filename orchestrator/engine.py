@@ -127,6 +127,11 @@ class EngineUnavailable(Exception):
     """No engine is ready to serve a request."""
 
 
+class NodeLost(Exception):
+    """A restart's engine cannot go back where it ran (its node left the cluster) and no
+    remaining node has room for it; the message says what was tried."""
+
+
 class EngineNotStopped(Exception):
     """The previous engine could not be confirmed stopped, so no other engine is started.
 
@@ -713,6 +718,12 @@ class ManagedEngine:
             # A fresh spec: a new port and API key, planned against the GPUs as they are now.
             spec = self._respec()
             runtime = self.runtime_for(spec)
+        except NodeLost as exc:
+            log.error("engine_node_lost", profile=self.profile_id, reason=str(exc))
+            self._restart_at = None
+            self.set_failure(Failure.NODE_LOST, str(exc))
+            self._enter(EngineState.FAILED, str(exc), expect=EngineState.RESTARTING)
+            return
         except Exception as exc:
             # The profile changed or no longer fits: what ran before is the best bet.
             log.warning("engine_restart_respec_failed", profile=self.profile_id, error=str(exc))

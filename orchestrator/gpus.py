@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +32,15 @@ class GpuInfo:
     power_draw_w: float | None = None
     power_limit_w: float | None = None
     processes: tuple[GpuProcess, ...] = ()
+    # On a Ray cluster (RAY_ADDRESS): the Ray node this GPU is on and its index there; `index`
+    # is then its index in the whole cluster's inventory. Empty on a single host.
+    node: str = ""
+    node_index: int | None = None
+
+    @property
+    def local_index(self) -> int:
+        """The GPU's index on its own host (what CUDA_VISIBLE_DEVICES names there)."""
+        return self.index if self.node_index is None else self.node_index
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,15 @@ class GpuInventory:
     def count(self) -> int:
         """Number of GPUs."""
         return len(self.gpus)
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The nodes the GPUs are on, in index order ("" alone on a single host)."""
+        return tuple(dict.fromkeys(gpu.node for gpu in self.gpus))
+
+    def on_node(self, node: str) -> GpuInventory:
+        """The part of this inventory on one node (indices kept)."""
+        return replace(self, gpus=tuple(gpu for gpu in self.gpus if gpu.node == node))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (also the snapshot file format)."""

@@ -37,6 +37,7 @@ from orchestrator.engine import (
     JobKind,
     JobStatus,
     ManagedEngine,
+    NodeLost,
     SwitchJob,
     reason_of,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "InvalidTransition",
     "JobKind",
     "JobStatus",
+    "NodeLost",
     "Placer",
     "SwitchJob",
     "VLLMModelManager",
@@ -213,12 +215,39 @@ class VLLMModelManager:
         return engine
 
     def _respec(self, profile_id: str) -> EngineSpec:
-        """A restart's spec: the same place as before (its claim is still in the ledger)."""
+        """A restart's spec: the same place as before (its claim is still in the ledger), or,
+        when those GPUs are gone (their node left the cluster), a new place on the GPUs that
+        remain, beside the engines there (none is evicted for it)."""
         if self._placer is None:
             return self._spec_factory(profile_id)
         claim = self._claims.get(profile_id)
         placement = self._placements.get(profile_id) if claim else None
+        if placement is not None and placement.gpu_ids:
+            inventory = self._placer.inventory(fresh=True)
+            if not set(placement.gpu_ids) <= {gpu.index for gpu in inventory.gpus}:
+                placement = self._place_elsewhere(profile_id, placement, inventory)
         return self._placer.placed_spec(profile_id, placement)
+
+    def _place_elsewhere(
+        self, profile_id: str, lost: Placement, inventory: GpuInventory
+    ) -> Placement:
+        """A new placement for an engine whose GPUs left the cluster; NodeLost when the
+        remaining GPUs have no room for it beside the resident engines."""
+        assert self._placer is not None
+        profile = self._placer.profile(profile_id)
+        ledger = self.ledger().without(profile_id)
+        placement = place(profile, inventory, ledger, our_pids=self._our_pids(inventory))
+        gone = ", ".join(str(index) for index in lost.gpu_ids)
+        if not placement.placed:
+            self._claims.pop(profile_id, None)
+            self._placements.pop(profile_id, None)
+            raise NodeLost(
+                f"{profile_id}: its GPUs ({gone}) left the cluster with their node, and no "
+                "remaining node has room for it: " + "; ".join(placement.reasons)
+            )
+        log.warning("engine_replaced", profile=profile_id, lost=gone, gpus=placement.gpu_ids)
+        self._record_claim(profile, placement)
+        return placement
 
     @property
     def default_profile_id(self) -> str | None:
@@ -460,20 +489,32 @@ class VLLMModelManager:
                 async with adopting.lock:
                     if not await adopting.adopt_locked(runtime, handle, spec):
                         continue
-                self._claim_adopted(handle.profile_id)
+                self._claim_adopted(handle)
                 if self._default is None:
                     self._default = handle.profile_id
         default = self._default_engine()
         return default.status() if default is not None and default.serves else None
 
-    def _claim_adopted(self, profile_id: str) -> None:
-        """An adopted GPU engine's claim, as the planner places it now."""
+    def _claim_adopted(self, handle: RuntimeHandle) -> None:
+        """An adopted GPU engine's claim, as the planner places it now (on a Ray cluster, on
+        the node and GPUs its actor holds)."""
         if self._placer is None:
             return
         with contextlib.suppress(Exception):
-            profile = self._placer.profile(profile_id)
+            profile = self._placer.profile(handle.profile_id)
             if profile.uses_gpu:
-                placement = place(profile, self._placer.inventory(), self.ledger())
+                inventory = self._placer.inventory()
+                if handle.node_id:
+                    inventory = replace(
+                        inventory,
+                        gpus=tuple(
+                            gpu
+                            for gpu in inventory.gpus
+                            if gpu.node == handle.node_id
+                            and gpu.local_index in handle.node_gpu_ids
+                        ),
+                    )
+                placement = place(profile, inventory, self.ledger())
                 if placement.placed:
                     self._record_claim(profile, placement)
 

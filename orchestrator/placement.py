@@ -444,10 +444,16 @@ def _offloaded(
 def _gpu_sets(
     gpus: Sequence[GpuInfo], size: int, room: dict[int, int]
 ) -> list[tuple[GpuInfo, ...]]:
-    """Every set of `size` GPUs, the one with the most room (its tightest GPU) first."""
+    """Every set of `size` GPUs on one node, the one with the most room (its tightest GPU)
+    first: an engine never spans the nodes of a cluster."""
     if size > len(gpus):
         return []
-    sets = list(itertools.combinations(sorted(gpus, key=lambda g: g.index), size))
+    ordered = sorted(gpus, key=lambda g: g.index)
+    sets = [
+        combination
+        for node in dict.fromkeys(gpu.node for gpu in ordered)
+        for combination in itertools.combinations([g for g in ordered if g.node == node], size)
+    ]
     return sorted(
         sets,
         key=lambda s: (-min(room[g.index] for g in s), tuple(g.index for g in s)),
@@ -483,4 +489,7 @@ def _placed(
 
 
 def _ids(gpus: Iterable[GpuInfo]) -> str:
-    return ", ".join(str(gpu.index) for gpu in gpus)
+    chosen = tuple(gpus)
+    ids = ", ".join(str(gpu.index) for gpu in chosen)
+    nodes = dict.fromkeys(gpu.node for gpu in chosen if gpu.node)
+    return f"{ids} (node {', '.join(node[:12] for node in nodes)})" if nodes else ids

@@ -29,6 +29,7 @@ class Failure(StrEnum):
     CRASH_LOOP = "engine_crash_loop"
     NOT_STOPPED = "engine_not_stopped"
     ASLEEP = "engine_asleep"
+    NODE_LOST = "engine_node_lost"
     ERROR = "engine_error"
 
 
@@ -46,6 +47,7 @@ PUBLIC_REASONS: Mapping[Failure, str] = {
         "an engine could not be confirmed stopped; an administrator must retry the stop"
     ),
     Failure.ASLEEP: "the engine is asleep",
+    Failure.NODE_LOST: ("the engine's node left the cluster and no remaining node has room for it"),
     Failure.ERROR: "the engine manager hit an unexpected error",
 }
 

@@ -113,6 +113,25 @@ class GpuView(BaseModel):
     power_draw_w: float | None
     power_limit_w: float | None
     processes: list[dict[str, Any]]
+    node: str = Field(
+        default="", description="RAY_ADDRESS set: the Ray node id of the GPU's box; else empty."
+    )
+    node_index: int | None = Field(
+        default=None,
+        description="On a Ray cluster: the GPU's index on its node (index is cluster-wide).",
+    )
+
+
+class NodeView(BaseModel):
+    """One node of the Ray cluster (RAY_ADDRESS) and what it reads."""
+
+    node_id: str
+    address: str
+    hostname: str
+    gpus: int
+    ray_gpus: float = Field(description="The GPUs its `ray start` declared to Ray.")
+    source: str
+    reason: str | None
 
 
 class GpuInventoryView(BaseModel):
@@ -123,6 +142,9 @@ class GpuInventoryView(BaseModel):
     reason: str | None
     driver_version: str | None
     gpus: list[GpuView]
+    nodes: list[NodeView] = Field(
+        default_factory=list, description="RAY_ADDRESS set: every live node; else empty."
+    )
 
 
 class ModelStatus(BaseModel):
@@ -182,7 +204,7 @@ class FleetEngineView(BaseModel):
         description="idle, starting, loading, ready, draining, stopping, restarting, failed, "
         "sleeping, asleep or waking."
     )
-    node: str = Field(description="Where it runs (one node: local).")
+    node: str = Field(description="Where it runs: its Ray node id, or local (one host).")
     gpu_ids: list[int]
     claim_bytes_per_gpu: int = Field(description="Its budget on each of its GPUs (0: no GPU).")
     held_bytes_per_gpu: int = Field(
@@ -222,6 +244,7 @@ class FleetGpuView(BaseModel):
 
     index: int
     name: str
+    node: str = Field(default="", description="Its Ray node (RAY_ADDRESS set), else empty.")
     total_bytes: int
     used_bytes: int = Field(description="Used, as the GPU reading says.")
     not_ours_bytes: int = Field(

@@ -17,6 +17,7 @@ from gateway.models_api.schemas import (
     JobEventView,
     JobList,
     ModelStatus,
+    NodeView,
     ProfileList,
     ProfileView,
     ReloadResult,
@@ -30,7 +31,7 @@ from orchestrator.manager import EngineBusy, EngineEvent, EngineState, SwitchJob
 from orchestrator.placement import Ledger, not_ours
 from orchestrator.profiles import Profile, ProfileError
 
-# The node every engine runs on while the fleet has one.
+# The node every engine runs on while the fleet has one host (no RAY_ADDRESS).
 LOCAL_NODE = "local"
 
 
@@ -45,6 +46,7 @@ def gpu_view(inventory: GpuInventory) -> GpuInventoryView:
             GpuView(**{**asdict(g), "processes": [asdict(p) for p in g.processes]})
             for g in inventory.gpus
         ],
+        nodes=[NodeView(**node) for node in inventory.extra.get("nodes", ())],
     )
 
 
@@ -305,6 +307,7 @@ def _engine_entry(
     manager = control.manager
     profile_id = engine.profile_id
     status = engine.status()
+    handle = engine.handle
     try:
         profile: Profile | None = control.profile(profile_id)
     except ProfileNotFound:  # the profiles were reloaded without it
@@ -318,7 +321,7 @@ def _engine_entry(
         served_model_name=served,
         aliases=[name for name in dict.fromkeys(aliases) if name != served],
         state=status.state.value,
-        node=LOCAL_NODE,
+        node=(handle.node_id if handle is not None else "") or LOCAL_NODE,
         gpu_ids=list(claim.gpu_ids) if claim else [],
         claim_bytes_per_gpu=claim.bytes_per_gpu if claim else 0,
         held_bytes_per_gpu=claim.held_per_gpu if claim else 0,
@@ -351,6 +354,7 @@ def _gpu_entry(
     return FleetGpuView(
         index=gpu.index,
         name=gpu.name,
+        node=gpu.node,
         total_bytes=gpu.memory_total_bytes,
         used_bytes=gpu.memory_used_bytes,
         not_ours_bytes=others,

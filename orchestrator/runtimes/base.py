@@ -32,7 +32,7 @@ class EngineSpec:
 
     profile_id: str
     served_model_name: str
-    runtime: str  # "docker" | "process" | "external"
+    runtime: str  # "docker" | "process" | "external" | "ray"
     aliases: tuple[str, ...] = ()
     # process: the full argv; docker: the arguments given to the image's entrypoint.
     command: tuple[str, ...] = ()
@@ -63,6 +63,11 @@ class EngineSpec:
     labels: dict[str, str] = field(default_factory=dict)
     # process: where the engine's output is written (a ring buffer is kept as well).
     log_path: Path | None = None
+    # ray: the Ray node the engine runs on, its GPUs' indices on that node (gpu_ids are the
+    # cluster-wide ones the ledger uses) and its share of each (gpu_memory_utilization).
+    node_id: str | None = None
+    node_gpu_ids: tuple[int, ...] = ()
+    gpu_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,10 @@ class RuntimeHandle:
     # The key the engine was started with (read back from the runtime's records on adoption, so a
     # restarted gateway can still call it); None for an engine started without one.
     api_key: str | None = field(default=None, repr=False)
+    # ray: the node it runs on, its GPUs' indices there and the engine's pid on that node.
+    node_id: str = ""
+    node_gpu_ids: tuple[int, ...] = ()
+    pid: int | None = None
 
 
 def engine_key_env(spec: EngineSpec) -> dict[str, str]:

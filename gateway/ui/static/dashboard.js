@@ -441,7 +441,8 @@
       { class: "gpu-row", "data-gpu": gpu.index, "aria-labelledby": captionId },
       // The total only: the reading's "used" may predate our engines (a recorded snapshot),
       // the parts below say who holds what.
-      el("figcaption", { id: captionId }, "GPU " + gpu.index + " · " + gpu.name + " · " + gib(gpu.total_bytes)),
+      el("figcaption", { id: captionId },
+        "GPU " + gpu.index + (gpu.node ? " · node " + gpu.node.slice(0, 12) : "") + " · " + gpu.name + " · " + gib(gpu.total_bytes)),
       svg("svg", { class: "gpu-bar", viewBox: "0 0 " + width + " 20", preserveAspectRatio: "none", "aria-hidden": "true" },
         svg("rect", { class: "seg seg-rest", x: 0, y: 0, width, height: 20 }), rects),
       el("ul", { class: "gpu-legend" },
@@ -534,6 +535,7 @@
       inventory.count === 0
         ? "No GPUs" + (inventory.reason ? ": " + inventory.reason : ".")
         : inventory.count + " GPU(s), read from " + inventory.source +
+          ((inventory.nodes || []).length ? " (" + inventory.nodes.map((n) => (n.hostname || n.address) + " " + n.node_id.slice(0, 12) + ": " + n.gpus + " GPU(s)").join("; ") + ")" : "") +
           (inventory.driver_version ? ", driver " + inventory.driver_version : "");
     replace(
       $("#gpu-cards"),
@@ -544,6 +546,7 @@
           "article",
           { class: "card", "aria-label": "GPU " + gpu.index },
           el("h3", null, "GPU " + gpu.index + " · " + gpu.name),
+          gpu.node ? el("p", { class: "muted" }, "Node " + gpu.node.slice(0, 12) + ", GPU " + gpu.node_index + " there") : null,
           el("p", { id: memoryId, class: "muted" },
             "Memory " + formatBytes(gpu.memory_used_bytes) + " of " + formatBytes(gpu.memory_total_bytes)),
           el("meter", {
