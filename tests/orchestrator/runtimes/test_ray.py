@@ -139,7 +139,7 @@ async def test_a_new_runtime_adopts_the_running_engine_and_stops_it(boxes: RayCl
     assert handle.pid is not None
     assert not pid_alive(handle.pid)
     assert await RayRuntime(instance="rt-adopt").adopt() == []
-    with pytest.raises(ValueError, match="rt-adopt.kept"):
+    with pytest.raises(ValueError, match=r"rt-adopt\.kept"):
         ray.get_actor(second.actor_name("kept"), namespace=NAMESPACE)
 
 
