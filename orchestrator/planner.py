@@ -98,6 +98,12 @@ class FitVerdict:
     # llama.cpp with partial offload: the layers on the GPUs (the rest run on the CPU); None
     # when the whole model is on the GPUs (or it runs without one).
     gpu_layers: int | None = None
+    # Across nodes (orchestrator/pipeline.py): the pipeline stages, the node of each stage in
+    # stage order and each stage's GPU indices on its node (gpu_ids is then the first stage's).
+    # Empty when no node is named: planned on one inventory (plan_profile), or not placed.
+    pipeline_parallel_size: int = 1
+    nodes: tuple[str, ...] = ()
+    node_gpu_ids: tuple[tuple[int, ...], ...] = ()
 
     @property
     def fits(self) -> bool:
@@ -110,6 +116,8 @@ class FitVerdict:
         data["fit"] = self.fit.value
         data["reasons"] = list(self.reasons)
         data["gpu_ids"] = list(self.gpu_ids)
+        data["nodes"] = list(self.nodes)
+        data["node_gpu_ids"] = [list(ids) for ids in self.node_gpu_ids]
         return data
 
 

@@ -74,6 +74,9 @@ FIELD_FLAGS = {
     "--served-model-name": "served_model_name and aliases",
     "--tensor-parallel-size": "vllm.tensor_parallel_size",
     "-tp": "vllm.tensor_parallel_size",
+    "--pipeline-parallel-size": "vllm.pipeline_parallel_size",
+    "-pp": "vllm.pipeline_parallel_size",
+    "--distributed-executor-backend": "vllm.pipeline_parallel_size (across nodes: ray)",
     "--max-model-len": "vllm.max_model_len",
     "--gpu-memory-utilization": "vllm.gpu_memory_utilization",
     "--dtype": "vllm.dtype",
@@ -189,14 +192,14 @@ class UnknownProfileError(LookupError):
     """No profile has that id."""
 
 
-def _check_tensor_parallel(value: object) -> object:
+def _check_parallel_size(value: object) -> object:
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         return value
     raise ValueError(f"must be 'auto' or a whole number >= 1, not {value!r}")
 
 
-TensorParallelSize = Annotated[
-    Annotated[int, Field(ge=1)] | Literal["auto"], BeforeValidator(_check_tensor_parallel)
+ParallelSize = Annotated[
+    Annotated[int, Field(ge=1)] | Literal["auto"], BeforeValidator(_check_parallel_size)
 ]
 
 
@@ -228,8 +231,13 @@ class VllmArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tensor_parallel_size: TensorParallelSize = Field(
+    tensor_parallel_size: ParallelSize = Field(
         default="auto", description="'auto': the planner picks the smallest that fits."
+    )
+    pipeline_parallel_size: ParallelSize = Field(
+        default=1,
+        description="Nodes (pipeline stages) the engine spans: 1 never spans nodes; 'auto': "
+        "the planner picks the fewest that fit. vllm and simulator engines only.",
     )
     max_model_len: int | None = Field(
         default=None, ge=1, description="Context to serve; default: architecture.max_context."
@@ -575,6 +583,7 @@ def cross_field_problems(profile: Profile) -> Iterator[str]:
     if engine is Engine.VLLM and profile.model is None:
         yield "model: required for engine vllm"
     yield from llama_cpp_problems(profile)
+    yield from pipeline_parallel_problems(profile)
     if profile.uses_gpu and profile.architecture is None:
         yield "architecture: required for a GPU profile (the planner sizes it)"
     if runtime is RuntimeKind.DOCKER and profile.image is None:
@@ -623,6 +632,23 @@ def llama_cpp_problems(profile: Profile) -> Iterator[str]:
     arch, wanted = profile.architecture, profile.llama_cpp.n_ctx
     if arch is not None and wanted is not None and wanted > arch.max_context:
         yield f"llama_cpp.n_ctx: {wanted} is more than the model's context {arch.max_context}"
+
+
+def pipeline_parallel_problems(profile: Profile) -> Iterator[str]:
+    """Why a profile may not span nodes (`vllm.pipeline_parallel_size` other than 1), as
+    'field: why'."""
+    if profile.vllm.pipeline_parallel_size == 1:
+        return
+    if profile.engine not in (Engine.VLLM, Engine.SIMULATOR):
+        yield (
+            f"vllm.pipeline_parallel_size: engine {profile.engine.value} runs on one node; only "
+            "vllm engines (and simulators standing in for them) span nodes"
+        )
+    elif profile.vllm.device == "cpu":
+        yield (
+            "vllm.pipeline_parallel_size: a vllm.device cpu profile runs on one node; only GPU "
+            "engines span nodes"
+        )
 
 
 def sleep_mode_problems(profile: Profile) -> Iterator[str]:

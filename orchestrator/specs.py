@@ -57,6 +57,8 @@ VLLM_PRIVACY_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 # vLLM serves its sleep endpoints (/sleep, /wake_up, /is_sleeping) only in its development mode.
 SLEEP_MODE_FLAG = "--enable-sleep-mode"
 SLEEP_MODE_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
+# vLLM's executor for an engine whose pipeline stages run on several nodes (a Ray cluster).
+PIPELINE_EXECUTOR_BACKEND = "ray"
 PORT_PLACEHOLDER = "{port}"
 # Bytes of randomness in an engine's API key (43 URL-safe characters).
 ENGINE_API_KEY_BYTES = 32
@@ -95,6 +97,14 @@ def vllm_args(profile: Profile, verdict: FitVerdict, port: int) -> tuple[str, ..
         "--tensor-parallel-size",
         str(verdict.tensor_parallel_size),
     ]
+    if verdict.pipeline_parallel_size > 1:
+        # One pipeline stage per node: only Ray's executor reaches GPUs on other nodes.
+        args += [
+            "--pipeline-parallel-size",
+            str(verdict.pipeline_parallel_size),
+            "--distributed-executor-backend",
+            PIPELINE_EXECUTOR_BACKEND,
+        ]
     if verdict.max_model_len is not None:
         args += ["--max-model-len", str(verdict.max_model_len)]
     if profile.vllm.device == "gpu":

@@ -287,6 +287,35 @@ BAD_FILES: list[tuple[str, Mutation, str]] = [
         "sleep_level",
     ),
     (
+        "pipeline parallel size in extra args, with underscores",
+        _set("profiles.small-gpu.vllm.extra_args", ["--pipeline_parallel_size=2"]),
+        "profile 'small-gpu': vllm.extra_args: --pipeline_parallel_size is set through "
+        "vllm.pipeline_parallel_size",
+    ),
+    (
+        "executor backend in extra args (the planner's split sets it)",
+        _set("profiles.small-gpu.vllm.extra_args", ["--distributed-executor-backend", "mp"]),
+        "profile 'small-gpu': vllm.extra_args: --distributed-executor-backend is set through "
+        "vllm.pipeline_parallel_size",
+    ),
+    (
+        "pipeline parallel size zero",
+        _set("profiles.small-gpu.vllm.pipeline_parallel_size", 0),
+        "profile 'small-gpu': vllm.pipeline_parallel_size: must be 'auto' or a whole number "
+        ">= 1, not 0",
+    ),
+    (
+        "pipeline parallel across nodes for a command engine",
+        _set("profiles.script.vllm", {"pipeline_parallel_size": "auto"}),
+        "profile 'script': vllm.pipeline_parallel_size: engine command runs on one node",
+    ),
+    (
+        "pipeline parallel across nodes on the vLLM CPU build",
+        _set("profiles.cpu-tiny.vllm.pipeline_parallel_size", 2),
+        "profile 'cpu-tiny': vllm.pipeline_parallel_size: a vllm.device cpu profile runs on one "
+        "node",
+    ),
+    (
         "vLLM's dev mode in env (the gateway sets it for sleep mode)",
         _set("profiles.small-gpu.env", {"VLLM_SERVER_DEV_MODE": "1"}),
         "profile 'small-gpu': env: VLLM_SERVER_DEV_MODE is not allowed: the gateway sets it",
