@@ -17,7 +17,8 @@ from orchestrator.cluster import ClusterGpuReader, connect, disconnect
 from orchestrator.gpus import GpuInventory, GpuReader, gpu_reader
 from orchestrator.manager import EngineStatus, SwitchJob, VLLMModelManager
 from orchestrator.placement import Placement
-from orchestrator.planner import FitVerdict, plan_profile, recommend
+from orchestrator.pipeline import plan_cluster
+from orchestrator.planner import FitVerdict, recommend
 from orchestrator.profiles import (
     Engine,
     EngineApi,
@@ -212,16 +213,16 @@ class ModelControl:
 
     def verdict(self, profile_id: str) -> FitVerdict:
         """The planner's verdict for a profile on this machine's GPUs."""
-        return plan_profile(self.profile(profile_id), self.inventory())
+        return plan_cluster(self.profile(profile_id), self.inventory())
 
     def verdicts(self) -> dict[str, FitVerdict]:
         """Verdicts for every profile."""
         inventory = self.inventory()
-        return {pid: plan_profile(self.profile(pid), inventory) for pid in self.profile_ids()}
+        return {pid: plan_cluster(self.profile(pid), inventory) for pid in self.profile_ids()}
 
     def recommendations(self) -> list[FitVerdict]:
         """Profiles that fit this hardware, best first."""
-        return recommend(self.profiles, self.inventory())
+        return recommend(self.profiles, self.inventory(), plan_cluster)
 
     def status(self) -> EngineStatus:
         """The manager's view of the engine."""
@@ -238,11 +239,19 @@ class ModelControl:
         engines (its GPUs, TP size, context and gpu_memory_utilization), or, without one, as
         the planner places it alone."""
         profile = self.profile(profile_id)
-        verdict = plan_profile(profile, self.inventory(fresh=placement is None))
+        verdict = plan_cluster(profile, self.inventory(fresh=placement is None))
         if placement is not None:
             profile, verdict = placed(profile, verdict, placement)
         elif not verdict.fits:
             raise ProfileDoesNotFit(verdict)
+        elif verdict.pipeline_parallel_size > 1:
+            raise SpecError(
+                f"profile {profile_id!r} is planned across nodes ("
+                + "; ".join(verdict.reasons[-1:])
+                + "): the gateway does not start engines that span nodes; start it with "
+                "vLLM's Ray executor on the cluster and serve it as an external profile (README, "
+                "'Add a second box')"
+            )
         settings = self.settings
         spec = build_engine_spec(
             profile,
@@ -270,7 +279,7 @@ class ModelControl:
 
     def check_fits(self, profile_id: str) -> None:
         """Raise ProfileNotFound / ProfileDoesNotFit unless the profile fits the GPUs alone."""
-        verdict = plan_profile(self.profile(profile_id), self.inventory(fresh=True))
+        verdict = plan_cluster(self.profile(profile_id), self.inventory(fresh=True))
         if not verdict.fits:
             raise ProfileDoesNotFit(verdict)
 

@@ -144,6 +144,15 @@ def node_order(nodes: Mapping[str, GpuInventory]) -> list[str]:
     return sorted(nodes, key=lambda name: (-free_bytes(nodes[name]), name))
 
 
+def plan_cluster(profile: Profile, inventory: GpuInventory) -> FitVerdict:
+    """The verdict on an inventory that may span nodes (a Ray cluster's, whose GPUs name their
+    node): per node, or across nodes when the profile asks; plan_profile on one host."""
+    names = inventory.nodes
+    if len(names) <= 1:
+        return plan_profile(profile, inventory)
+    return plan_across_nodes(profile, {name: inventory.on_node(name) for name in names})
+
+
 def plan_across_nodes(profile: Profile, nodes: Mapping[str, GpuInventory]) -> FitVerdict:
     """The verdict for one profile on a cluster of nodes (one inventory per node name): on one
     node unless the profile's pipeline_parallel_size lets it span several."""

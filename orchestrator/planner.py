@@ -22,7 +22,7 @@ start when free memory is below that budget).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -367,15 +367,24 @@ def _partial_offload(
     )
 
 
-def plan_all(profiles: ProfileSet, inventory: GpuInventory) -> dict[str, FitVerdict]:
-    """The verdict for every profile, by id."""
-    return {pid: plan_profile(profile, inventory) for pid, profile in profiles.profiles.items()}
+Plan = Callable[[Profile, GpuInventory], "FitVerdict"]
 
 
-def recommend(profiles: ProfileSet, inventory: GpuInventory) -> list[FitVerdict]:
+def plan_all(
+    profiles: ProfileSet, inventory: GpuInventory, plan: Plan | None = None
+) -> dict[str, FitVerdict]:
+    """The verdict for every profile, by id (`plan`: plan_profile unless given another, e.g.
+    a cluster's)."""
+    chosen = plan or plan_profile
+    return {pid: chosen(profile, inventory) for pid, profile in profiles.profiles.items()}
+
+
+def recommend(
+    profiles: ProfileSet, inventory: GpuInventory, plan: Plan | None = None
+) -> list[FitVerdict]:
     """Profiles that fit, best first: the default, then full-context GPU profiles by size
     (largest first), then reduced-context ones by size, then profiles without a GPU."""
-    verdicts = [v for v in plan_all(profiles, inventory).values() if v.fits]
+    verdicts = [v for v in plan_all(profiles, inventory, plan).values() if v.fits]
 
     def rank(verdict: FitVerdict) -> tuple[int, float, str]:
         arch = profiles.get(verdict.profile_id).architecture
