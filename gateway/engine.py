@@ -16,8 +16,8 @@ from gateway.settings import EngineMode, Settings
 from orchestrator.cluster import ClusterGpuReader, connect, disconnect
 from orchestrator.gpus import GpuInventory, GpuReader, gpu_reader
 from orchestrator.manager import EngineStatus, SwitchJob, VLLMModelManager
-from orchestrator.placement import Placement
 from orchestrator.pipeline import plan_cluster
+from orchestrator.placement import Placement
 from orchestrator.planner import FitVerdict, recommend
 from orchestrator.profiles import (
     Engine,

@@ -510,8 +510,7 @@ class VLLMModelManager:
                         gpus=tuple(
                             gpu
                             for gpu in inventory.gpus
-                            if gpu.node == handle.node_id
-                            and gpu.local_index in handle.node_gpu_ids
+                            if gpu.node == handle.node_id and gpu.local_index in handle.node_gpu_ids
                         ),
                     )
                 placement = place(profile, inventory, self.ledger())
