@@ -45,6 +45,8 @@ from gateway.openapi import install_openapi
 from gateway.proxy.router import router as proxy_router
 from gateway.proxy.scheduler import CloudUpstream, Scheduler, SchedulerConfig
 from gateway.proxy.upstream import create_relay_session
+from gateway.replicas.router import router as replicas_router
+from gateway.replicas.start import start_replica
 from gateway.settings import EngineMode, Settings
 from gateway.state import AppState
 from gateway.ui.router import router as ui_router
@@ -193,7 +195,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # GPU readings on an interval and engine events: never work done per scrape.
         background_metrics.start()
     # The engine loads in a background switch job: a slow model load must not block liveness.
-    await models.startup()  # logs its plan (engine_plan), a warning when no engine starts
+    election = None
+    if models.replicated:
+        # Replicas on one cluster: lead (and start the fleet) or follow the replica that does.
+        election = await start_replica(settings, models, http)
+        state.background.add(asyncio.ensure_future(election.run()))
+    else:
+        await models.startup()  # logs its plan (engine_plan), a warning when no engine starts
     log.info("gateway_started", url=settings.public_url, version=__version__)
     # Everything made at startup (routes, models, SQLAlchemy and pydantic metadata) lives as
     # long as the process: move it out of the collector's reach, so the collections that
@@ -212,6 +220,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # After the scheduler: requests still finishing record their usage first.
         await usage.aclose()
         await models.aclose()
+        if election is not None:
+            await election.aclose()
         await http.aclose()
         await relay_session.close()
         if redis is not None:
@@ -253,6 +263,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, max_header_bytes=settings.MAX_HEADER_BYTES)
     # Routes are matched in order: the OpenAI routes, the hot path, come first.
     app.include_router(proxy_router)
+    app.include_router(replicas_router)
     app.include_router(chat_router)
     if settings.METRICS_ENABLED:
         app.include_router(metrics_router)

@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 
 from gateway.logging import get_logger
 from gateway.settings import EngineMode, Settings
-from orchestrator.cluster import ClusterGpuReader, connect, disconnect
+from orchestrator.cluster import ClusterGpuReader, connect, disconnect, own_node_id
 from orchestrator.gpus import GpuInventory, GpuReader, gpu_reader
 from orchestrator.manager import EngineStatus, SwitchJob, VLLMModelManager
 from orchestrator.pipeline import plan_cluster
@@ -171,8 +171,15 @@ class ModelControl:
                 instance=settings.INSTANCE_NAME, gpus_available=self._inventory.count > 0
             ),
         }
+        self.ray: RayRuntime | None = None
         if self.cluster is not None:
-            self.runtimes["ray"] = RayRuntime(instance=settings.INSTANCE_NAME)
+            self.ray = RayRuntime(instance=settings.INSTANCE_NAME)
+            self.runtimes["ray"] = self.ray
+        # Gateway replicas (RAY_ADDRESS and PostgreSQL): "leader" or "follower", set by the
+        # election; "alone" without replicas. The leader's URL and fencing term.
+        self.role = "alone"
+        self.term: int | None = None
+        self.leader_url: str | None = None
         self.manager = VLLMModelManager(
             http=http,
             runtimes=self.runtimes,
@@ -271,6 +278,9 @@ class ModelControl:
         if self.cluster is not None and spec.gpu_ids:
             share = placement.utilization if placement else profile.vllm.gpu_memory_utilization
             spec = on_ray_node(spec, self.inventory(), share)
+        elif self.cluster is not None and spec.runtime == "process":
+            # No GPU: on this gateway's own node, as an actor too (replicas share it).
+            spec = dataclasses.replace(spec, runtime="ray", node_id=own_node_id())
         return spec
 
     def host_free_bytes(self) -> int:
@@ -330,18 +340,25 @@ class ModelControl:
             "runs only with ENGINE=simulator or ENVIRONMENT=development, so no engine was started"
         )
 
+    def known_spec(self, profile_id: str) -> EngineSpec | None:
+        """The spec of a profile an engine found running belongs to; None when it is not one
+        of ours any more (unknown, or no longer fits)."""
+        try:
+            return self.spec_for(profile_id)
+        except (ProfileNotFound, ProfileDoesNotFit, ValueError):
+            return None
+
+    @property
+    def replicated(self) -> bool:
+        """Whether gateway replicas share this fleet (a Ray cluster and PostgreSQL)."""
+        return self.cluster is not None and not self.settings.is_sqlite
+
     async def startup(self) -> str:
         """Adopt an engine of ours that still runs, else start the boot profile in background;
         logs what it did (`engine_plan`) and returns it."""
 
-        def known(profile_id: str) -> EngineSpec | None:
-            try:
-                return self.spec_for(profile_id)
-            except (ProfileNotFound, ProfileDoesNotFit, ValueError):
-                return None
-
         self.manager.start_watchdog()
-        adopted = await self.manager.adopt(known)
+        adopted = await self.manager.adopt(self.known_spec)
         if adopted is not None:
             why = f"adopted the running engine of profile {adopted.profile_id}"
             log.info("engine_plan", reason=why)
@@ -359,8 +376,9 @@ class ModelControl:
         return why
 
     async def aclose(self) -> None:
-        """Stop the engine and cancel jobs; leave the Ray cluster (its engines stay)."""
-        await self.manager.aclose()
+        """Stop the engines and cancel jobs (replicas leave the engines running for the next
+        leader); leave the Ray cluster."""
+        await self.manager.aclose(stop_engines=not self.replicated)
         if self.cluster is not None:
             self.cluster.close()
             disconnect()

@@ -184,6 +184,11 @@ class Settings(BaseSettings):
         default=None, pattern=r"^(auto|[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5})$"
     )
     INSTANCE_NAME: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
+    # Gateway replicas (RAY_ADDRESS and PostgreSQL): the URL the other replicas reach this one
+    # at (they send it fleet operations while it leads); default http://HOST:PORT. How often
+    # a follower tries to take the lead, and a leader checks it still holds it.
+    REPLICA_URL: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
+    FLEET_LEASE_INTERVAL_S: float = Field(default=1.0, gt=0, le=60)
     STATE_DIR: Path = Path("var")
     VLLM_PYTHON: str | None = None
     # The interpreter of the venv with llama-cpp-python's server (llama_cpp engines, process).

@@ -73,6 +73,11 @@ def disconnect() -> None:
         ray.shutdown()
 
 
+def own_node_id() -> str:
+    """The node this driver runs on."""
+    return str(ray.get_runtime_context().get_node_id())
+
+
 def live_nodes() -> list[dict[str, Any]]:
     """Ray's view of the cluster's live nodes (the driver must be connected)."""
     nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]

@@ -228,6 +228,7 @@ class SwitchJob:
     previous_profile_id: str | None
     kind: JobKind = JobKind.SWITCH
     exclusive: bool = False
+    level: int | None = None  # a sleep's level (None: the profile's)
     status: JobStatus = JobStatus.PENDING
     created_at: float = field(default_factory=time.time)
     finished_at: float | None = None
@@ -272,6 +273,9 @@ class EngineConfig:
     drain_timeout_s: float = 30.0
     poll_interval_s: float = 0.25
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    # True while this gateway follows another replica (the leader): an engine found dead is
+    # the leader's to restart, never this one's.
+    following: Callable[[], bool] = lambda: False
 
 
 class ManagedEngine:
@@ -651,6 +655,11 @@ class ManagedEngine:
         policy = self._config.restart_policy
         crashes = self._crashes.record(time.monotonic())
         expect = (EngineState.READY, EngineState.STARTING, EngineState.LOADING)
+        if self._config.following():
+            detail = f"{detail}; the leading gateway restarts it"
+            self.set_failure(Failure.CRASHED, detail)
+            self._enter(EngineState.FAILED, detail, expect=expect)
+            return
         if not policy.enabled:
             self.set_failure(Failure.CRASHED, detail)
             self._enter(EngineState.FAILED, detail, expect=expect)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import time
 import uuid
@@ -71,6 +72,7 @@ __all__ = [
     "InvalidTransition",
     "JobKind",
     "JobStatus",
+    "Leader",
     "NodeLost",
     "Placer",
     "SwitchJob",
@@ -118,6 +120,15 @@ class Placer(Protocol):
         ...
 
 
+class Leader(Protocol):
+    """The replica that leads the fleet, as a follower reaches it."""
+
+    async def run_job(self, job: SwitchJob) -> None:
+        """Run the job's operation on the leader and wait for its outcome (raises with the
+        leader's error when it failed)."""
+        ...
+
+
 class VLLMModelManager:
     """Owns the engines: places, starts, drains, stops, sleeps, wakes, switches, adopts."""
 
@@ -139,7 +150,12 @@ class VLLMModelManager:
             drain_timeout_s=drain_timeout_s,
             poll_interval_s=poll_interval_s,
             restart_policy=restart_policy or RestartPolicy(),
+            following=lambda: self._leader is not None,
         )
+        # Set while another gateway replica leads the fleet: jobs are run there, and engines
+        # are adopted from the registry with `known` (profile id -> spec, None: not ours).
+        self._leader: Leader | None = None
+        self._known: Callable[[str], EngineSpec | None] | None = None
         self._runtimes = self._config.runtimes
         self._spec_factory = spec_factory
         self._placer = placer
@@ -415,6 +431,8 @@ class VLLMModelManager:
     def start_watchdog(self, interval_s: float = 1.0) -> None:
         """Watch every engine (crashes, restarts, sleep) and stop idle ones after their
         idle_ttl_s."""
+        if self._watch_interval_s is not None:
+            return  # watching already
         self._watch_interval_s = interval_s
         for engine in self._engines.values():
             engine.start_watch(interval_s)
@@ -480,6 +498,18 @@ class VLLMModelManager:
             for handle in handles:
                 spec = profile_ids(handle.profile_id)
                 existing = self._engines.get(handle.profile_id)
+                held = existing.handle if existing is not None else None
+                if (
+                    spec is not None
+                    and held is not None
+                    and held.id == handle.id
+                    and (held.base_url == handle.base_url)
+                ):
+                    # Held already (a follower mirrored it and now leads): kept as it runs.
+                    self._claim_adopted(handle)
+                    if self._default is None:
+                        self._default = handle.profile_id
+                    continue
                 if spec is None or (existing is not None and existing.handle is not None):
                     log.info("engine_adopt_stop_extra", profile=handle.profile_id)
                     with contextlib.suppress(RuntimeError_, OSError):
@@ -555,7 +585,12 @@ class VLLMModelManager:
 
     def request_sleep(self, profile_id: str, level: int | None = None) -> SwitchJob:
         """Drain and put a profile's engine to sleep (its profile's level unless given)."""
-        return self._engine_job(JobKind.SLEEP, profile_id, lambda job: self._run_sleep(job, level))
+
+        def run(job: SwitchJob) -> Awaitable[None]:
+            job.level = level
+            return self._run_sleep(job, level)
+
+        return self._engine_job(JobKind.SLEEP, profile_id, run)
 
     def request_wake(self, profile_id: str) -> SwitchJob:
         """Wake a sleeping engine (a cold start when the wake fails)."""
@@ -604,7 +639,84 @@ class VLLMModelManager:
         if engine is not None and engine.spec is None and engine.state is EngineState.IDLE:
             del self._engines[profile_id]
 
+    # -- replicas ------------------------------------------------------------------------------
+
+    @property
+    def following(self) -> bool:
+        """True while another gateway replica leads the fleet."""
+        return self._leader is not None
+
+    def follow(self, leader: Leader, known: Callable[[str], EngineSpec | None]) -> None:
+        """Another replica leads: jobs are run there, engines found dead are left to it, and
+        stopping an engine only forgets it (the runtimes act on the cluster only when leading)."""
+        self._leader = leader
+        self._known = known
+
+    def lead(self) -> None:
+        """This replica leads the fleet from now on."""
+        self._leader = None
+
+    async def _run_on_leader(
+        self, job: SwitchJob, known: Callable[[str], EngineSpec | None]
+    ) -> None:
+        assert self._leader is not None
+        await self._leader.run_job(job)
+        await self.sync(known)
+        if job.kind is JobKind.UNLOAD:
+            engine = self._engines.get(job.profile_id)
+            if engine is not None and engine.handle is not None:
+                await engine.stop()  # forget it: the leader stopped it
+        engine = self._engines.get(job.profile_id)
+        if job.kind in (JobKind.SWITCH, JobKind.LOAD, JobKind.WAKE) and (
+            engine is None or not engine.serves
+        ):
+            raise RuntimeError_(
+                f"the leader {job.kind.value}ed {job.profile_id}, but its engine is not in "
+                "the cluster's registry"
+            )
+        if job.kind is JobKind.SWITCH:
+            self._default = job.profile_id
+        self._finish(job, JobStatus.SUCCEEDED, None)
+
+    async def sync(self, known: Callable[[str], EngineSpec | None]) -> None:
+        """A follower's view of the engines the leader runs (the registry of the runtimes that
+        replicas share: the cluster's named engine actors): adopt each one not held yet, under
+        the same handle the leader has, so that nothing is started; forget what this replica
+        holds of an engine that was replaced."""
+        for name, runtime in self._runtimes.items():
+            if not getattr(runtime, "shared", False):
+                continue
+            try:
+                handles = await runtime.adopt()
+            except (RuntimeError_, OSError) as exc:
+                log.warning("engine_sync_skipped", runtime=name, reason=str(exc))
+                continue
+            for handle in handles:
+                engine = self._engines.get(handle.profile_id)
+                held = engine.handle if engine is not None else None
+                if held is not None and (held.id, held.base_url) == (handle.id, handle.base_url):
+                    continue
+                spec = known(handle.profile_id)
+                if spec is None:
+                    continue
+                adopting = self._engine_for(handle.profile_id)
+                if adopting.state is not EngineState.IDLE:
+                    await adopting.stop()  # a follower's stop forgets the stale handle
+                async with adopting.lock:
+                    if adopting.state is not EngineState.IDLE:
+                        continue
+                    if not await adopting.adopt_locked(runtime, handle, spec):
+                        continue
+                self._claim_adopted(handle)
+                if self._default is None:
+                    self._default = handle.profile_id
+
     def _spawn_job(self, job: SwitchJob, work: Awaitable[None]) -> None:
+        if self._leader is not None and self._known is not None:
+            if inspect.iscoroutine(work):
+                work.close()  # this replica does not run it: the leader does
+            work = self._run_on_leader(job, self._known)
+
         async def run() -> None:
             job.status = JobStatus.RUNNING
             try:
@@ -1195,7 +1307,9 @@ class VLLMModelManager:
         """Put to sleep (or stop) every READY engine unused for longer than its idle_ttl_s;
         the profiles acted on."""
         now = time.time() if now is None else now
-        acted = []
+        acted: list[str] = []
+        if self._leader is not None:
+            return acted  # the leader sweeps the fleet
         for engine in list(self._engines.values()):
             profile = self._profile(engine.profile_id)
             ttl = profile.idle_ttl_s if profile is not None else None
@@ -1216,16 +1330,18 @@ class VLLMModelManager:
             acted.append(engine.profile_id)
         return acted
 
-    async def aclose(self) -> None:
-        """Cancel jobs and stop every engine on shutdown."""
+    async def aclose(self, *, stop_engines: bool = True) -> None:
+        """Cancel jobs and stop every engine on shutdown (unless `stop_engines` is False:
+        replicas leave the fleet's engines to the next leader)."""
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for engine in self._engines.values():
             await engine.aclose()
-        with contextlib.suppress(InvalidTransition):
-            await self.stop()
+        if stop_engines:
+            with contextlib.suppress(InvalidTransition):
+                await self.stop()
 
 
 def _group_of(pid: int) -> int | None:

@@ -263,5 +263,12 @@ class FleetView(BaseModel):
 
     default_profile: str | None = Field(description='The profile "current" names.')
     max_engines: int = Field(description="FLEET_MAX_ENGINES: engines awake at once.")
+    role: str = Field(
+        default="alone",
+        description="Gateway replicas (RAY_ADDRESS and PostgreSQL): leader or follower; "
+        "alone without replicas.",
+    )
+    leader_url: str | None = Field(default=None, description="The leading replica's URL.")
+    term: int | None = Field(default=None, description="The fencing term, while leading.")
     engines: list[FleetEngineView]
     gpus: list[FleetGpuView]

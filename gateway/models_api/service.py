@@ -387,6 +387,9 @@ def fleet_view(*, control: ModelControl, scheduler: Scheduler) -> FleetView:
             for e in engines
         ],
         gpus=[_gpu_entry(g, ledger=ledger, pids=pids, states=states) for g in inventory.gpus],
+        role=control.role,
+        leader_url=control.leader_url,
+        term=control.term,
     )
 
 

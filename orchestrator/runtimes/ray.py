@@ -139,8 +139,16 @@ class EngineActor:
         """The engine's exit code once it exited."""
         return None if self._process is None else self._process.poll()
 
-    def stop(self, timeout_s: float) -> int | None:
-        """SIGTERM the engine's process group, SIGKILL it after `timeout_s`."""
+    def fence(self, term: int) -> None:
+        """A leader of this term holds the engine now: lower terms may no longer stop it."""
+        self._record["term"] = max(int(self._record.get("term", 0)), term)
+
+    def stop(self, timeout_s: float, term: int) -> int | None:
+        """SIGTERM the engine's process group, SIGKILL it after `timeout_s`; refused to a
+        leader of a lower term than the engine's (a deposed one)."""
+        held = int(self._record.get("term", 0))
+        if term < held:
+            raise PermissionError(f"fenced: term {term} is older than the holder's term {held}")
         process = self._process
         if process is None:
             return None
@@ -173,14 +181,34 @@ def ray_gpus_for(spec: EngineSpec) -> float:
 
 
 class RayRuntime:
-    """Start, stop, watch and adopt engines as Ray actors (the cluster must be connected)."""
+    """Start, stop, watch and adopt engines as Ray actors (the cluster must be connected).
+
+    Gateway replicas share these engines (`shared`): the cluster's named actors are the engine
+    registry every replica reads. Only the leading replica acts on them (`leading`): a
+    follower's stop forgets an engine and its start is refused. Each act carries the leader's
+    fencing `term`; an engine actor refuses a stop from a lower term than the highest it has
+    seen, so a deposed leader that has not noticed yet cannot stop what the new one adopted.
+    """
 
     name = "ray"
+    shared = True
 
     def __init__(self, *, instance: str = "default", namespace: str = NAMESPACE) -> None:
         self._instance = instance
         self._namespace = namespace
         self._actors: dict[str, Any] = {}
+        self.leading = True
+        self.term = 0
+
+    def fence(self, term: int) -> None:
+        """Lead with this fencing term from now on, and tell every engine actor held."""
+        self.term = term
+        self.leading = True
+        for name, actor in list(self._actors.items()):
+            try:
+                ray.get(actor.fence.remote(term), timeout=ALIVE_TIMEOUT_S)
+            except Exception as exc:  # gone: the next adoption or watchdog round sees it
+                log.warning("engine_actor_fence_failed", name=name, reason=str(exc))
 
     def actor_name(self, profile_id: str) -> str:
         """The engine actor's name: this gateway instance's, then the profile's."""
@@ -188,6 +216,11 @@ class RayRuntime:
 
     async def start(self, spec: EngineSpec) -> RuntimeHandle:
         """Create the engine's actor on its node and launch the engine there."""
+        if not self.leading:
+            raise RuntimeError_(
+                f"profile {spec.profile_id!r}: this gateway replica follows another; only the "
+                "leading replica starts engines"
+            )
         if not spec.node_id:
             raise RuntimeError_(f"profile {spec.profile_id!r}: no Ray node was chosen for it")
         return await asyncio.to_thread(self._start, spec)
@@ -207,6 +240,7 @@ class RayRuntime:
             "profile_id": spec.profile_id,
             "api_key": spec.api_key,
             "spec_port": spec.port,
+            "term": self.term,
         }
         pinned = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
         actor = EngineActor.options(  # type: ignore[attr-defined]
@@ -253,7 +287,7 @@ class RayRuntime:
         with contextlib.suppress(ValueError):
             actor = ray.get_actor(name, namespace=self._namespace)
             with contextlib.suppress(Exception):
-                ray.get(actor.stop.remote(5.0), timeout=20)
+                ray.get(actor.stop.remote(5.0, self.term), timeout=20)
             ray.kill(actor, no_restart=True)
 
     async def stop(self, handle: RuntimeHandle, *, timeout_s: float = 20.0) -> None:
@@ -261,6 +295,9 @@ class RayRuntime:
         await asyncio.to_thread(self._stop, handle, timeout_s)
 
     def _stop(self, handle: RuntimeHandle, timeout_s: float) -> None:
+        if not self.leading:
+            self._actors.pop(handle.id, None)  # a follower forgets; the leader stops
+            return
         try:
             actor = self._actor(handle.id)
         except ValueError:
@@ -273,9 +310,12 @@ class RayRuntime:
             self._actors.pop(handle.id, None)
             return
         try:
-            ray.get(actor.stop.remote(timeout_s), timeout=timeout_s + 15)
+            ray.get(actor.stop.remote(timeout_s, self.term), timeout=timeout_s + 15)
         except RayActorError:
             pass  # the actor died: its engine died with it
+        except PermissionError as exc:  # a newer leader holds it: this replica was deposed
+            self.leading = False
+            raise RuntimeError_(f"engine actor {handle.id} refused the stop: {exc}") from exc
         except GetTimeoutError:
             if handle.node_id and not _node_alive(handle.node_id):
                 pass  # its node is lost: the engine went with it
@@ -336,10 +376,14 @@ class RayRuntime:
             except Exception as exc:
                 log.warning("engine_actor_unreachable", name=name, reason=str(exc))
                 continue
-            if not record.get("running") or "base_url" not in record:
+            if "base_url" not in record:
+                continue  # still launching (a leader's start in progress)
+            if not record.get("running"):
+                # Its engine exited: the leader removes the remains, a follower leaves them.
                 log.info("engine_actor_stale", name=name)
-                with contextlib.suppress(Exception):
-                    ray.kill(actor, no_restart=True)
+                if self.leading:
+                    with contextlib.suppress(Exception):
+                        ray.kill(actor, no_restart=True)
                 continue
             self._actors[name] = actor
             handles.append(_handle(record))
