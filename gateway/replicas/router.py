@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, HTTPException
+from fastapi import APIRouter, Depends, Header
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.engine import ModelsDep, ProfileDoesNotFit, ProfileNotFound
+from gateway.engine import ModelControl, ModelsDep, ProfileDoesNotFit, ProfileNotFound
+from gateway.errors import GatewayError
 from gateway.replicas.token import token_matches
 from orchestrator.manager import EngineBusy, SwitchJob
 
@@ -41,21 +42,35 @@ def _state(job: SwitchJob) -> FleetJobState:
     return FleetJobState(id=job.id, status=job.status.value, error=job.error)
 
 
-def _check(models: ModelsDep, token: str | None) -> None:
+def _leader(
+    models: ModelsDep, x_fleet_token: Annotated[str | None, Header()] = None
+) -> ModelControl:
+    """The leader's model control, for a caller that shows the fleet token (checked before
+    the body is read, as credentials are everywhere)."""
+    _check(models, x_fleet_token)
+    return models
+
+
+LeaderDep = Annotated[ModelControl, Depends(_leader)]
+
+
+def _check(models: ModelControl, token: str | None) -> None:
     if not token_matches(models.settings, token):
-        raise HTTPException(status_code=403, detail="not a replica of this fleet")
+        raise GatewayError(
+            401,
+            "a replica of this fleet's token is required (X-Fleet-Token)",
+            code="invalid_fleet_token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not models.replicated:
+        raise GatewayError(404, "this gateway has no replicas", code="not_replicated")
     if models.manager.following:
-        raise HTTPException(status_code=409, detail="this replica does not lead the fleet")
+        raise GatewayError(409, "this replica does not lead the fleet", code="not_leader")
 
 
 @router.post("/internal/fleet/jobs", status_code=202, response_model=FleetJobState)
-async def run_job(
-    body: FleetJobRequest,
-    models: ModelsDep,
-    x_fleet_token: Annotated[str | None, Header()] = None,
-) -> FleetJobState:
+async def run_job(models: LeaderDep, body: FleetJobRequest) -> FleetJobState:
     """Run a follower's operation here, on the leader."""
-    _check(models, x_fleet_token)
     manager = models.manager
     try:
         if body.kind == "switch":
@@ -69,26 +84,21 @@ async def run_job(
         else:
             job = manager.request_wake(body.profile_id)
     except ProfileNotFound as exc:
-        raise HTTPException(status_code=404, detail=str(exc)) from exc
+        raise GatewayError(404, str(exc), code="profile_not_found") from exc
     except ProfileDoesNotFit as exc:
-        raise HTTPException(status_code=400, detail=str(exc)) from exc
+        raise GatewayError(400, str(exc), code="profile_does_not_fit") from exc
     except EngineBusy as exc:
         running = manager.job(exc.job_id) if exc.job_id else None
         if running is None:
-            raise HTTPException(status_code=409, detail=str(exc)) from exc
+            raise GatewayError(409, str(exc), code="engine_busy") from exc
         job = running
     return _state(job)
 
 
 @router.get("/internal/fleet/jobs/{job_id}", response_model=FleetJobState)
-async def job_state(
-    job_id: str,
-    models: ModelsDep,
-    x_fleet_token: Annotated[str | None, Header()] = None,
-) -> FleetJobState:
+async def job_state(job_id: str, models: LeaderDep) -> FleetJobState:
     """One of the leader's jobs."""
-    _check(models, x_fleet_token)
     job = models.manager.job(job_id)
     if job is None:
-        raise HTTPException(status_code=404, detail=f"no job {job_id}")
+        raise GatewayError(404, f"no job {job_id}", code="job_not_found")
     return _state(job)

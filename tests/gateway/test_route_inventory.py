@@ -180,6 +180,14 @@ METRICS: dict[Key, str] = {
     ("GET", "/metrics"): "Prometheus scrape (METRICS_TOKEN)",
 }
 
+# Gateway replicas run fleet operations on the leader here; the credential is the fleet token
+# every replica derives from the shared JWT secret (X-Fleet-Token), never a user's: 401 without
+# it, like every other non-public route (tests/gateway/replicas/ test what it may do).
+REPLICA: dict[Key, str] = {
+    ("POST", "/internal/fleet/jobs"): "a follower's fleet operation, run on the leader",
+    ("GET", "/internal/fleet/jobs/{job_id}"): "its outcome",
+}
+
 _ADMIN_PREFIXES = ("/api/models/", "/admin/")
 _ADMIN_PATHS = {"/api/gpus", "/models/{model_name}/load"}
 
@@ -437,6 +445,7 @@ def test_lists_are_consistent() -> None:
     assert not PUBLIC.keys() & ADMIN.keys()
     assert not USER.keys() & ADMIN.keys()
     assert not METRICS.keys() & (PUBLIC.keys() | USER.keys() | ADMIN.keys())
+    assert not REPLICA.keys() & (PUBLIC.keys() | USER.keys() | ADMIN.keys() | METRICS.keys())
     assert PUBLIC.keys() >= CREDENTIAL_IN_BODY
     for method, path in ADMIN:
         assert _is_admin_path(path), f"{method} {path} is not under an admin prefix"
@@ -447,12 +456,12 @@ def test_lists_are_consistent() -> None:
 def test_every_route_is_classified(tmp_path: Any) -> None:
     app = create_app(settings_for(f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}"))
     routes = inventory(app)
-    classified = PUBLIC.keys() | USER.keys() | ADMIN.keys() | METRICS.keys()
+    classified = PUBLIC.keys() | USER.keys() | ADMIN.keys() | METRICS.keys() | REPLICA.keys()
     new = sorted(routes - classified)
     gone = sorted(classified - routes)
     assert not new, (
         "Routes on no list in tests/gateway/test_route_inventory.py. Classify each one as "
-        f"PUBLIC (say why), USER, ADMIN or METRICS: {new}"
+        f"PUBLIC (say why), USER, ADMIN, METRICS or REPLICA: {new}"
     )
     assert not gone, f"Listed routes the app no longer has; remove them: {gone}"
 
