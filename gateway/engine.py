@@ -6,14 +6,13 @@ import dataclasses
 import socket
 import time
 from pathlib import Path
-from typing import Annotated, Protocol, cast
+from typing import TYPE_CHECKING, Annotated, Protocol, cast
 
 import httpx
 from fastapi import Depends, Request
 
 from gateway.logging import get_logger
 from gateway.settings import EngineMode, Settings
-from orchestrator.cluster import ClusterGpuReader, connect, disconnect, own_node_id
 from orchestrator.gpus import GpuInventory, GpuReader, gpu_reader
 from orchestrator.manager import EngineStatus, SwitchJob, VLLMModelManager
 from orchestrator.pipeline import plan_cluster
@@ -31,9 +30,11 @@ from orchestrator.profiles import (
 from orchestrator.recovery import RestartPolicy
 from orchestrator.runtimes import EngineSpec, ExternalRuntime, ProcessRuntime, Runtime
 from orchestrator.runtimes.docker import DockerRuntime
-from orchestrator.runtimes.ray import NAMESPACE as RAY_NAMESPACE
-from orchestrator.runtimes.ray import RayRuntime
 from orchestrator.specs import SpecError, build_engine_spec, placed
+
+if TYPE_CHECKING:
+    from orchestrator.cluster import ClusterGpuReader
+    from orchestrator.runtimes.ray import RayRuntime
 
 log = get_logger(__name__)
 
@@ -109,6 +110,17 @@ def external_profile(settings: Settings) -> Profile:
     )
 
 
+def join_cluster(address: str, instance: str) -> tuple[ClusterGpuReader, RayRuntime]:
+    """Join the Ray cluster as a driver: its GPU reader (reading already) and its runtime.
+    Ray is imported here, only by a gateway that uses a cluster (it takes a fifth of a second)."""
+    from orchestrator.cluster import ClusterGpuReader
+    from orchestrator.runtimes.ray import NAMESPACE, RayRuntime
+
+    reader = ClusterGpuReader.connect(address, NAMESPACE)
+    reader.start()
+    return reader, RayRuntime(instance=instance)
+
+
 def on_ray_node(spec: EngineSpec, inventory: GpuInventory, share: float) -> EngineSpec:
     """A GPU engine's spec on a Ray cluster: run by the Ray runtime on the node of its GPUs,
     with their indices on that node (the planner keeps an engine's GPUs on one node)."""
@@ -152,11 +164,10 @@ class ModelControl:
         self.registry = ProfileRegistry(settings.MODEL_PROFILES)
         self.cluster: ClusterGpuReader | None = None
         self._gpus: GpuReader = gpu_reader(settings.GPU_SNAPSHOT)
+        self.ray: RayRuntime | None = None
         if settings.RAY_ADDRESS:
             # The gateway joins the cluster as a driver; every node's GPUs are read there.
-            connect(settings.RAY_ADDRESS, RAY_NAMESPACE)
-            self.cluster = ClusterGpuReader()
-            self.cluster.start()
+            self.cluster, self.ray = join_cluster(settings.RAY_ADDRESS, settings.INSTANCE_NAME)
             self._gpus = self.cluster
         self._inventory = self._gpus.read()
         self._inventory_at = time.monotonic()
@@ -171,9 +182,7 @@ class ModelControl:
                 instance=settings.INSTANCE_NAME, gpus_available=self._inventory.count > 0
             ),
         }
-        self.ray: RayRuntime | None = None
-        if self.cluster is not None:
-            self.ray = RayRuntime(instance=settings.INSTANCE_NAME)
+        if self.ray is not None:
             self.runtimes["ray"] = self.ray
         # Gateway replicas (RAY_ADDRESS and PostgreSQL): "leader" or "follower", set by the
         # election; "alone" without replicas. The leader's URL and fencing term.
@@ -280,7 +289,7 @@ class ModelControl:
             spec = on_ray_node(spec, self.inventory(), share)
         elif self.cluster is not None and spec.runtime == "process":
             # No GPU: on this gateway's own node, as an actor too (replicas share it).
-            spec = dataclasses.replace(spec, runtime="ray", node_id=own_node_id())
+            spec = dataclasses.replace(spec, runtime="ray", node_id=self.cluster.own_node_id())
         return spec
 
     def host_free_bytes(self) -> int:
@@ -381,7 +390,7 @@ class ModelControl:
         await self.manager.aclose(stop_engines=not self.replicated)
         if self.cluster is not None:
             self.cluster.close()
-            disconnect()
+            self.cluster.disconnect()
 
 
 class EngineResources(Protocol):

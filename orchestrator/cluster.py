@@ -106,6 +106,22 @@ class ClusterGpuReader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @classmethod
+    def connect(cls, address: str, namespace: str) -> ClusterGpuReader:
+        """Join the cluster at `address` as a driver; a reader of its GPUs."""
+        connect(address, namespace)
+        return cls()
+
+    @staticmethod
+    def own_node_id() -> str:
+        """The node this driver runs on."""
+        return own_node_id()
+
+    @staticmethod
+    def disconnect() -> None:
+        """Leave the cluster (detached actors, the engines, keep running)."""
+        disconnect()
+
     def nodes(self) -> list[NodeGpus]:
         """Every live node's GPUs; a node that does not answer is listed with the reason."""
         with self._lock:
