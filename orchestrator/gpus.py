@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,6 +17,9 @@ class GpuProcess:
     pid: int
     used_memory_bytes: int
     name: str = ""
+    # Its process group on its host, read there (a Ray node's engines are recognised by it:
+    # each engine leads its own group).
+    group: int | None = None
 
 
 @dataclass(frozen=True)
@@ -189,9 +194,34 @@ def _read_gpu(nvml: Any, index: int) -> GpuInfo:
         power_draw_w=power / 1000 if power is not None else None,
         power_limit_w=limit / 1000 if limit is not None else None,
         processes=tuple(
-            GpuProcess(pid=int(p.pid), used_memory_bytes=int(p.usedGpuMemory or 0)) for p in procs
+            GpuProcess(
+                pid=int(p.pid),
+                used_memory_bytes=int(p.usedGpuMemory or 0),
+                group=_process_group(int(p.pid)),
+            )
+            for p in procs
         ),
     )
+
+
+def _process_group(pid: int) -> int | None:
+    """A process's group on this host; None when it cannot be read (another pid namespace)."""
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def engine_pids_on_nodes(inventory: GpuInventory, groups: Iterable[tuple[str, int]]) -> set[int]:
+    """The GPU processes of engines that run on cluster nodes: those whose process group (read
+    on their node) is an engine's, given as (node, the engine's group leader pid)."""
+    ours = set(groups)
+    return {
+        process.pid
+        for gpu in inventory.gpus
+        for process in gpu.processes
+        if process.group is not None and (gpu.node, process.group) in ours
+    }
 
 
 def gpu_reader(snapshot: Path | None) -> GpuReader:

@@ -42,7 +42,7 @@ from orchestrator.engine import (
     SwitchJob,
     reason_of,
 )
-from orchestrator.gpus import GpuInventory
+from orchestrator.gpus import GpuInventory, engine_pids_on_nodes
 from orchestrator.placement import (
     Claim,
     Ledger,
@@ -1212,8 +1212,16 @@ class VLLMModelManager:
         pids = set(groups)
         for gpu in inventory.gpus if inventory is not None else ():
             for process in gpu.processes:
-                if _group_of(process.pid) in groups:
+                if not gpu.node and _group_of(process.pid) in groups:
                     pids.add(process.pid)
+        if inventory is not None:
+            # Engines on Ray nodes: their groups were read on their nodes.
+            remote = [
+                (handle.node_id, handle.pid)
+                for engine in self._engines.values()
+                if (handle := engine.handle) is not None and handle.node_id and handle.pid
+            ]
+            pids |= engine_pids_on_nodes(inventory, remote)
         return tuple(sorted(pids))
 
     def _process_groups(self) -> dict[int, ManagedEngine]:

@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 
 from orchestrator.gpus import (
+    GpuInfo,
+    GpuInventory,
+    GpuProcess,
     NvmlReader,
     SnapshotError,
     SnapshotReader,
+    engine_pids_on_nodes,
     gpu_reader,
     inventory_from_dict,
 )
@@ -80,3 +84,34 @@ def test_nvml_without_driver_is_zero_gpus_with_reason() -> None:
     assert inventory.source == "nvml"
     assert inventory.reason
     assert "NVML" in inventory.reason
+
+
+def test_engines_on_cluster_nodes_are_recognised_by_their_group_on_their_node() -> None:
+    def gpu(index: int, node: str, *processes: GpuProcess) -> GpuInfo:
+        return GpuInfo(
+            index=index,
+            uuid=f"GPU-{index}",
+            name="NVIDIA GeForce RTX 3090",
+            memory_total_bytes=24 * 1024**3,
+            memory_used_bytes=20 * 1024**3,
+            memory_free_bytes=4 * 1024**3,
+            processes=processes,
+            node=node,
+            node_index=index % 2,
+        )
+
+    engine_worker = GpuProcess(pid=5001, used_memory_bytes=18 * 1024**3, group=5000)
+    same_pid_elsewhere = GpuProcess(pid=5002, used_memory_bytes=1024**3, group=5000)
+    unknown_group = GpuProcess(pid=7000, used_memory_bytes=1024**3)
+    inventory = GpuInventory(
+        gpus=(
+            gpu(0, "node-a", engine_worker, unknown_group),
+            gpu(2, "node-b", same_pid_elsewhere),
+        ),
+        source="ray: 2 nodes",
+    )
+    # The engine leads group 5000 on node A; group 5000 on node B is someone else's.
+    assert engine_pids_on_nodes(inventory, [("node-a", 5000)]) == {5001}
+    assert engine_pids_on_nodes(inventory, []) == set()
+    assert inventory.on_node("node-b").gpus == (inventory.gpus[1],)
+    assert inventory.nodes == ("node-a", "node-b")
