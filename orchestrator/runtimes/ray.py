@@ -51,7 +51,7 @@ LAUNCH_TIMEOUT_S = 120.0
 # How long a liveness call may take before the node's own state decides.
 ALIVE_TIMEOUT_S = 5.0
 _PR_SET_PDEATHSIG = 1
-_LOG_LINES = 500
+_DEAD_TAIL_LINES = 50
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -197,6 +197,8 @@ class RayRuntime:
         self._instance = instance
         self._namespace = namespace
         self._actors: dict[str, Any] = {}
+        # The last lines of engines found dead, by actor name (until the name is used again).
+        self._tails: dict[str, list[str]] = {}
         self.leading = True
         self.term = 0
 
@@ -226,6 +228,7 @@ class RayRuntime:
         return await asyncio.to_thread(self._start, spec)
 
     def _start(self, spec: EngineSpec) -> RuntimeHandle:
+        self._tails.pop(self.actor_name(spec.profile_id), None)
         node_id = spec.node_id or ""
         host = _node_address(node_id)
         if host is None:
@@ -333,6 +336,14 @@ class RayRuntime:
         return await asyncio.to_thread(self._is_running, handle)
 
     def _is_running(self, handle: RuntimeHandle) -> bool:
+        running = self._alive(handle)
+        if not running:
+            # Read its last words now, in this thread: logs_tail() is called from the event
+            # loop right after, and a lost node would hold it up for the whole read timeout.
+            self._tails[handle.id] = self._read_tail(handle, _DEAD_TAIL_LINES, timeout_s=2.0)
+        return running
+
+    def _alive(self, handle: RuntimeHandle) -> bool:
         try:
             actor = self._actor(handle.id)
             return bool(ray.get(actor.alive.remote(), timeout=ALIVE_TIMEOUT_S))
@@ -346,9 +357,18 @@ class RayRuntime:
             return _port_open(handle.base_url)
 
     def logs_tail(self, handle: RuntimeHandle, lines: int = 50) -> list[str]:
-        """The last lines the engine printed (read on its node)."""
+        """The last lines the engine printed (read on its node; for an engine found dead,
+        what was read when it was found)."""
+        kept = self._tails.get(handle.id)
+        if kept is not None:
+            return kept[-lines:]
+        return self._read_tail(handle, lines, timeout_s=1.0)
+
+    def _read_tail(self, handle: RuntimeHandle, lines: int, *, timeout_s: float) -> list[str]:
         try:
-            tail: list[str] = ray.get(self._actor(handle.id).logs_tail.remote(lines), timeout=5)
+            tail: list[str] = ray.get(
+                self._actor(handle.id).logs_tail.remote(lines), timeout=timeout_s
+            )
         except Exception as exc:
             return [f"(the engine's log on its node cannot be read: {type(exc).__name__})"]
         return tail
