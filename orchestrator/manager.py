@@ -710,6 +710,18 @@ class VLLMModelManager:
                 self._claim_adopted(handle)
                 if self._default is None:
                     self._default = handle.profile_id
+            if self._leader is not None:
+                await self._forget_unlisted(name, {(h.id, h.base_url) for h in handles})
+
+    async def _forget_unlisted(self, runtime: str, listed: set[tuple[str, str]]) -> None:
+        """A follower forgets the engines the registry no longer lists (the leader stopped,
+        replaced or lost them): they show as stopped here too, not as crashed."""
+        for engine in list(self._engines.values()):
+            held = engine.handle
+            if held is None or held.runtime != runtime or (held.id, held.base_url) in listed:
+                continue
+            if not engine.lock.locked():
+                await engine.stop()
 
     def _spawn_job(self, job: SwitchJob, work: Awaitable[None]) -> None:
         if self._leader is not None and self._known is not None:
