@@ -43,7 +43,6 @@ from gateway.body import (
 )
 from gateway.deps import core_resources, get_admin, get_principal
 from gateway.errors import GatewayError
-from gateway.principal import Principal
 from gateway.settings import Settings
 
 # A login, a refresh or logout token: a few short strings; anything bigger is not one.
@@ -95,9 +94,20 @@ def _calls(dependant: Dependant) -> set[Callable[..., Any]]:
     return found
 
 
-def credential_dependency(
-    dependant: Dependant,
-) -> Callable[[Request], Awaitable[Principal]] | None:
+CredentialCheck = Callable[[Request], Awaitable[object]]
+# Other credential checks routes may depend on (from headers alone, like get_admin): the
+# replicas' fleet token.
+_HEADER_CREDENTIALS: list[CredentialCheck] = []
+
+
+def header_credential(check: CredentialCheck) -> CredentialCheck:
+    """Register a dependency that knows the caller from its headers alone, so that the body
+    guard runs it before the body is read."""
+    _HEADER_CREDENTIALS.append(check)
+    return check
+
+
+def credential_dependency(dependant: Dependant) -> CredentialCheck | None:
     """The dependency that resolves this route's caller from its headers (the admin check when
     the route has one), or None for a route without one."""
     calls = _calls(dependant)
@@ -105,7 +115,7 @@ def credential_dependency(
         return get_admin
     if get_principal in calls:
         return get_principal
-    return None
+    return next((check for check in _HEADER_CREDENTIALS if check in calls), None)
 
 
 def _counted(receive: Receive, limit: int) -> Receive:

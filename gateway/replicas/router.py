@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.deps import core_resources
 from gateway.engine import ModelControl, ModelsDep, ProfileDoesNotFit, ProfileNotFound
 from gateway.errors import GatewayError
-from gateway.replicas.token import token_matches
+from gateway.replicas.token import HEADER, token_matches
+from gateway.routing import GuardedRoute, header_credential
 from orchestrator.manager import EngineBusy, SwitchJob
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(include_in_schema=False, route_class=GuardedRoute)
 
 
 class FleetJobRequest(BaseModel):
@@ -42,26 +44,29 @@ def _state(job: SwitchJob) -> FleetJobState:
     return FleetJobState(id=job.id, status=job.status.value, error=job.error)
 
 
-def _leader(
-    models: ModelsDep, x_fleet_token: Annotated[str | None, Header()] = None
-) -> ModelControl:
-    """The leader's model control, for a caller that shows the fleet token (checked before
-    the body is read, as credentials are everywhere)."""
-    _check(models, x_fleet_token)
-    return models
-
-
-LeaderDep = Annotated[ModelControl, Depends(_leader)]
-
-
-def _check(models: ModelControl, token: str | None) -> None:
-    if not token_matches(models.settings, token):
+@header_credential
+async def fleet_replica(request: Request) -> None:
+    """401 unless the caller shows this fleet's token (run before the body is read, as every
+    credential is)."""
+    if not token_matches(core_resources(request).settings, request.headers.get(HEADER)):
         raise GatewayError(
             401,
             "a replica of this fleet's token is required (X-Fleet-Token)",
             code="invalid_fleet_token",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def _leader(models: ModelsDep, _: Annotated[None, Depends(fleet_replica)]) -> ModelControl:
+    """The leader's model control, for another replica of the fleet."""
+    _check(models)
+    return models
+
+
+LeaderDep = Annotated[ModelControl, Depends(_leader)]
+
+
+def _check(models: ModelControl) -> None:
     if not models.replicated:
         raise GatewayError(404, "this gateway has no replicas", code="not_replicated")
     if models.manager.following:

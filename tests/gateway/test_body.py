@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from gateway.body import MAX_INTEGER, MIN_INTEGER, check_json_shape
 from gateway.errors import GatewayError
+from gateway.replicas.token import HEADER, fleet_token
 from gateway.routing import GuardedRoute
 from tests.helpers.proxy import Gateway, gateway, gateway_settings, sim_profile
 from tests.helpers.routes import body_routes, concrete
@@ -208,7 +209,9 @@ async def test_every_json_route_refuses_deep_nesting_and_bounds_integers(
     routes = json_routes(gw)
     assert ("POST", "/v1/chat/completions") in routes
     assert ("POST", "/api/chat") in routes
-    headers = {**auth, "Content-Type": "application/json"}
+    # The replicas' fleet routes take the fleet token; every other route the admin's.
+    fleet = {HEADER: fleet_token(gw.app.state.settings)}
+    headers = {**auth, **fleet, "Content-Type": "application/json"}
     for method, path in routes:
         # 255 levels: orjson parsed it but could not re-serialize it (the 500 of the issue).
         deep = await gw.http.request(

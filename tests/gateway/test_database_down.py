@@ -41,6 +41,9 @@ NO_DATABASE = {
     "/admin",
     "/ui/static/{asset}",
     "/metrics",
+    # Replicas' fleet routes: the fleet token, never a user (401 here), and no user lookup.
+    "/internal/fleet/jobs",
+    "/internal/fleet/jobs/{job_id}",
 }
 # Readiness reports the database itself (503 in its own shape, tests/gateway/health).
 REPORTS_IT = {"/health/ready"}
