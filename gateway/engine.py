@@ -132,14 +132,14 @@ def on_ray_node(spec: EngineSpec, inventory: GpuInventory, share: float) -> Engi
             f"profile {spec.profile_id!r}: GPUs {list(spec.gpu_ids)} are not on one live node "
             "of the Ray cluster"
         )
-    if spec.runtime != "process":
+    if spec.runtime not in ("process", "docker"):
         raise SpecError(
-            f"profile {spec.profile_id!r}: runtime {spec.runtime} cannot run on a Ray node "
-            "(RAY_ADDRESS is set); use runtime: process, which the node's engine actor runs"
+            f"profile {spec.profile_id!r}: runtime {spec.runtime} cannot run on a Ray node"
         )
     return dataclasses.replace(
         spec,
         runtime="ray",
+        node_runtime=spec.runtime,
         node_id=nodes.pop(),
         node_gpu_ids=tuple(gpu.local_index for gpu in gpus if gpu is not None),
         gpu_share=share,

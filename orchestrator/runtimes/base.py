@@ -68,6 +68,9 @@ class EngineSpec:
     node_id: str | None = None
     node_gpu_ids: tuple[int, ...] = ()
     gpu_share: float = 0.0
+    # ray: how the node's engine actor runs it ("process", or "docker": a container through
+    # that node's Docker, from `image`).
+    node_runtime: str = "process"
 
 
 @dataclass(frozen=True)

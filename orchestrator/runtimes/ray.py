@@ -29,18 +29,23 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
+import docker
+import docker.errors
 import ray
 import structlog
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.runtimes.base import EngineSpec, RuntimeError_, RuntimeHandle, engine_key_env
+from orchestrator.runtimes.docker import container_kwargs, container_name
 from orchestrator.runtimes.process import engine_environment
 
 log = structlog.get_logger(__name__)
@@ -86,13 +91,46 @@ def readdress(command: Sequence[str], old_port: int | None, host: str, port: int
     return argv
 
 
+# Run beside a container engine: waits for the actor's process to end (killed, or its node's
+# raylet gone) and removes the container, which would outlive it. Started through a launcher
+# that exits at once, so that it is nobody's child in the actor's tree: Ray kills the children
+# of a worker that exits, and this one must outlive it.
+_REAPER = """
+import sys, time
+import docker
+pid, container = sys.argv[1], sys.argv[2]
+while True:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            if stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                break  # dead, not yet reaped by its parent
+    except OSError:
+        break
+    time.sleep(0.5)
+try:
+    docker.from_env().containers.get(container).remove(force=True)
+except docker.errors.NotFound:
+    pass
+print("removed", container, flush=True)
+"""
+_LAUNCH_REAPER = """
+import subprocess, sys
+subprocess.Popen(
+    [sys.executable, "-c", sys.argv[1], *sys.argv[2:]],
+    stdin=subprocess.DEVNULL, stdout=sys.stdout, stderr=sys.stderr, start_new_session=True,
+)
+"""
+
+
 @ray.remote(num_cpus=0, max_restarts=0)
 class EngineActor:
-    """Runs one engine process on its node and lives exactly as long as it should."""
+    """Runs one engine (a process, or a container) on its node and lives exactly as long as
+    it should."""
 
     def __init__(self, record: dict[str, Any]) -> None:
         self._record = dict(record)
         self._process: subprocess.Popen[bytes] | None = None
+        self._container: str | None = None
         folder = Path(tempfile.gettempdir()) / "vllm-chat-gateway-engines"
         folder.mkdir(mode=0o700, exist_ok=True)
         self._log_path = folder / f"{record['name']}.log"
@@ -127,12 +165,59 @@ class EngineActor:
         )
         return dict(self._record)
 
+    def launch_container(self, host: str, spec: EngineSpec, instance: str) -> dict[str, Any]:
+        """Start the engine's container through this node's Docker, published on `host` at a
+        port free there, with the planner's GPUs of this node; a reaper removes it when this
+        actor's process ends."""
+        port = _free_port(host)
+        placed = replace(spec, port=port, gpu_ids=spec.node_gpu_ids)
+        kwargs = container_kwargs(placed, instance=instance, gpus_available=bool(placed.gpu_ids))
+        kwargs["ports"] = {f"{spec.container_port}/tcp": (host, port)}
+        client = docker.from_env()
+        try:
+            client.images.get(kwargs["image"])
+        except docker.errors.ImageNotFound:
+            raise RuntimeError_(
+                f"image {kwargs['image']!r} is not present on this node's Docker; pull it there"
+            ) from None
+        container = client.containers.create(name=container_name(spec, instance=instance), **kwargs)
+        self._container = str(container.id)
+        with self._log_path.with_suffix(".reaper.log").open("wb") as out:
+            subprocess.run(
+                [sys.executable, "-c", _LAUNCH_REAPER, _REAPER, str(os.getpid()), self._container],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=True,
+                timeout=30,
+            )
+        container.start()
+        self._record.update(
+            base_url=f"http://{host}:{port}",
+            container=self._container,
+            node_id=ray.get_runtime_context().get_node_id(),
+            gpu_ids=list(spec.node_gpu_ids),
+            ray_gpu_ids=[str(i) for i in ray.get_gpu_ids()],
+            started_at=time.time(),
+        )
+        return dict(self._record)
+
+    def _container_status(self) -> str | None:
+        if self._container is None:
+            return None
+        try:
+            return str(docker.from_env().containers.get(self._container).status)
+        except docker.errors.NotFound:
+            return "removed"
+
     def record(self) -> dict[str, Any]:
         """What the gateway needs to call and adopt this engine (its key included)."""
         return {**self._record, "running": self.alive()}
 
     def alive(self) -> bool:
-        """Whether the engine process still runs."""
+        """Whether the engine (its process, or its container) still runs."""
+        if self._container is not None:
+            return self._container_status() == "running"
         return self._process is not None and self._process.poll() is None
 
     def exit_code(self) -> int | None:
@@ -149,6 +234,8 @@ class EngineActor:
         held = int(self._record.get("term", 0))
         if term < held:
             raise PermissionError(f"fenced: term {term} is older than the holder's term {held}")
+        if self._container is not None:
+            return self._stop_container(timeout_s)
         process = self._process
         if process is None:
             return None
@@ -161,8 +248,27 @@ class EngineActor:
                 os.killpg(process.pid, signal.SIGKILL)
             return process.wait(timeout=10)
 
+    def _stop_container(self, timeout_s: float) -> int | None:
+        assert self._container is not None
+        try:
+            container = docker.from_env().containers.get(self._container)
+        except docker.errors.NotFound:
+            return None
+        if container.status in ("running", "restarting", "paused"):
+            container.stop(timeout=max(0, math.ceil(timeout_s)))
+        container.reload()
+        code = container.attrs.get("State", {}).get("ExitCode")
+        container.remove(force=True)  # its reaper finds it gone when the actor ends
+        return int(code) if code is not None else None
+
     def logs_tail(self, lines: int) -> list[str]:
         """The last lines the engine printed."""
+        if self._container is not None:
+            try:
+                raw = docker.from_env().containers.get(self._container).logs(tail=lines)
+            except docker.errors.NotFound:
+                return []
+            return bytes(raw).decode(errors="replace").splitlines()[-lines:]
         try:
             text = self._log_path.read_bytes()[-max(64 * 1024, lines * 1024) :]
         except OSError:
@@ -255,11 +361,13 @@ class RayRuntime:
             scheduling_strategy=pinned,
         ).remote(record)
         env = {**spec.env, **engine_key_env(spec)}
+        launch = (
+            actor.launch_container.remote(host, spec, self._instance)
+            if spec.node_runtime == "docker"
+            else actor.launch.remote(host, list(spec.command), env, list(spec.node_gpu_ids))
+        )
         try:
-            launched = ray.get(
-                actor.launch.remote(host, list(spec.command), env, list(spec.node_gpu_ids)),
-                timeout=LAUNCH_TIMEOUT_S,
-            )
+            launched = ray.get(launch, timeout=LAUNCH_TIMEOUT_S)
         except GetTimeoutError:
             with contextlib.suppress(Exception):
                 ray.kill(actor)

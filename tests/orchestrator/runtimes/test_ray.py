@@ -9,13 +9,17 @@ import sys
 from collections.abc import Iterator
 from typing import Any, cast
 
+import docker
 import httpx
 import pytest
 import ray
+from docker.errors import NotFound
 
 from orchestrator.cluster import connect, disconnect
-from orchestrator.runtimes.base import EngineSpec, RuntimeError_, RuntimeHandle
+from orchestrator.runtimes.base import LABEL_INSTANCE, EngineSpec, RuntimeError_, RuntimeHandle
 from orchestrator.runtimes.ray import NAMESPACE, RayRuntime, ray_gpus_for, readdress
+from tests.helpers import docker_engine
+from tests.helpers.docker_engine import container_python, python_mounts
 from tests.helpers.paths import DUAL_3090_SNAPSHOT, REPO
 from tests.helpers.polling import eventually
 from tests.helpers.ray_cluster import RayCluster, WorkerBox, ray_cluster
@@ -148,3 +152,68 @@ async def test_start_on_a_node_that_is_not_there_fails_clearly(boxes: RayCluster
     with pytest.raises(RuntimeError_, match="not alive"):
         await runtime.start(simulator_spec("nowhere", "ab" * 28, (0,), 0.5))
     assert os.environ.get("GPU_SNAPSHOT") is None  # the driver never read a node's snapshot
+
+
+def container_spec(profile_id: str, node_id: str, image: str) -> EngineSpec:
+    """The simulator in the busybox test image (the host's Python bind-mounted read-only)."""
+    mounts = python_mounts(REPO)
+    return EngineSpec(
+        profile_id=profile_id,
+        served_model_name=profile_id,
+        runtime="ray",
+        node_runtime="docker",
+        image=image,
+        command=(
+            container_python(REPO),
+            *("-m", "simulator", "--host", "0.0.0.0", "--port", "8000", "--model", profile_id),
+        ),
+        env={"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+        port=1,  # the actor publishes a port free on its node
+        volumes={host: mount["bind"] for host, mount in mounts.items()},
+        read_only_volumes=frozenset(mounts),
+        ipc_host=False,
+        shm_size="64m",
+        labels=docker_engine.test_labels(),
+        api_key=KEY,
+        node_id=node_id,
+    )
+
+
+@pytest.mark.docker
+async def test_a_container_engine_runs_through_its_nodes_docker_and_dies_with_its_actor(
+    boxes: RayCluster, docker_client: docker.DockerClient, test_image: str
+) -> None:
+    runtime = RayRuntime(instance="rt-docker")
+    spec = container_spec("boxed", boxes.node("box-a").node_id, test_image)
+    handle = await runtime.start(spec)
+    actor = ray.get_actor(runtime.actor_name("boxed"), namespace=NAMESPACE)
+    container_id = str(cast("dict[str, Any]", ray.get(actor.record.remote()))["container"])
+    try:
+        assert await serves(handle)
+        assert await runtime.is_running(handle)
+        container = docker_client.containers.get(container_id)
+        assert container.labels[LABEL_INSTANCE] == "rt-docker"
+        assert any("SIMULATOR" in line for line in runtime.logs_tail(handle, 20))
+        ray.kill(actor, no_restart=True)  # as when its worker process is killed
+
+        def removed() -> bool:
+            try:
+                docker_client.containers.get(container_id)
+            except NotFound:
+                return True
+            return False
+
+        await eventually(removed, timeout_s=30)  # it did not outlive its actor
+        assert not await runtime.is_running(handle)
+    finally:
+        await runtime.stop(handle)
+    # A stop removes the container too.
+    second = await runtime.start(container_spec("boxed", boxes.node("box-b").node_id, test_image))
+    record = cast(
+        "dict[str, Any]",
+        ray.get(ray.get_actor(runtime.actor_name("boxed"), namespace=NAMESPACE).record.remote()),
+    )
+    assert await serves(second)
+    await runtime.stop(second, timeout_s=5)
+    with pytest.raises(NotFound):
+        docker_client.containers.get(str(record["container"]))
