@@ -44,7 +44,14 @@ import structlog
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from orchestrator.runtimes.base import EngineSpec, RuntimeError_, RuntimeHandle, engine_key_env
+from orchestrator.runtimes.base import (
+    LABEL_INSTANCE,
+    LABEL_PROFILE,
+    EngineSpec,
+    RuntimeError_,
+    RuntimeHandle,
+    engine_key_env,
+)
 from orchestrator.runtimes.docker import container_kwargs, container_name
 from orchestrator.runtimes.process import engine_environment
 
@@ -99,13 +106,16 @@ _REAPER = """
 import sys, time
 import docker
 pid, container = sys.argv[1], sys.argv[2]
+started = None
 while True:
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            if stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                break  # dead, not yet reaped by its parent
+            fields = stat.read().rsplit(")", 1)[1].split()
     except OSError:
         break
+    started = started or fields[19]
+    if fields[0] in ("Z", "X") or fields[19] != started:
+        break  # dead (not yet reaped by its parent), or its pid is another process's now
     time.sleep(0.5)
 try:
     docker.from_env().containers.get(container).remove(force=True)
@@ -180,6 +190,10 @@ class EngineActor:
             raise RuntimeError_(
                 f"image {kwargs['image']!r} is not present on this node's Docker; pull it there"
             ) from None
+        # What an earlier engine of this profile left on this node (its reaper gone too).
+        labels = [f"{LABEL_INSTANCE}={instance}", f"{LABEL_PROFILE}={spec.profile_id}"]
+        for old in client.containers.list(all=True, filters={"label": labels}):
+            old.remove(force=True)
         container = client.containers.create(name=container_name(spec, instance=instance), **kwargs)
         self._container = str(container.id)
         with self._log_path.with_suffix(".reaper.log").open("wb") as out:
