@@ -119,9 +119,9 @@ while True:
     time.sleep(0.5)
 try:
     docker.from_env().containers.get(container).remove(force=True)
+    print("removed", container, flush=True)
 except docker.errors.NotFound:
-    pass
-print("removed", container, flush=True)
+    print("already removed", container, flush=True)
 """
 _LAUNCH_REAPER = """
 import subprocess, sys
@@ -437,14 +437,13 @@ class RayRuntime:
         try:
             ray.get(actor.stop.remote(timeout_s, self.term), timeout=timeout_s + 15)
         except RayActorError:
-            pass  # the actor died: its engine died with it
+            log.info("engine_actor_already_dead", name=handle.id)  # its engine died with it
         except PermissionError as exc:  # a newer leader holds it: this replica was deposed
             self.leading = False
             raise RuntimeError_(f"engine actor {handle.id} refused the stop: {exc}") from exc
         except GetTimeoutError:
-            if handle.node_id and not _node_alive(handle.node_id):
-                pass  # its node is lost: the engine went with it
-            else:
+            # Unless its node is lost (the engine went with it), the kill below must end it.
+            if not handle.node_id or _node_alive(handle.node_id):
                 log.warning("engine_actor_stop_timeout", name=handle.id)
         try:
             ray.kill(actor, no_restart=True)

@@ -206,3 +206,17 @@ def ray_cluster(workers: Sequence[WorkerBox]) -> Iterator[RayCluster]:
     finally:
         for node in reversed(cluster.nodes):
             stop_node(node)
+
+
+@contextlib.contextmanager
+def connected_cluster(workers: Sequence[WorkerBox]) -> Iterator[RayCluster]:
+    """ray_cluster, with this test process joined to it as a driver (left before it stops)."""
+    from orchestrator.cluster import connect, disconnect
+    from orchestrator.runtimes.ray import NAMESPACE
+
+    with ray_cluster(workers) as cluster:
+        connect(cluster.address, NAMESPACE)
+        try:
+            yield cluster
+        finally:
+            disconnect()

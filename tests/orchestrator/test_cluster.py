@@ -10,10 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cluster import ClusterGpuReader, connect, disconnect
-from orchestrator.runtimes.ray import NAMESPACE
+from orchestrator.cluster import ClusterGpuReader
 from tests.helpers.paths import DUAL_3090_SNAPSHOT
-from tests.helpers.ray_cluster import RayCluster, WorkerBox, ray_cluster, start_worker, stop_node
+from tests.helpers.ray_cluster import (
+    RayCluster,
+    WorkerBox,
+    connected_cluster,
+    start_worker,
+    stop_node,
+)
 
 BUSY_BYTES = 10 * 1024**3
 
@@ -33,12 +38,8 @@ def busy_snapshot(folder: Path) -> Path:
 def two_boxes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     busy = busy_snapshot(tmp_path_factory.mktemp("box-b"))
     boxes = [WorkerBox("box-a", 2, DUAL_3090_SNAPSHOT), WorkerBox("box-b", 2, busy)]
-    with ray_cluster(boxes) as cluster:
-        connect(cluster.address, NAMESPACE)
-        try:
-            yield cluster
-        finally:
-            disconnect()
+    with connected_cluster(boxes) as cluster:
+        yield cluster
 
 
 def test_every_node_reads_its_own_gpus(two_boxes: RayCluster) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any, cast
 
 import docker
@@ -15,14 +15,14 @@ import pytest
 import ray
 from docker.errors import NotFound
 
-from orchestrator.cluster import connect, disconnect
 from orchestrator.runtimes.base import LABEL_INSTANCE, EngineSpec, RuntimeError_, RuntimeHandle
 from orchestrator.runtimes.ray import NAMESPACE, RayRuntime, ray_gpus_for, readdress
 from tests.helpers import docker_engine
 from tests.helpers.docker_engine import container_python, python_mounts
 from tests.helpers.paths import DUAL_3090_SNAPSHOT, REPO
 from tests.helpers.polling import eventually
-from tests.helpers.ray_cluster import RayCluster, WorkerBox, ray_cluster
+from tests.helpers.ray_cluster import RayCluster, WorkerBox, connected_cluster
+from tests.helpers.runtimes import simulator_spec as runtime_simulator_spec
 
 KEY = "engine-key-for-ray-tests"
 
@@ -30,36 +30,18 @@ KEY = "engine-key-for-ray-tests"
 @pytest.fixture(scope="module")
 def boxes() -> Iterator[RayCluster]:
     workers = [WorkerBox("box-a", 2, DUAL_3090_SNAPSHOT), WorkerBox("box-b", 2, DUAL_3090_SNAPSHOT)]
-    with ray_cluster(workers) as cluster:
-        connect(cluster.address, NAMESPACE)
-        try:
-            yield cluster
-        finally:
-            disconnect()
+    with connected_cluster(workers) as cluster:
+        yield cluster
 
 
 def simulator_spec(
     profile_id: str, node_id: str, gpus: tuple[int, ...], share: float
 ) -> EngineSpec:
-    port = 1  # the runtime replaces it with a port free on the node
-    return EngineSpec(
-        profile_id=profile_id,
-        served_model_name=profile_id,
+    """The simulator on a node (the runtime replaces port 1 with one free there)."""
+    return replace(
+        runtime_simulator_spec(1, profile_id=profile_id, api_key=KEY),
         runtime="ray",
-        command=(
-            sys.executable,
-            "-m",
-            "simulator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--model",
-            profile_id,
-        ),
         env={"PYTHONPATH": str(REPO)},
-        port=port,
-        api_key=KEY,
         node_id=node_id,
         node_gpu_ids=gpus,
         gpu_share=share,
